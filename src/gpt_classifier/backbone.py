@@ -1,0 +1,233 @@
+"""GPT-2 in plain PyTorch: config, presets and the model (no Lightning, no Hydra).
+
+Attribute names follow "Build a Large Language Model (From Scratch)": ``tok_emb``,
+``pos_emb``, ``trf_blocks``, ``final_norm``, ``out_head``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Architecture of a GPT-2 model."""
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    drop_rate: float = 0.0
+    qkv_bias: bool = True
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.emb_dim % self.n_heads:
+            raise ValueError(
+                f"emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}; "
+                "pick a head count that divides the embedding size."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, e.g. for hyperparameters or config.json."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GPTConfig:
+        """Build from a dict, rejecting keys this class does not know."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig keys {unknown}; valid keys are {sorted(known)}")
+        return cls(**values)
+
+
+# The four published GPT-2 sizes, plus a tiny one for tests.
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2-small": GPTConfig(emb_dim=768, n_layers=12, n_heads=12),
+    "gpt2-medium": GPTConfig(emb_dim=1024, n_layers=24, n_heads=16),
+    "gpt2-large": GPTConfig(emb_dim=1280, n_layers=36, n_heads=20),
+    "gpt2-xl": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25),
+    # Real tokenizer vocabulary, so it reads real data; small enough to train in seconds.
+    "gpt2-tiny": GPTConfig(context_length=256, emb_dim=64, n_layers=2, n_heads=4),
+}
+
+
+def preset_config(name: str, **overrides: Any) -> GPTConfig:
+    """The named preset's config, with fields such as ``drop_rate`` overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    values = PRESETS[name].to_dict()
+    values.update(overrides)
+    return GPTConfig.from_dict(values)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with one fused query/key/value projection."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.emb_dim // cfg.n_heads
+        self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.drop_rate = cfg.drop_rate
+        self.resid_drop = nn.Dropout(cfg.drop_rate)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        y = F.scaled_dot_product_attention(
+            self._heads(q),
+            self._heads(k),
+            self._heads(v),
+            dropout_p=self.drop_rate if self.training else 0.0,
+            is_causal=True,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(b, t, d)
+        return self.resid_drop(self.out_proj(y))
+
+    def forward_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Attention output at one position per sequence: (B, T, D) -> (B, 1, D).
+
+        Keys and values are computed for every token, the query only where it is
+        needed; tokens after a sequence's position are masked, as causality demands.
+        """
+        b, t, d = x.shape
+        w_q, w_kv = self.qkv.weight.split([d, 2 * d], dim=0)
+        b_q, b_kv = (None, None) if self.qkv.bias is None else self.qkv.bias.split([d, 2 * d])
+        rows = torch.arange(b, device=x.device)
+        q = F.linear(x[rows, positions].unsqueeze(1), w_q, b_q)  # (B, 1, D)
+        k, v = F.linear(x, w_kv, b_kv).split(d, dim=2)  # (B, T, D) each
+        visible = torch.arange(t, device=x.device)[None, :] <= positions[:, None]  # (B, T)
+        y = F.scaled_dot_product_attention(
+            self._heads(q),
+            self._heads(k),
+            self._heads(v),
+            attn_mask=visible[:, None, None, :],
+            dropout_p=self.drop_rate if self.training else 0.0,
+        )  # (B, nh, 1, hs)
+        y = y.transpose(1, 2).reshape(b, 1, d)
+        return self.resid_drop(self.out_proj(y))
+
+
+class FeedForward(nn.Module):
+    """The MLP of a block: expand 4x, GELU (tanh approximation, as GPT-2), project back."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+        self.drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(norm1(x)), then x + ff(norm2(x))."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
+        self.att = CausalSelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
+        self.ff = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.att(self.norm1(x))
+        return x + self.ff(self.norm2(x))
+
+    def forward_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The block's output at one position per sequence: (B, T, D) -> (B, D).
+
+        Equal to ``forward(x)[rows, positions]`` but skips the MLP and the output
+        projection for every other token, which is most of a block's work.
+        """
+        rows = torch.arange(x.shape[0], device=x.device)
+        h = x[rows, positions].unsqueeze(1) + self.att.forward_at(self.norm1(x), positions)
+        h = h + self.ff(self.norm2(h))
+        return h.squeeze(1)
+
+
+class GPT(nn.Module):
+    """GPT-2: embeddings, transformer blocks, final LayerNorm and an output layer.
+
+    ``model(input_ids)`` returns logits of shape (batch, tokens, out_features). The
+    output layer starts vocabulary-sized and tied to ``tok_emb``; replace it with
+    ``model.out_head = nn.Linear(emb_dim, num_classes)`` to make a classifier.
+    """
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.out_head.weight = self.tok_emb.weight  # tied, as in GPT-2
+        if self.tok_emb.weight.device.type != "meta":
+            self.apply(self._init_weights)
+            # GPT-2's scaled init of the projections that write into the residual stream.
+            for name, p in self.named_parameters():
+                if name.endswith(("att.out_proj.weight", "ff.proj.weight")):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> GPT:
+        """A randomly initialised model of a named preset (e.g. ``gpt2-small``)."""
+        return cls(preset_config(name, **overrides))
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, **overrides: Any) -> GPT:
+        """A model with pretrained weights from a Hub name or a local folder.
+
+        See :func:`gpt_classifier.weights.load_pretrained` for the accepted sources.
+        """
+        from gpt_classifier.weights import load_pretrained
+
+        return load_pretrained(source, **overrides)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token plus position embeddings: (B, T) ids -> (B, T, D)."""
+        t = input_ids.shape[1]
+        if t > self.cfg.context_length:
+            raise ValueError(
+                f"sequence of {t} tokens is longer than the model's context length "
+                f"{self.cfg.context_length}; truncate the input first."
+            )
+        pos = torch.arange(t, device=input_ids.device)
+        return self.drop_emb(self.tok_emb(input_ids) + self.pos_emb(pos))
+
+    def run_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Run blocks ``start`` to ``stop`` (exclusive) on hidden states (B, T, D)."""
+        for block in self.trf_blocks[start:stop]:
+            x = block(x)
+        return x
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.run_blocks(self.embed(input_ids))  # (B, T, D)
+        return self.out_head(self.final_norm(x))  # (B, T, out_features)

@@ -1,0 +1,377 @@
+"""Load pretrained GPT-2 weights from the Hub, a saved folder, or OpenAI's checkpoint.
+
+Every source is turned into one canonical state dict (Hugging Face's tensor names
+without the ``transformer.`` prefix), checked tensor by tensor, then copied into
+:class:`~gpt_classifier.backbone.GPT` under the book's names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpt_classifier.backbone import GPT, PRESETS, GPTConfig
+
+log = logging.getLogger(__name__)
+
+# Hub repositories of the four published sizes, by every name people use for them.
+HUB_MODELS: dict[str, str] = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-small": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+HUB_MODELS.update({repo: repo for repo in list(HUB_MODELS.values())})
+HUB_PREFIX = "hf:"  # "hf:owner/name" loads any other GPT-2-architecture Hub repository
+
+# Buffers that checkpoints carry but that hold no weights (causal masks).
+_IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
+# The four Conv1D weights are stored (in, out); nn.Linear wants (out, in).
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+_BLOCK_NAMES = {
+    "ln_1.weight": "norm1.weight",
+    "ln_1.bias": "norm1.bias",
+    "attn.c_attn.weight": "att.qkv.weight",
+    "attn.c_attn.bias": "att.qkv.bias",
+    "attn.c_proj.weight": "att.out_proj.weight",
+    "attn.c_proj.bias": "att.out_proj.bias",
+    "ln_2.weight": "norm2.weight",
+    "ln_2.bias": "norm2.bias",
+    "mlp.c_fc.weight": "ff.fc.weight",
+    "mlp.c_fc.bias": "ff.fc.bias",
+    "mlp.c_proj.weight": "ff.proj.weight",
+    "mlp.c_proj.bias": "ff.proj.bias",
+}
+_TOP_NAMES = {
+    "wte.weight": "tok_emb.weight",
+    "wpe.weight": "pos_emb.weight",
+    "ln_f.weight": "final_norm.weight",
+    "ln_f.bias": "final_norm.bias",
+}
+
+
+class WeightLoadError(RuntimeError):
+    """Pretrained weights could not be found, read or matched to the model."""
+
+
+def load_pretrained(source: str | Path, **overrides: Any) -> GPT:
+    """Build a :class:`GPT` with the weights of ``source``.
+
+    ``source`` is a Hub name (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``,
+    their ``openai-community/...`` names, or ``hf:owner/name``), a local folder saved
+    by ``save_pretrained`` (``model.safetensors`` or ``pytorch_model.bin`` with
+    ``config.json``), or a folder of OpenAI's original TensorFlow checkpoint.
+    ``overrides`` set non-architectural fields such as ``drop_rate``.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        folder = path if path.is_dir() else path.parent
+        if _is_openai_folder(folder):
+            state, cfg, origin = _read_openai_folder(folder)
+        else:
+            state, cfg, origin = _read_hf_folder(folder, path if path.is_file() else None)
+    else:
+        state, cfg, origin = _read_hub(str(source))
+    cfg = GPTConfig.from_dict({**cfg.to_dict(), **overrides})
+    model = _build(cfg, _to_book_names(state, cfg, origin), origin)
+    log.info("Loaded GPT-2 weights (%d layers, %d dims) from %s", cfg.n_layers, cfg.emb_dim, origin)
+    return model
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _read_hub(name: str) -> tuple[dict[str, torch.Tensor], GPTConfig, str]:
+    if name.startswith(HUB_PREFIX):
+        repo_id = name[len(HUB_PREFIX) :]
+    elif name in HUB_MODELS:
+        repo_id = HUB_MODELS[name]
+    else:
+        raise WeightLoadError(
+            f"{name!r} is neither an existing local path nor a known GPT-2 name. Use one of "
+            f"{sorted(HUB_MODELS)}, 'hf:<owner>/<repo>' for another Hub repository, or the "
+            "path of a folder with model.safetensors / pytorch_model.bin + config.json or "
+            "OpenAI's checkpoint files."
+        )
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    def fetch(filename: str) -> Path:
+        try:
+            return Path(hf_hub_download(repo_id, filename))
+        except LocalEntryNotFoundError as err:
+            raise WeightLoadError(
+                f"could not download {filename} of {repo_id!r} from the Hugging Face Hub and "
+                "no cached copy exists (no network, or HF_HUB_OFFLINE=1). Download it on a "
+                "machine with internet (it is cached under HF_HOME) or point at a local copy: "
+                "model.weights=/path/to/folder with model.safetensors and config.json, or "
+                "OpenAI's 124M/355M/774M/1558M checkpoint folder."
+            ) from err
+
+    config_path = fetch("config.json")
+    try:
+        weights_path = fetch("model.safetensors")
+    except EntryNotFoundError:
+        weights_path = fetch("pytorch_model.bin")
+    folder = weights_path.parent
+    return _read_hf_folder(folder, weights_path, config_path, origin=f"hub:{repo_id}")
+
+
+def _read_hf_folder(
+    folder: Path,
+    weights_file: Path | None = None,
+    config_path: Path | None = None,
+    origin: str | None = None,
+) -> tuple[dict[str, torch.Tensor], GPTConfig, str]:
+    if weights_file is None:
+        candidates = [
+            folder / "model.safetensors",
+            folder / "model.safetensors.index.json",
+            folder / "pytorch_model.bin",
+        ]
+        weights_file = next((c for c in candidates if c.is_file()), None)
+        if weights_file is None:
+            raise WeightLoadError(
+                f"{folder} holds no weights: expected model.safetensors, "
+                "model.safetensors.index.json or pytorch_model.bin (as written by "
+                "save_pretrained), or OpenAI's checkpoint (hparams.json, model.ckpt.index)."
+            )
+    state = _read_weights_file(weights_file)
+    config_path = config_path or folder / "config.json"
+    cfg = _hf_config(config_path) if config_path.is_file() else _config_from_shapes(state, folder)
+    return state, cfg, origin or str(weights_file)
+
+
+def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.name.endswith(".index.json"):
+        try:
+            weight_map: dict[str, str] = json.loads(path.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as err:
+            raise WeightLoadError(f"{path} is not a valid safetensors index: {err}") from err
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            state.update(_read_weights_file(path.parent / shard))
+        return state
+    if not path.is_file():
+        raise WeightLoadError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        # weights_only: a .bin is a pickle, and no code from it may run.
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors, pickle and zip raise many kinds
+        raise WeightLoadError(
+            f"{path} could not be read ({type(err).__name__}: {err}); the file is corrupt, "
+            "truncated or not a weights file. Download it again."
+        ) from err
+    if not isinstance(loaded, dict) or not all(
+        isinstance(v, torch.Tensor) for v in loaded.values()
+    ):
+        raise WeightLoadError(f"{path} does not hold a flat dict of tensors (a state dict)")
+    return loaded
+
+
+def _hf_config(path: Path) -> GPTConfig:
+    try:
+        raw: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise WeightLoadError(f"{path} is not valid JSON: {err}") from err
+    if raw.get("model_type", "gpt2") != "gpt2":
+        raise WeightLoadError(
+            f"{path}: model_type is {raw['model_type']!r}, but only 'gpt2' checkpoints load here"
+        )
+    activation = raw.get("activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise WeightLoadError(
+            f"{path}: activation_function {activation!r} is not GPT-2's tanh GELU ('gelu_new')"
+        )
+    for key, supported in (
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("scale_attn_weights", True),
+    ):
+        if raw.get(key, supported) != supported:
+            raise WeightLoadError(f"{path}: {key}={raw[key]} is not supported by this GPT-2")
+    try:
+        return GPTConfig(
+            vocab_size=int(raw["vocab_size"]),
+            context_length=int(raw.get("n_positions", raw.get("n_ctx", 1024))),
+            emb_dim=int(raw["n_embd"]),
+            n_layers=int(raw["n_layer"]),
+            n_heads=int(raw["n_head"]),
+            layer_norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
+        )
+    except KeyError as err:
+        raise WeightLoadError(f"{path} lacks the key {err.args[0]!r} of a GPT-2 config") from err
+
+
+def _config_from_shapes(state: dict[str, torch.Tensor], folder: Path) -> GPTConfig:
+    """Architecture from tensor shapes; the head count must come from a known size."""
+    canonical = {_strip_prefix(k): v for k, v in state.items()}
+    try:
+        vocab, emb_dim = canonical["wte.weight"].shape
+        context = canonical["wpe.weight"].shape[0]
+    except KeyError as err:
+        raise WeightLoadError(f"{folder}: no config.json and no tensor {err.args[0]!r}") from err
+    n_layers = 1 + max(
+        (int(m.group(1)) for k in canonical if (m := re.match(r"h\.(\d+)\.", k))), default=-1
+    )
+    for preset in PRESETS.values():
+        if (preset.emb_dim, preset.n_layers) == (emb_dim, n_layers):
+            return GPTConfig(
+                vocab_size=vocab, context_length=context, emb_dim=emb_dim,
+                n_layers=n_layers, n_heads=preset.n_heads,
+            )  # fmt: skip
+    raise WeightLoadError(
+        f"{folder} has no config.json, and {emb_dim} dims x {n_layers} layers is not a "
+        "published GPT-2 size, so the number of heads is unknown. Add the config.json that "
+        "save_pretrained writes."
+    )
+
+
+def _is_openai_folder(folder: Path) -> bool:
+    return (folder / "hparams.json").is_file() or any(folder.glob("*.ckpt.index"))
+
+
+def _read_openai_folder(folder: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, str]:
+    from gpt_classifier.tf_checkpoint import CheckpointFormatError, read_tf_checkpoint
+
+    hparams_path = folder / "hparams.json"
+    try:
+        hp = json.loads(hparams_path.read_text())
+        cfg = GPTConfig(
+            vocab_size=int(hp["n_vocab"]),
+            context_length=int(hp["n_ctx"]),
+            emb_dim=int(hp["n_embd"]),
+            n_layers=int(hp["n_layer"]),
+            n_heads=int(hp["n_head"]),
+        )
+    except FileNotFoundError as err:
+        raise WeightLoadError(
+            f"{hparams_path} is missing; OpenAI's checkpoint folder (124M, 355M, 774M or "
+            "1558M) ships it beside model.ckpt.index."
+        ) from err
+    except (ValueError, KeyError) as err:
+        raise WeightLoadError(f"{hparams_path} is not a valid GPT-2 hparams file: {err}") from err
+    prefix = folder / "model.ckpt"
+    checkpoint_file = folder / "checkpoint"
+    if checkpoint_file.is_file():
+        match = re.search(r'model_checkpoint_path:\s*"([^"]+)"', checkpoint_file.read_text())
+        if match:
+            prefix = folder / Path(match.group(1)).name
+    try:
+        arrays = read_tf_checkpoint(prefix)
+    except (FileNotFoundError, CheckpointFormatError) as err:
+        raise WeightLoadError(f"{err}") from err
+    return _openai_to_canonical(arrays), cfg, str(prefix)
+
+
+def _openai_to_canonical(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """OpenAI's names (``model/h0/attn/c_attn/w``) to Hugging Face's (``h.0.attn.c_attn.weight``)."""
+    state: dict[str, torch.Tensor] = {}
+    for name, array in arrays.items():
+        key = name.removeprefix("model/")
+        key = re.sub(r"^h(\d+)/", r"h.\1/", key).replace("/", ".")
+        key = re.sub(r"\.(w|g)$", ".weight", key)
+        key = re.sub(r"\.b$", ".bias", key)
+        if key in ("wte", "wpe"):
+            key += ".weight"
+        tensor = torch.from_numpy(np.array(array))
+        if key.endswith(_CONV1D) and tensor.ndim == 3 and tensor.shape[0] == 1:
+            tensor = tensor[0]  # OpenAI's conv1d weights are (1, in, out)
+        state[key] = tensor
+    return state
+
+
+# ----------------------------------------------------------------------------- matching
+
+
+def _strip_prefix(key: str) -> str:
+    return key.removeprefix("transformer.")
+
+
+def _to_book_names(
+    state: dict[str, torch.Tensor], cfg: GPTConfig, origin: str
+) -> dict[str, torch.Tensor]:
+    """Check every tensor of a canonical state dict and rename it for :class:`GPT`."""
+    expected = _expected_shapes(cfg)
+    out: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for raw_key, tensor in state.items():
+        key = _strip_prefix(raw_key)
+        if _IGNORED.match(key):
+            continue
+        if key == "lm_head.weight":
+            wte = state.get("wte.weight", state.get("transformer.wte.weight"))
+            if wte is not None and not torch.equal(tensor, wte):
+                raise WeightLoadError(
+                    f"{origin}: lm_head.weight differs from wte.weight, but GPT-2's output "
+                    "layer is tied to its token embedding; this checkpoint is not GPT-2."
+                )
+            continue
+        name = _book_name(key)
+        if name is None or name not in expected:
+            unexpected.append(raw_key)
+            continue
+        if key.endswith(_CONV1D):
+            tensor = tensor.t()
+        if tuple(tensor.shape) != expected[name]:
+            raise WeightLoadError(
+                f"{origin}: tensor {raw_key!r} has shape {tuple(tensor.shape)}, expected "
+                f"{expected[name]} for {cfg.n_layers} layers x {cfg.emb_dim} dims; the config "
+                "and the weights do not belong together."
+            )
+        out[name] = tensor
+    if unexpected:
+        raise WeightLoadError(
+            f"{origin}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+            f" ({len(unexpected)} in all); this is not a GPT-2 checkpoint of the configured size."
+        )
+    missing = sorted(set(expected) - set(out))
+    if missing:
+        raise WeightLoadError(
+            f"{origin}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+            f"({len(missing)} in all); the file is incomplete. Download it again."
+        )
+    return out
+
+
+def _book_name(key: str) -> str | None:
+    if key in _TOP_NAMES:
+        return _TOP_NAMES[key]
+    match = re.match(r"^h\.(\d+)\.(.+)$", key)
+    if match and match.group(2) in _BLOCK_NAMES:
+        return f"trf_blocks.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}"
+    return None
+
+
+def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = GPT(cfg)
+    return {
+        name: tuple(p.shape) for name, p in model.state_dict().items() if name != "out_head.weight"
+    }
+
+
+def _build(cfg: GPTConfig, state: dict[str, torch.Tensor], origin: str) -> GPT:
+    # Build on the meta device: random initialisation of weights about to be replaced
+    # is wasted seconds for the larger models.
+    with torch.device("meta"):
+        model = GPT(cfg)
+    floats: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
+    model.load_state_dict({k: floats(v) for k, v in state.items()}, strict=False, assign=True)
+    model.out_head.weight = model.tok_emb.weight  # re-tie after assign replaced tok_emb
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftover:  # cannot happen after the checks above; never hand out meta tensors
+        raise WeightLoadError(f"{origin}: tensors {leftover} were not loaded")
+    return model

@@ -1,0 +1,48 @@
+"""Shared test fixtures: the real SMS file and tokenizer from ../shared, found or failed loudly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+SMS_ENV = "GPT_CLASSIFIER_SMS_FILE"
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _require(path: Path, what: str, how: str) -> Path:
+    if path.exists():
+        return path
+    message = f"{what} not found at {path}; {how}"
+    if _in_ci():  # in CI these must run, never skip
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_tokenizer() -> None:
+    """Point tiktoken at ../shared's copy of GPT-2's BPE files when no cache is set."""
+    cache = SHARED / "tiktoken_cache"
+    if "TIKTOKEN_CACHE_DIR" not in os.environ and cache.is_dir():
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+
+
+@pytest.fixture(scope="session")
+def sms_file() -> Path:
+    """The real UCI SMSSpamCollection file (set GPT_CLASSIFIER_SMS_FILE or keep ../shared)."""
+    default = SHARED / "data" / "sms_spam_collection" / "SMSSpamCollection"
+    path = Path(os.environ.get(SMS_ENV, default))
+    return _require(path, "the SMS Spam Collection file", f"set {SMS_ENV} to its path")
+
+
+@pytest.fixture(scope="session")
+def tiktoken_files() -> Path:
+    """The folder of tiktoken's cached GPT-2 BPE files."""
+    folder = Path(os.environ.get("TIKTOKEN_CACHE_DIR", SHARED / "tiktoken_cache"))
+    return _require(folder, "tiktoken's cache", "set TIKTOKEN_CACHE_DIR")

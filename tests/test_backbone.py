@@ -1,0 +1,77 @@
+"""The GPT-2 backbone: published sizes, the book's interface, and the pooled fast path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gpt_classifier import GPT, PRESETS, preset_config
+
+# Published parameter counts with the output layer tied to the token embedding.
+PUBLISHED = {
+    "gpt2-small": 124_439_808,
+    "gpt2-medium": 354_823_168,
+    "gpt2-large": 774_030_080,
+    "gpt2-xl": 1_557_611_200,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_presets_have_published_parameter_counts(name):
+    with torch.device("meta"):  # shapes only: no memory for 1.5B parameters
+        model = GPT(preset_config(name))
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED[name]
+    cfg = PRESETS[name]
+    assert (cfg.vocab_size, cfg.context_length, cfg.qkv_bias) == (50257, 1024, True)
+
+
+def test_small_preset_really_builds_with_tied_output_layer():
+    model = GPT.from_preset("gpt2-small")
+    assert model.out_head.weight is model.tok_emb.weight
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED["gpt2-small"]
+
+
+def test_book_interface_turns_into_a_classifier():
+    model = GPT.from_preset("gpt2-tiny").eval()
+    ids = torch.randint(0, 50257, (2, 9))
+    assert model(ids).shape == (2, 9, 50257)
+    model.out_head = nn.Linear(model.cfg.emb_dim, 2)
+    assert model(ids).shape == (2, 9, 2)
+    assert isinstance(model.trf_blocks[-1], nn.Module) and isinstance(model.final_norm, nn.Module)
+
+
+def test_default_dropout_is_off_and_configurable():
+    assert preset_config("gpt2-small").drop_rate == 0.0
+    assert preset_config("gpt2-small", drop_rate=0.1).drop_rate == 0.1
+    with pytest.raises(ValueError, match="unknown GPTConfig keys"):
+        preset_config("gpt2-small", dropout=0.1)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        preset_config("gpt2-huge")
+
+
+def test_causality_later_tokens_do_not_change_earlier_logits():
+    model = GPT.from_preset("gpt2-tiny").eval()
+    ids = torch.randint(0, 50257, (1, 12))
+    with torch.no_grad():
+        short = model(ids[:, :5])
+        longer = model(torch.cat([ids[:, :5], torch.full((1, 7), 50256)], dim=1))
+    torch.testing.assert_close(short, longer[:, :5], atol=1e-5, rtol=1e-5)
+
+
+def test_block_forward_at_equals_full_block_output():
+    torch.manual_seed(0)
+    model = GPT.from_preset("gpt2-tiny").eval()
+    x = model.embed(torch.randint(0, 50257, (4, 11)))
+    positions = torch.tensor([0, 4, 10, 7])
+    block = model.trf_blocks[-1]
+    with torch.no_grad():
+        full = block(x)[torch.arange(4), positions]
+        pooled = block.forward_at(x, positions)
+    torch.testing.assert_close(pooled, full, atol=1e-5, rtol=1e-5)
+
+
+def test_too_long_input_is_a_clear_error():
+    model = GPT.from_preset("gpt2-tiny")
+    with pytest.raises(ValueError, match="longer than the model's context length 256"):
+        model(torch.zeros(1, 257, dtype=torch.long))
