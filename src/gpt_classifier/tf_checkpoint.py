@@ -173,9 +173,7 @@ def read_tf_checkpoint(prefix: str | Path) -> dict[str, np.ndarray]:
     for name, entry in entries.items():
         if entry.has_slices:
             raise CheckpointFormatError(f"{index_path}: tensor {name!r} is partitioned (sliced)")
-        data_path = prefix.with_name(
-            f"{prefix.name}.data-{entry.shard_id:05d}-of-{num_shards:05d}"
-        )
+        data_path = prefix.with_name(f"{prefix.name}.data-{entry.shard_id:05d}-of-{num_shards:05d}")
         if entry.shard_id not in shards:
             if not data_path.is_file():
                 raise FileNotFoundError(

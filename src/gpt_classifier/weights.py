@@ -277,7 +277,7 @@ def _read_openai_folder(folder: Path) -> tuple[dict[str, torch.Tensor], GPTConfi
 
 
 def _openai_to_canonical(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """OpenAI's names (``model/h0/attn/c_attn/w``) to Hugging Face's (``h.0.attn.c_attn.weight``)."""
+    """Rename OpenAI variables (``model/h0/attn/w``) to Hugging Face names (``h.0.attn``)."""
     state: dict[str, torch.Tensor] = {}
     for name, array in arrays.items():
         key = name.removeprefix("model/")
