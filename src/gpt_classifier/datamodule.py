@@ -1,0 +1,205 @@
+"""``SMSSpamDataModule``: the SMS spam data from download to batches."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from gpt_classifier.batching import (
+    PADDING_MODES,
+    BucketBatchSampler,
+    Collator,
+    LengthSortedSampler,
+    TokenizedTexts,
+    TruncationSide,
+    truncate,
+)
+from gpt_classifier.sms_data import (
+    DEFAULT_LABELS,
+    FILE_SHA256,
+    FILE_SIZE,
+    MIRROR_URL,
+    UCI_URL,
+    Splits,
+    balance_and_split,
+    ensure_sms_file,
+    parse_messages,
+    parse_messages_like_pandas,
+    write_split_csv,
+)
+from gpt_classifier.tokenizer import get_tokenizer
+
+log = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+class SMSSpamDataModule(L.LightningDataModule):
+    """Downloads, parses, balances, splits and tokenizes the SMS Spam Collection.
+
+    Padding modes: ``batch`` pads each batch to its longest message (fast);
+    ``longest_train`` pads every split to the longest training message and truncates
+    to it, as the book does; ``context`` pads to ``max_length``.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        data_dir: str = "data/sms_spam_collection",
+        urls: Sequence[str] = (UCI_URL, MIRROR_URL),
+        size: int | None = FILE_SIZE,
+        sha256: str | None = FILE_SHA256,
+        labels: Mapping[str, int] = DEFAULT_LABELS,
+        book_compat: bool = False,
+        balance: bool = True,
+        seed: int = 123,
+        train_frac: float = 0.7,
+        validation_frac: float = 0.1,
+        padding: str = "batch",
+        max_length: int | None = None,
+        context_length: int = 1024,
+        truncation_side: TruncationSide = "right",
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        bucket_by_length: bool = False,
+        num_workers: int = 0,
+        splits_dir: str | None = None,
+        tokenizer_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if padding not in PADDING_MODES:
+            raise ValueError(f"data.padding={padding!r}; choose one of {list(PADDING_MODES)}")
+        if sorted(labels.values()) != list(range(len(labels))):
+            raise ValueError(
+                f"data.labels={dict(labels)} must map each label to 0..{len(labels) - 1} once"
+            )
+        self.save_hyperparameters(ignore=["splits_dir"], logger=False)
+        self.path, self.data_dir = path, data_dir
+        self.labels = dict(labels)
+        self.max_length = min(max_length or context_length, context_length)
+        self.splits_dir = splits_dir
+        self.tokenizer_dir = tokenizer_dir
+        self.splits: Splits | None = None
+        self.datasets: dict[str, TokenizedTexts] = {}
+
+    @property
+    def label_names(self) -> list[str]:
+        """Label names by class index, e.g. ``["ham", "spam"]``."""
+        return [name for name, _ in sorted(self.labels.items(), key=lambda kv: kv[1])]
+
+    def _file(self) -> Path:
+        hp = self.hparams
+        return ensure_sms_file(self.path, self.data_dir, hp.urls, hp.size, hp.sha256)
+
+    def prepare_data(self) -> None:
+        self._file()  # downloads once; later runs find the verified file
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return  # tokenized once per run, not per stage or epoch
+        hp = self.hparams
+        file = self._file()
+        if hp.book_compat:
+            messages = parse_messages_like_pandas(file)
+        else:
+            messages = parse_messages(file, self.labels)
+        self.splits = balance_and_split(
+            messages, self.labels, hp.seed, hp.balance, hp.train_frac, hp.validation_frac
+        )
+        log.info(
+            "SMS data from %s: %d messages -> train %d / validation %d / test %d",
+            file, len(messages), len(self.splits.train), len(self.splits.validation),
+            len(self.splits.test),
+        )  # fmt: skip
+        if self.splits_dir:
+            for name, rows in self.splits.items():
+                write_split_csv(rows, Path(self.splits_dir) / f"{name}.csv")
+        self.datasets = self._tokenize(self.splits)
+
+    def _tokenize(self, splits: Splits) -> dict[str, TokenizedTexts]:
+        hp = self.hparams
+        tokenizer = get_tokenizer(self.tokenizer_dir)
+        encoded = {
+            name: tokenizer.encode_ordinary_batch([text for text, _ in rows])
+            for name, rows in splits.items()
+        }
+        limit = self.max_length
+        pad_to: int | None = None
+        if hp.padding == "longest_train":
+            limit = min(max(len(ids) for ids in encoded["train"]), self.max_length)
+            pad_to = limit
+        elif hp.padding == "context":
+            pad_to = limit
+        datasets = {}
+        for name, rows in splits.items():
+            cut = [truncate(ids, limit, hp.truncation_side) for ids in encoded[name]]
+            n_cut = sum(was_cut for _, was_cut in cut)
+            if n_cut:
+                log.warning(
+                    "%s: %d of %d messages were longer than %d tokens and were truncated (%s)",
+                    name, n_cut, len(cut), limit,
+                    "end kept" if hp.truncation_side == "left" else "start kept",
+                )  # fmt: skip
+            datasets[name] = TokenizedTexts([ids for ids, _ in cut], [y for _, y in rows], pad_to)
+        return datasets
+
+    @property
+    def pad_to(self) -> int | None:
+        """The fixed padded length, or None when each batch pads to its own longest."""
+        return next(iter(self.datasets.values())).pad_to if self.datasets else None
+
+    def example_rows(self) -> list[torch.Tensor]:
+        """Every example of every split exactly as the model sees it (fixed padding included)."""
+        collate = Collator(self.pad_to)
+        rows = []
+        for dataset in self.datasets.values():
+            for index in range(len(dataset)):
+                rows.append(collate([dataset[index]])["input_ids"][0])
+        return rows
+
+    # ------------------------------------------------------------------ loaders
+
+    def _loader(self, dataset: TokenizedTexts, train: bool) -> DataLoader:
+        hp = self.hparams
+        collate = Collator(dataset.pad_to)
+        common = {"collate_fn": collate, "num_workers": hp.num_workers,
+                  "persistent_workers": hp.num_workers > 0}  # fmt: skip
+        if train and hp.bucket_by_length:
+            sampler = BucketBatchSampler(
+                [len(ids) for ids in dataset.token_ids], hp.batch_size, hp.drop_last,
+                seed=hp.seed,
+            )  # fmt: skip
+            return DataLoader(dataset, batch_sampler=sampler, **common)
+        if train:
+            return DataLoader(
+                dataset, batch_size=hp.batch_size, shuffle=hp.shuffle, drop_last=hp.drop_last,
+                **common,
+            )  # fmt: skip
+        return DataLoader(
+            dataset,
+            batch_size=hp.eval_batch_size or hp.batch_size,
+            sampler=LengthSortedSampler([len(ids) for ids in dataset.token_ids]),
+            **common,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["train"], train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["validation"], train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["test"], train=False)
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """Every example of a split, in length order, for whole-split evaluation."""
+        if split not in self.datasets:
+            raise ValueError(f"unknown split {split!r}; choose one of {list(SPLIT_NAMES)}")
+        return self._loader(self.datasets[split], train=False)

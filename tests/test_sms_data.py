@@ -1,0 +1,265 @@
+"""The SMS data: verbatim parsing, the book's split, bad input, downloads and batches."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import http.server
+import io
+import threading
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt_classifier.datamodule import SMSSpamDataModule
+from gpt_classifier.download import ChecksumError, DownloadError
+from gpt_classifier.sms_data import (
+    DataFormatError,
+    balance_and_split,
+    ensure_sms_file,
+    parse_messages,
+    parse_messages_like_pandas,
+)
+
+
+def test_verbatim_parse_of_the_real_file(sms_file):
+    messages = parse_messages(sms_file)
+    assert len(messages) == 5574
+    assert sum(m.label == "ham" for m in messages) == 4827
+    assert sum(m.label == "spam" for m in messages) == 747
+    lines = sms_file.read_text(encoding="utf-8").split("\n")[:-1]
+    assert [f"{m.label}\t{m.text}" for m in messages] == lines  # nothing lost or altered
+
+
+def test_book_compatible_split(sms_file):
+    splits = balance_and_split(parse_messages_like_pandas(sms_file))
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (1045, 149, 300)
+    assert splits.test[0] == ("85233 FREE>Ringtone!Reply REAL", 1)
+
+
+def test_book_compatible_split_equals_the_books_pandas_code(sms_file):
+    pd = pytest.importorskip("pandas")
+    df = pd.read_csv(sms_file, sep="\t", header=None, names=["Label", "Text"])
+    n_spam = int((df["Label"] == "spam").sum())
+    ham_subset = df[df["Label"] == "ham"].sample(n_spam, random_state=123)
+    balanced = pd.concat([ham_subset, df[df["Label"] == "spam"]])
+    balanced["Label"] = balanced["Label"].map({"ham": 0, "spam": 1})
+    shuffled = balanced.sample(frac=1, random_state=123).reset_index(drop=True)
+    splits = balance_and_split(parse_messages_like_pandas(sms_file))
+    ours = splits.train + splits.validation + splits.test
+    assert ours == list(zip(shuffled["Text"], shuffled["Label"]))
+
+
+def test_default_split_uses_verbatim_messages(sms_file):
+    splits = balance_and_split(parse_messages(sms_file))
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (1045, 149, 300)
+    texts = {m.text for m in parse_messages(sms_file)}
+    everything = splits.train + splits.validation + splits.test
+    assert all(text in texts for text, _ in everything)
+    assert sum(label for _, label in everything) == 747
+    quoted = [t for t, _ in everything if t.startswith('"')]
+    assert quoted, "messages that begin with a quote keep it"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "is empty"),
+        (b"ham\tfine\nham no tab here\n", r"line 2: no tab between label and text"),
+        (b"ham\tfine\nspam\tok\negg\tnope\n", r"line 3: unknown label 'egg'"),
+        (b"ham\t   \n", r"line 1: the text after label 'ham' is empty"),
+        (b"ham\tok\nspam\tcaf\xe9\n", r"line 2: bytes b'\\xe9' at column 9 are not UTF-8"),
+    ],
+    ids=["empty", "no-tab", "unknown-label", "empty-text", "not-utf8"],
+)
+def test_bad_input_names_file_and_line(tmp_path, content, message):
+    path = tmp_path / "bad.tsv"
+    path.write_bytes(content)
+    with pytest.raises(DataFormatError, match=message) as info:
+        parse_messages(path)
+    assert str(path) in str(info.value)
+
+
+def test_custom_label_mapping(tmp_path):
+    path = tmp_path / "mine.tsv"
+    path.write_text("good\thello\nbad\tbuy now\n")
+    assert [m.label for m in parse_messages(path, {"good": 0, "bad": 1})] == ["good", "bad"]
+
+
+# ----------------------------------------------------------------------------- download
+
+
+def _zip_bytes(name: str, payload: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(name, payload)
+        archive.writestr("readme", b"UCI readme")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def server(sms_file) -> Iterator[str]:
+    """A local HTTP server with a good zip, a truncated transfer, a wrong file and a 404."""
+    good = _zip_bytes("SMSSpamCollection", sms_file.read_bytes())
+    wrong = _zip_bytes("SMSSpamCollection", sms_file.read_bytes().replace(b"FREE", b"free"))
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            hits.append(self.path)
+            if self.path == "/good.zip":
+                body, claimed = good, len(good)
+            elif self.path == "/truncated.zip":
+                body, claimed = good[: len(good) // 3], len(good)
+            elif self.path == "/wrong.zip":
+                body, claimed = wrong, len(wrong)
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(claimed))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    server.hits = hits
+    yield base
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_extracts_and_verifies(tmp_path, server, sms_file):
+    path = ensure_sms_file(data_dir=tmp_path, urls=[f"{server}/good.zip"])
+    assert path == tmp_path / "SMSSpamCollection"
+    assert path.read_bytes() == sms_file.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SMSSpamCollection"]
+    # A present, verified file is used with no network at all.
+    assert ensure_sms_file(data_dir=tmp_path, urls=["http://127.0.0.1:9/unreachable"]) == path
+
+
+def test_download_falls_back_to_the_mirror(tmp_path, server):
+    path = ensure_sms_file(data_dir=tmp_path, urls=[f"{server}/gone.zip", f"{server}/good.zip"])
+    assert path.is_file()
+
+
+def test_interrupted_download_leaves_no_file(tmp_path, server):
+    with pytest.raises(DownloadError, match=r"(?s)interrupted|IncompleteRead.*data.path="):
+        ensure_sms_file(data_dir=tmp_path, urls=[f"{server}/truncated.zip"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checksum_mismatch_is_an_error_and_leaves_no_file(tmp_path, server):
+    with pytest.raises(ChecksumError, match=r"sha256 .* expected 7d039a24.*delete .* data.path="):
+        ensure_sms_file(data_dir=tmp_path, urls=[f"{server}/wrong.zip"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupted_cached_file_is_an_error(tmp_path, sms_file):
+    (tmp_path / "SMSSpamCollection").write_bytes(sms_file.read_bytes()[:-10])
+    with pytest.raises(ChecksumError, match="477,897 bytes, expected 477,907; delete"):
+        ensure_sms_file(data_dir=tmp_path, urls=[])
+
+
+def test_no_file_and_no_network_says_where_to_put_it(tmp_path):
+    with pytest.raises(DownloadError, match=r"put the UCI file at .*SMSSpamCollection"):
+        ensure_sms_file(data_dir=tmp_path, urls=["http://127.0.0.1:9/none.zip"])
+
+
+def test_local_zip_path_is_extracted(tmp_path, sms_file):
+    zip_path = tmp_path / "sms.zip"
+    zip_path.write_bytes(_zip_bytes("SMSSpamCollection", sms_file.read_bytes()))
+    path = ensure_sms_file(zip_path, data_dir=tmp_path / "data")
+    assert hashlib.sha256(path.read_bytes()).hexdigest().startswith("7d039a24")
+
+
+# ----------------------------------------------------------------------------- data module
+
+
+def _datamodule(sms_file: Path, **kwargs) -> SMSSpamDataModule:
+    dm = SMSSpamDataModule(path=str(sms_file), **kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_batches_in_every_padding_mode(sms_file):
+    for padding in ("batch", "longest_train", "context"):
+        dm = _datamodule(sms_file, padding=padding, context_length=1024, book_compat=True)
+        batch = next(iter(dm.train_dataloader()))
+        assert batch["input_ids"].shape[0] == 8
+        assert batch["labels"].tolist() == [int(y) for y in batch["labels"]]
+        width = batch["input_ids"].shape[1]
+        if padding == "batch":
+            assert width == int(batch["lengths"].max())
+        elif padding == "longest_train":
+            assert width == 120  # the book's longest training message
+        else:
+            assert width == 1024
+        for row, length in zip(batch["input_ids"], batch["lengths"]):
+            assert (row[length:] == 50256).all()
+        val = next(iter(dm.val_dataloader()))
+        assert val["input_ids"].shape[1] == (width if padding != "batch" else val["lengths"].max())
+
+
+def test_longest_train_truncates_other_splits_like_the_book(sms_file):
+    dm = _datamodule(sms_file, padding="longest_train", book_compat=True)
+    assert dm.pad_to == 120
+    for split in ("validation", "test"):
+        assert max(len(ids) for ids in dm.datasets[split].token_ids) <= 120
+        assert next(iter(dm.eval_dataloader(split)))["input_ids"].shape[1] == 120
+
+
+def test_truncation_keeps_the_chosen_end(sms_file, caplog):
+    right = _datamodule(sms_file, max_length=10, truncation_side="right")
+    left = _datamodule(sms_file, max_length=10, truncation_side="left")
+    full = _datamodule(sms_file)
+    for i in range(20):
+        ids = full.datasets["train"].token_ids[i]
+        assert right.datasets["train"].token_ids[i].tolist() == ids[:10].tolist()
+        assert left.datasets["train"].token_ids[i].tolist() == ids[-10:].tolist()
+    assert "were longer than 10 tokens and were truncated" in caplog.text
+
+
+def test_splits_are_saved_as_csv(sms_file, tmp_path):
+    dm = _datamodule(sms_file, splits_dir=str(tmp_path / "splits"))
+    for name, expected in (("train", 1045), ("validation", 149), ("test", 300)):
+        with (tmp_path / "splits" / f"{name}.csv").open(newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        assert rows[0] == ["Label", "Text"]
+        assert len(rows) == expected + 1
+        split = getattr(dm.splits, name)
+        assert [(r[1], int(r[0])) for r in rows[1:]] == split
+
+
+def test_eval_loaders_are_length_sorted_and_complete(sms_file):
+    dm = _datamodule(sms_file)
+    seen = 0
+    previous = None
+    for batch in dm.eval_dataloader("train"):
+        seen += len(batch["labels"])
+        longest = int(batch["lengths"].max())
+        assert previous is None or longest <= previous
+        previous = longest
+    assert seen == 1045  # no drop_last for whole-split evaluation
+
+
+def test_training_order_is_reproducible_and_bucketing_is_dense(sms_file):
+    dm = _datamodule(sms_file)
+    torch.manual_seed(123)
+    first = [b["labels"].tolist() for b in dm.train_dataloader()]
+    torch.manual_seed(123)
+    assert first == [b["labels"].tolist() for b in dm.train_dataloader()]
+    plain = sum(b["input_ids"].numel() for b in dm.train_dataloader())
+    bucketed = _datamodule(sms_file, bucket_by_length=True)
+    batches = list(bucketed.train_dataloader())
+    assert len(batches) == len(bucketed.train_dataloader()) == 1045 // 8
+    assert sum(b["input_ids"].numel() for b in batches) < 0.7 * plain
