@@ -1,0 +1,157 @@
+"""The frozen-prefix cache: compute the frozen blocks' output once per message.
+
+When the embeddings and the first ``depth`` blocks are frozen and run without
+dropout, their output for a message is a pure function of its token ids. The cache
+keeps it in host memory (so it works on every accelerator) and, optionally, on disk
+so that the next job of a sweep skips the prefix altogether.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from gpt_classifier.backbone import GPT
+
+log = logging.getLogger(__name__)
+
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class PrefixCache:
+    """Hidden states after the first ``depth`` blocks, keyed by the token ids fed in."""
+
+    def __init__(self, model: GPT, depth: int, dtype: torch.dtype = torch.float32) -> None:
+        if depth < 1:
+            raise ValueError("a prefix cache needs at least one frozen block")
+        self.model = model
+        self.depth = depth
+        self.dtype = dtype
+        self.entries: dict[bytes, torch.Tensor] = {}
+        self.computed = 0  # sequences whose prefix this process ran
+
+    @staticmethod
+    def key(ids: torch.Tensor) -> bytes:
+        """The cache key of one unpadded token sequence."""
+        return ids.detach().to("cpu", torch.int64).numpy().tobytes()
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory held by the cached hidden states."""
+        return sum(t.numel() * t.element_size() for t in self.entries.values())
+
+    @torch.no_grad()
+    def _compute(self, seqs: Sequence[torch.Tensor], device: torch.device) -> None:
+        """Run the frozen prefix on ``seqs`` (equal lengths per call) and store the results."""
+        ids = torch.stack(list(seqs)).to(device)
+        hidden = self.model.run_blocks(self.model.embed(ids), 0, self.depth)
+        for seq, h in zip(seqs, hidden.to("cpu", self.dtype)):
+            self.entries[self.key(seq)] = h.clone()
+        self.computed += len(seqs)
+
+    def warm(
+        self,
+        seqs: Iterable[torch.Tensor],
+        device: torch.device,
+        batch_tokens: int = 8192,
+        context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> int:
+        """Compute every missing sequence in dense, equal-length batches; returns the count."""
+        missing: dict[bytes, torch.Tensor] = {}
+        for seq in seqs:
+            k = self.key(seq)
+            if k not in self.entries:
+                missing[k] = seq
+        by_length: dict[int, list[torch.Tensor]] = {}
+        for seq in missing.values():
+            by_length.setdefault(len(seq), []).append(seq)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with context():
+                for length in sorted(by_length, reverse=True):
+                    group = by_length[length]
+                    step = max(1, batch_tokens // length)
+                    for start in range(0, len(group), step):
+                        self._compute(group[start : start + step], device)
+        finally:
+            self.model.train(was_training)
+        return len(missing)
+
+    def lookup(self, input_ids: torch.Tensor, key_lengths: torch.Tensor) -> torch.Tensor:
+        """Cached hidden states for a padded batch: (B, T) ids -> (B, T, D).
+
+        Row ``i`` is keyed by its first ``key_lengths[i]`` tokens; positions after them
+        are zeros (causal attention never lets them reach an earlier position). Rows
+        not yet cached are computed now.
+        """
+        b, t = input_ids.shape
+        rows = [input_ids[i, : int(n)] for i, n in enumerate(key_lengths.tolist())]
+        missing = [r for r in rows if self.key(r) not in self.entries]
+        for r in missing:
+            self._compute([r], input_ids.device)
+        out = torch.zeros(b, t, self.model.cfg.emb_dim, dtype=self.dtype)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = self.entries[self.key(r)]
+        return out.to(input_ids.device, non_blocking=True)
+
+    # ------------------------------------------------------------------ persistence
+
+    def fingerprint(self, extra: str = "") -> str:
+        """Hash of everything the cached values depend on besides the token ids."""
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"depth={self.depth};dtype={self.dtype};{extra}".encode())
+        prefix_modules = [
+            self.model.tok_emb,
+            self.model.pos_emb,
+            *self.model.trf_blocks[: self.depth],
+        ]
+        for module in prefix_modules:
+            for name, p in module.named_parameters():
+                digest.update(name.encode())
+                digest.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def load(self, path: Path) -> int:
+        """Add the entries stored at ``path``; returns how many were read."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            return 0
+        try:
+            stored = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            log.warning("Ignoring unreadable prefix cache %s (%s)", path, err)
+            return 0
+        tokens = stored["tokens"].split(stored["lengths"].tolist())
+        hidden = stored["hidden"].to(self.dtype).split(stored["lengths"].tolist())
+        for ids, h in zip(tokens, hidden):
+            self.entries.setdefault(self.key(ids), h)
+        return len(tokens)
+
+    def save(self, path: Path) -> None:
+        """Write every entry to ``path`` atomically (concurrent jobs never see half a file)."""
+        from safetensors.torch import save_file
+
+        if not self.entries:
+            return
+        keys = list(self.entries)
+        tokens = [torch.frombuffer(bytearray(k), dtype=torch.int64) for k in keys]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(
+            {
+                "tokens": torch.cat(tokens),
+                "lengths": torch.tensor([len(t) for t in tokens], dtype=torch.int64),
+                "hidden": torch.cat([self.entries[k] for k in keys]),
+            },
+            str(tmp),
+        )
+        os.replace(tmp, path)

@@ -1,0 +1,96 @@
+"""Run reports: ``metrics.json`` and the summary table of a Hydra sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def write_json(path: Path, values: Mapping[str, Any]) -> None:
+    """Write ``values`` as indented JSON, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(dict(values), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to ``a/b/c`` keys; lists and None become strings (TensorBoard HParams)."""
+    out: dict[str, Any] = {}
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}/"))
+        return out
+    key = prefix.rstrip("/")
+    out[key] = tree if isinstance(tree, bool | int | float | str) else str(tree)
+    return out
+
+
+def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per finished job of a sweep: its overrides and its final metrics."""
+    rows = []
+    for metrics_file in sorted(
+        sweep_dir.glob("*/metrics.json"), key=lambda p: _job_order(p.parent)
+    ):
+        job_dir = metrics_file.parent
+        overrides_file = job_dir / ".hydra" / "overrides.yaml"
+        overrides = OmegaConf.load(overrides_file) if overrides_file.is_file() else []
+        metrics = json.loads(metrics_file.read_text())
+        row: dict[str, Any] = {"job": job_dir.name, "overrides": list(overrides)}
+        row.update({k: v for k, v in metrics.items() if k != "best_checkpoint"})
+        rows.append(row)
+    return rows
+
+
+def _job_order(job_dir: Path) -> tuple[int, str]:
+    return (int(job_dir.name), "") if job_dir.name.isdigit() else (1 << 30, job_dir.name)
+
+
+def write_sweep_summary(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Write ``summary.md`` and ``summary.csv`` into ``sweep_dir``."""
+    rows = sweep_rows(sweep_dir)
+    if not rows:
+        log.warning("No finished job with metrics.json under %s; no summary written", sweep_dir)
+        return rows
+    # Overrides shared by every job say nothing about the differences: list them once.
+    common = set.intersection(*(set(row["overrides"]) for row in rows))
+    for row in rows:
+        row["overrides"] = " ".join(o for o in row["overrides"] if o not in common)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with (sweep_dir / "summary.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"# Sweep {sweep_dir}", ""]
+    if common:
+        lines += ["Overrides of every job: `" + " ".join(sorted(common)) + "`", ""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [_cell(row.get(c, "")) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    log.info("Sweep summary of %d jobs: %s", len(rows), sweep_dir / "summary.md")
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value).replace("|", "\\|")
+
+
+class SweepSummary(Callback):
+    """Hydra callback: when a multirun ends, tabulate every job's final metrics."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        write_sweep_summary(Path(config.hydra.sweep.dir))
