@@ -181,11 +181,15 @@ class GPT(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self.out_head.weight = self.tok_emb.weight  # tied, as in GPT-2
         if self.tok_emb.weight.device.type != "meta":
-            self.apply(self._init_weights)
-            # GPT-2's scaled init of the projections that write into the residual stream.
-            for name, p in self.named_parameters():
-                if name.endswith(("att.out_proj.weight", "ff.proj.weight")):
-                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        """GPT-2's random initialisation."""
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections that write into the residual stream.
+        for name, p in self.named_parameters():
+            if name.endswith(("att.out_proj.weight", "ff.proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -195,11 +199,21 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GPT:
         """A randomly initialised model of a named preset (e.g. ``gpt2-small``)."""
-        return cls(preset_config(name, **overrides))
+        # Allocate once and initialise once: building on the meta device skips the
+        # default initialisation that init_weights() would overwrite anyway.
+        with torch.device("meta"):
+            model = cls(preset_config(name, **overrides))
+        model.to_empty(device="cpu")
+        model.out_head.weight = model.tok_emb.weight  # to_empty unties shared parameters
+        model.init_weights()
+        return model
 
     @classmethod
     def from_pretrained(cls, source: str | Path, **overrides: Any) -> GPT:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from gpt_classifier.backbone import GPT
+from gpt_classifier.tokenizer import PAD_TOKEN_ID
 
 log = logging.getLogger(__name__)
 
@@ -48,38 +49,46 @@ class PrefixCache:
 
     @torch.no_grad()
     def _compute(self, seqs: Sequence[torch.Tensor], device: torch.device) -> None:
-        """Run the frozen prefix on ``seqs`` (equal lengths per call) and store the results."""
-        ids = torch.stack(list(seqs)).to(device)
-        hidden = self.model.run_blocks(self.model.embed(ids), 0, self.depth)
+        """Run the frozen prefix on ``seqs`` and store each one's hidden states.
+
+        Shorter sequences are padded on the right; causal attention keeps the padding
+        from reaching their real positions, so each stored row is exact.
+        """
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), PAD_TOKEN_ID, dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = seq
+        hidden = self.model.run_blocks(self.model.embed(ids.to(device)), 0, self.depth)
         for seq, h in zip(seqs, hidden.to("cpu", self.dtype)):
-            self.entries[self.key(seq)] = h.clone()
+            self.entries[self.key(seq)] = h[: len(seq)].clone()
         self.computed += len(seqs)
 
     def warm(
         self,
         seqs: Iterable[torch.Tensor],
         device: torch.device,
-        batch_tokens: int = 8192,
+        batch_tokens: int = 2048,
         context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> int:
-        """Compute every missing sequence in dense, equal-length batches; returns the count."""
+        """Compute every missing sequence, longest first, in batches of about
+        ``batch_tokens`` padded tokens (small enough to stay in the CPU's caches,
+        dense because neighbours in length order are nearly equally long).
+        Returns how many sequences were computed."""
         missing: dict[bytes, torch.Tensor] = {}
         for seq in seqs:
             k = self.key(seq)
             if k not in self.entries:
                 missing[k] = seq
-        by_length: dict[int, list[torch.Tensor]] = {}
-        for seq in missing.values():
-            by_length.setdefault(len(seq), []).append(seq)
+        ordered = sorted(missing.values(), key=len, reverse=True)
         was_training = self.model.training
         self.model.eval()
         try:
             with context():
-                for length in sorted(by_length, reverse=True):
-                    group = by_length[length]
-                    step = max(1, batch_tokens // length)
-                    for start in range(0, len(group), step):
-                        self._compute(group[start : start + step], device)
+                start = 0
+                while start < len(ordered):
+                    count = max(1, batch_tokens // len(ordered[start]))
+                    self._compute(ordered[start : start + count], device)
+                    start += count
         finally:
             self.model.train(was_training)
         return len(missing)

@@ -1,0 +1,119 @@
+"""Benchmark the book-equivalent training mode against ours, side by side.
+
+Each (model, freeze policy) pair runs ``train.py`` twice on the same machine, one
+mode after the other, and the table reports both and their speed ratio:
+
+- ``book``: ``experiment=book_ch06_baseline``: full forward on every step, float32,
+  padding to the longest training message, logits at the final position.
+- ``ours``: the default engine (prefix cache, per-batch padding, last-token pooling,
+  ``precision=auto``) on the same book-compatible split, so accuracies compare.
+
+Example::
+
+    python scripts/benchmark.py --models gpt2-small --freeze last_block --epochs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = {
+    "book": ["experiment=book_ch06_baseline"],
+    "ours": ["data.book_compat=true"],
+}
+EXAMPLES = {"train": 1045, "all": 1494}
+
+
+def run_mode(mode: str, model: str, freeze: str, args: argparse.Namespace, out: Path) -> dict:
+    """One ``train.py`` job in a child process; its metrics, wall time and peak memory."""
+    run_dir = out / f"{model}-{freeze}-{mode}"
+    command = [
+        sys.executable, "train.py", *MODES[mode],
+        f"model={model}", f"freeze={freeze}", f"accelerator={args.accelerator}",
+        f"model.pretrained={str(args.pretrained).lower()}",
+        f"trainer.max_epochs={args.epochs}", f"hydra.run.dir={run_dir}",
+        "callbacks.progress_bar.refresh_rate=0", *args.override,
+    ]  # fmt: skip
+    if args.data:
+        command.append(f"data.path={args.data}")
+    start = time.perf_counter()
+    with open(out / f"{run_dir.name}.log", "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own peak memory
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"{mode} run failed (exit status {status}); see {out / run_dir.name}.log")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    fit_s, test_s = metrics["time/fit_s"], metrics["time/test_s"]
+    return {
+        "model": model,
+        "freeze": freeze,
+        "mode": mode,
+        "epochs": args.epochs,
+        "end_to_end_s": round(wall, 1),
+        "fit_s": round(fit_s, 1),
+        "test_s": round(test_s, 1),
+        "train_examples_per_s": round(EXAMPLES["train"] * args.epochs / fit_s, 1),
+        "eval_examples_per_s": round(EXAMPLES["all"] / test_s, 1),
+        # ru_maxrss is in KiB on Linux
+        "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
+        "val_acc": round(metrics["val/acc"], 4),
+        "test_acc": round(metrics["test/acc"], 4),
+    }
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """Markdown table of every row plus the speed ratio against the book mode."""
+    columns = ["model", "freeze", "mode", "epochs", "end_to_end_s", "fit_s", "test_s",
+               "train_examples_per_s", "eval_examples_per_s", "peak_rss_gib", "val_acc",
+               "test_acc", "speedup"]  # fmt: skip
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["gpt2-small"])
+    parser.add_argument("--freeze", nargs="+", default=["last_block"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda", "mps", "auto"])
+    parser.add_argument("--pretrained", action="store_true", help="load pretrained weights")
+    parser.add_argument("--data", help="path of the SMS file or zip (data.path)")
+    parser.add_argument("--out", type=Path, help="folder for the runs (default: a temp dir)")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("override", nargs="*", help="extra train.py overrides for every run")
+    args = parser.parse_args()
+
+    out = args.out or Path(tempfile.mkdtemp(prefix="gpt-classifier-bench-"))
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; runs in {out}")
+    rows: list[dict[str, Any]] = []
+    for model in args.models:
+        for freeze in args.freeze:
+            pair = [run_mode(mode, model, freeze, args, out) for mode in args.modes]
+            book = next((r for r in pair if r["mode"] == "book"), None)
+            for row in pair:
+                if book:
+                    row["speedup"] = round(book["end_to_end_s"] / row["end_to_end_s"], 1)
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr)
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
