@@ -27,7 +27,8 @@ def gflops(
 if __name__ == "__main__":
     fp32, bf16 = gflops(torch.float32), gflops(torch.bfloat16)
     print(
-        f"threads={torch.get_num_threads()} cpu_capability={torch.backends.cpu.get_cpu_capability()}"
+        f"threads={torch.get_num_threads()} "
+        f"cpu_capability={torch.backends.cpu.get_cpu_capability()}"
     )
     print("| dtype | GFLOP/s (960x768x3072) |\n|---|---|")
     print(f"| float32 | {fp32:.0f} |\n| bfloat16 | {bf16:.0f} |")

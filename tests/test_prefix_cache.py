@@ -28,8 +28,10 @@ def fit(sms_file, *, cache: bool | str, padding: str = "batch", freeze: str = "l
     L.seed_everything(seed)
     backbone = GPT.from_preset("gpt2-tiny", n_layers=3)
     dm = SMSSpamDataModule(path=str(sms_file), padding=padding, context_length=256)
-    clf = GPTClassifier(backbone.cfg.to_dict(), backbone=backbone, freeze=freeze, freeze_n=2,
-                        prefix_cache=cache, cache_file=cache_file, lr=1e-3, **module_kwargs)  # fmt: skip
+    clf = GPTClassifier(
+        backbone.cfg.to_dict(), backbone=backbone, freeze=freeze, freeze_n=2,
+        prefix_cache=cache, cache_file=cache_file, lr=1e-3, **module_kwargs,
+    )  # fmt: skip
     recorder = LossRecorder()
     trainer = L.Trainer(
         accelerator="cpu", precision="32-true", max_epochs=2, limit_train_batches=25,

@@ -245,3 +245,25 @@ class GPT(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.run_blocks(self.embed(input_ids))  # (B, T, D)
         return self.out_head(self.final_norm(x))  # (B, T, out_features)
+
+    def forward_pooled(
+        self,
+        positions: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        """Logits at one position per sequence: (B, out_features).
+
+        Equal to ``model(input_ids)[rows, positions]``, but the last block computes
+        only the pooled positions. Pass ``hidden`` (the output of blocks before
+        ``start``) instead of ``input_ids`` to resume from a cached prefix.
+        """
+        x = self.embed(input_ids) if hidden is None else hidden  # (B, T, D)
+        last = len(self.trf_blocks) - 1
+        x = self.run_blocks(x, start, last)
+        if start <= last:
+            h = self.trf_blocks[-1].forward_at(x, positions)  # (B, D)
+        else:
+            h = x[torch.arange(x.shape[0], device=x.device), positions]
+        return self.out_head(self.final_norm(h))

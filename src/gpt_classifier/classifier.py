@@ -69,6 +69,9 @@ class GPTClassifier(L.LightningModule):
         self.cache: PrefixCache | None = None
         self.cache_depth = 0
         self.test_split_names: list[str] = ["test"]
+        self.examples_seen = 0
+        # Per-epoch train/val metrics, for the curves the book plots.
+        self.history: dict[int, dict[str, float]] = {}
         self.metrics = nn.ModuleDict()
 
     # ------------------------------------------------------------------ setup
@@ -139,18 +142,11 @@ class GPTClassifier(L.LightningModule):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Class logits (B, num_classes) of a batch made by ``batching.Collator``."""
-        model = self.model
-        ids = batch["input_ids"]
         positions = self.pool_positions(batch)
-        depth = self.cache_depth if self.cache is not None else 0
-        x = self._cached_prefix(batch) if depth else model.embed(ids)
-        x = model.run_blocks(x, depth, len(model.trf_blocks) - 1)
-        if depth < len(model.trf_blocks):
-            # The last block only matters at the pooled position: skip its other tokens.
-            h = model.trf_blocks[-1].forward_at(x, positions)
-        else:
-            h = x[torch.arange(len(ids), device=ids.device), positions]
-        return model.out_head(model.final_norm(h))
+        if self.cache is None:
+            return self.model.forward_pooled(positions, input_ids=batch["input_ids"])
+        hidden = self._cached_prefix(batch)
+        return self.model.forward_pooled(positions, hidden=hidden, start=self.cache_depth)
 
     def _cached_prefix(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         assert self.cache is not None
@@ -224,17 +220,21 @@ class GPTClassifier(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, "train")
+        self.examples_seen += len(batch["labels"])
         self.log("train/loss_step", loss, prog_bar=True)
         return loss
 
     def on_train_epoch_end(self) -> None:
-        self._log_split("train", "train")
+        row = self.history.setdefault(self.current_epoch + 1, {})
+        row.update(self._log_split("train", "train"), examples_seen=self.examples_seen)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_split("val", "val")
+        values = self._log_split("val", "val")
+        if not self.trainer.sanity_checking:
+            self.history.setdefault(self.current_epoch + 1, {}).update(values)
 
     def test_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
@@ -249,6 +249,17 @@ class GPTClassifier(L.LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return torch.softmax(self(batch).float(), dim=-1)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What inference needs to see texts exactly as training did.
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        checkpoint["inference"] = {
+            "label_names": self.label_names,
+            "pooling": self.hparams.pooling,
+            "max_length": getattr(dm, "max_length", self.model.cfg.context_length),
+            "truncation_side": dm.hparams.truncation_side if dm is not None else "right",
+            "pad_to": getattr(dm, "pad_to", None),
+        }
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -1,0 +1,16 @@
+"""Evaluate a trained classifier: ``python eval.py ckpt_path=... [split=test]``."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    """Hand the composed config to the task."""
+    from gpt_classifier.evaluate import evaluate
+
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""Label texts with a trained classifier: ``python predict.py ckpt_path=... text="..."``."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    """Hand the composed config to the task."""
+    from gpt_classifier.predict import predict
+
+    predict(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The task behind ``python eval.py``: a checkpoint's metrics on a split or a labelled file."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from gpt_classifier.inference import ModelLoadError, TextClassifier, resolve_checkpoint
+from gpt_classifier.plots import confusion_figure
+from gpt_classifier.reports import write_json
+from gpt_classifier.sms_data import parse_messages
+
+log = logging.getLogger(__name__)
+
+SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
+
+
+def classification_report(
+    labels: list[int], probs: torch.Tensor, names: list[str]
+) -> tuple[dict[str, Any], list[list[int]]]:
+    """Accuracy, loss, per-class precision/recall/F1 and the confusion matrix."""
+    preds = probs.argmax(dim=1).tolist()
+    n = len(names)
+    matrix = [[0] * n for _ in range(n)]
+    for y, p in zip(labels, preds):
+        matrix[y][p] += 1
+    total = len(labels)
+    picked = probs[torch.arange(total), torch.tensor(labels)]
+    metrics: dict[str, Any] = {
+        "examples": total,
+        "acc": sum(matrix[i][i] for i in range(n)) / total,
+        "loss": float(-picked.clamp_min(1e-12).log().mean()),
+    }
+    f1s = []
+    for i, name in enumerate(names):
+        tp = matrix[i][i]
+        predicted = sum(matrix[r][i] for r in range(n))
+        actual = sum(matrix[i])
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        f1s.append(f1)
+        metrics[f"{name}/precision"] = precision
+        metrics[f"{name}/recall"] = recall
+        metrics[f"{name}/f1"] = f1
+        metrics[f"{name}/support"] = actual
+    metrics["macro/f1"] = sum(f1s) / n
+    return metrics, matrix
+
+
+def read_labelled_file(path: Path, names: list[str]) -> tuple[list[str], list[int]]:
+    """``label<TAB>text`` lines (the SMS format) or a ``Label,Text`` CSV (``splits/*.csv``)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"labelled_file={path} does not exist")
+    mapping = {name: i for i, name in enumerate(names)}
+    if path.suffix.lower() != ".csv":
+        messages = parse_messages(path, mapping)
+        return [m.text for m in messages], [mapping[m.label] for m in messages]
+    texts, labels = [], []
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"Label", "Text"} <= set(reader.fieldnames or []):
+            raise ValueError(f"{path} needs the header Label,Text; it has {reader.fieldnames}")
+        for line, row in enumerate(reader, start=2):
+            label = row["Label"]
+            if label in mapping:
+                labels.append(mapping[label])
+            elif label.isdigit() and int(label) < len(names):
+                labels.append(int(label))
+            else:
+                raise ValueError(f"{path}, line {line}: unknown label {label!r}; expected {names}")
+            texts.append(row["Text"])
+    return texts, labels
+
+
+def split_token_ids(
+    cfg: DictConfig, checkpoint: Path, split: str
+) -> tuple[list[list[int]], list[int]]:
+    """The split exactly as the checkpoint's training run made and tokenized it."""
+    from gpt_classifier.datamodule import SMSSpamDataModule
+
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    data_hparams = dict(stored.get("datamodule_hyper_parameters") or {})
+    if not data_hparams:
+        raise ModelLoadError(f"{checkpoint} holds no data settings; pass labelled_file=<file>")
+    if cfg.data_path:
+        data_hparams["path"] = str(cfg.data_path)
+    data_hparams.pop("splits_dir", None)
+    dm = SMSSpamDataModule(**data_hparams)
+    dm.prepare_data()
+    dm.setup("test")
+    dataset = dm.datasets[split]
+    return [ids.tolist() for ids in dataset.token_ids], dataset.labels.tolist()
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Write ``metrics.json``, the confusion matrix and a per-class report."""
+    output_dir = Path(cfg.paths.output_dir)
+    classifier = TextClassifier.load(cfg.ckpt_path, device=cfg.device)
+    names = classifier.settings.label_names
+    if cfg.labelled_file:
+        texts, labels = read_labelled_file(Path(cfg.labelled_file), names)
+        ids, _ = classifier.encode(texts)
+        source = str(cfg.labelled_file)
+    else:
+        split = SPLIT_ALIASES.get(cfg.split, cfg.split)
+        if split not in ("train", "validation", "test"):
+            raise ValueError(f"split={cfg.split!r}; choose train, validation (val) or test")
+        if (Path(cfg.ckpt_path) / "config.json").is_file():
+            raise ModelLoadError(
+                f"{cfg.ckpt_path} is an export folder, which keeps no data split; "
+                "evaluate it on labelled_file=<file>."
+            )
+        checkpoint = resolve_checkpoint(Path(cfg.ckpt_path))
+        ids, labels = split_token_ids(cfg, checkpoint, split)
+        source = f"{split} split"
+    with torch.no_grad():
+        probs = classifier._probabilities(ids, cfg.batch_size, progress=True)
+    metrics, matrix = classification_report(labels, probs, names)
+    metrics["source"] = source
+    write_json(output_dir / "metrics.json", metrics)
+    _write_report(metrics, names, output_dir / "classification_report.txt")
+    figure = confusion_figure(matrix, names)
+    figure.savefig(output_dir / "confusion_matrix.png", dpi=120)
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(output_dir / "tensorboard")) as writer:
+        writer.add_figure("eval/confusion_matrix", figure)
+        for key, value in metrics.items():
+            if isinstance(value, float) and math.isfinite(value):
+                writer.add_scalar(f"eval/{key}", value)
+    log.info("%s: accuracy %.4f on %d examples; report in %s", source, metrics["acc"],
+             metrics["examples"], output_dir)  # fmt: skip
+    return metrics
+
+
+def _write_report(metrics: dict[str, Any], names: list[str], path: Path) -> None:
+    lines = [f"{'class':>12} {'precision':>10} {'recall':>10} {'f1':>10} {'support':>8}"]
+    for name in names:
+        lines.append(
+            f"{name:>12} {metrics[f'{name}/precision']:>10.4f} {metrics[f'{name}/recall']:>10.4f}"
+            f" {metrics[f'{name}/f1']:>10.4f} {metrics[f'{name}/support']:>8d}"
+        )
+    lines.append(f"\naccuracy {metrics['acc']:.4f}  loss {metrics['loss']:.4f}  "
+                 f"macro F1 {metrics['macro/f1']:.4f}  examples {metrics['examples']}")  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,274 @@
+"""Use a trained classifier: load it from a checkpoint or an export, classify texts, export.
+
+No Lightning at inference time: a checkpoint is read with ``torch.load(weights_only=True)``
+(no pickled code runs) and an export folder is safetensors + JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gpt_classifier.backbone import GPT, GPTConfig
+from gpt_classifier.batching import Collator, truncate
+from gpt_classifier.tokenizer import PAD_TOKEN_ID, get_tokenizer
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "gpt-classifier"
+EXPORT_VERSION = 1
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint or export folder is missing, corrupt or incompatible."""
+
+
+@dataclass
+class InferenceSettings:
+    """How texts become model inputs; stored with every export."""
+
+    label_names: list[str]
+    pooling: str = "last_token"
+    max_length: int = 1024
+    truncation_side: str = "right"
+    pad_to: int | None = None  # fixed padded length (book-style models), else per batch
+    pad_token_id: int = PAD_TOKEN_ID
+
+
+@dataclass
+class Prediction:
+    """One text's label and class probabilities."""
+
+    label: str
+    probabilities: dict[str, float]
+    truncated: bool = field(default=False)
+
+
+class TextClassifier:
+    """A trained GPT-2 classifier: ``TextClassifier.load(path).classify(texts)``."""
+
+    def __init__(self, model: GPT, settings: InferenceSettings, device: str = "cpu") -> None:
+        self.model = model.eval().to(resolve_device(device))
+        self.settings = settings
+        self.tokenizer = get_tokenizer()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.pos_emb.weight.device
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> TextClassifier:
+        """From a Lightning checkpoint, a training run folder or an export folder."""
+        path = Path(path).expanduser()
+        if path.is_dir() and (path / "config.json").is_file():
+            model, settings = _load_export(path)
+        else:
+            model, settings = _load_checkpoint(resolve_checkpoint(path))
+        return cls(model, settings, device)
+
+    # ------------------------------------------------------------------ classifying
+
+    def encode(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids as training saw them (same truncation), and which were truncated."""
+        out, cut = [], []
+        s = self.settings
+        limit = min(s.max_length, s.pad_to or s.max_length, self.model.cfg.context_length)
+        for index, ids in enumerate(self.tokenizer.encode_ordinary_batch(list(texts))):
+            if not ids:
+                raise ValueError(f"text {index} is empty; every text needs at least one token")
+            ids, was_cut = truncate(ids, limit, s.truncation_side)  # type: ignore[arg-type]
+            out.append(ids)
+            cut.append(was_cut)
+        return out, cut
+
+    @torch.no_grad()
+    def probabilities(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """Class probabilities (N, num_classes), in the order of ``texts``."""
+        ids, _ = self.encode(texts)
+        return self._probabilities(ids, batch_size)
+
+    def _probabilities(self, ids: list[list[int]], batch_size: int, progress: bool = False):
+        # Longest first, so each batch pads little; results go back to input order.
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        collate = Collator(self.settings.pad_to, self.settings.pad_token_id)
+        out = torch.empty(len(ids), len(self.settings.label_names))
+        starts = range(0, len(order), batch_size)
+        if progress and len(order) > 10 * batch_size:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="classifying", unit="batch")
+        for start in starts:
+            chunk = order[start : start + batch_size]
+            batch = collate([{"input_ids": torch.tensor(ids[i]), "label": 0} for i in chunk])
+            input_ids = batch["input_ids"].to(self.device)
+            if self.settings.pooling == "last_token":
+                positions = batch["lengths"].to(self.device) - 1
+            else:
+                positions = torch.full((len(chunk),), input_ids.shape[1] - 1, device=self.device)
+            logits = self.model.forward_pooled(positions, input_ids=input_ids)
+            out[chunk] = torch.softmax(logits.float(), dim=-1).cpu()
+        return out
+
+    def classify(
+        self, texts: Sequence[str], batch_size: int = 32, progress: bool = False
+    ) -> list[Prediction]:
+        """Label and probabilities of each text."""
+        ids, cut = self.encode(texts)
+        if any(cut):
+            log.warning("%d of %d texts were longer than %d tokens and were truncated",
+                        sum(cut), len(cut), self.settings.max_length)  # fmt: skip
+        with torch.no_grad():
+            probs = self._probabilities(ids, batch_size, progress)
+        names = self.settings.label_names
+        return [
+            Prediction(names[int(p.argmax())], dict(zip(names, map(float, p))), c)
+            for p, c in zip(probs, cut)
+        ]
+
+    # ------------------------------------------------------------------ export
+
+    def export(self, folder: str | Path) -> Path:
+        """Write ``model.safetensors``, ``config.json`` and a README into ``folder``."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": EXPORT_FORMAT})
+        config = {
+            "format": EXPORT_FORMAT,
+            "format_version": EXPORT_VERSION,
+            "architecture": self.model.cfg.to_dict(),
+            "num_classes": len(self.settings.label_names),
+            "tokenizer": "tiktoken:gpt2",
+            **asdict(self.settings),
+        }
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (folder / "README.md").write_text(_export_readme(config))
+        return folder
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint file, or the best (else last) checkpoint of a training run folder."""
+    if path.is_file():
+        return path
+    if path.is_dir():
+        metrics = path / "metrics.json"
+        if metrics.is_file():
+            best = json.loads(metrics.read_text()).get("best_checkpoint")
+            if best and Path(best).is_file():
+                return Path(best)
+        last = path / "checkpoints" / "last.ckpt"
+        if last.exists():
+            return last.resolve()
+        raise ModelLoadError(
+            f"{path} is neither an export folder (config.json + model.safetensors) nor a "
+            "training run with checkpoints/; pass ckpt_path=<file.ckpt> or a run folder."
+        )
+    raise ModelLoadError(f"checkpoint {path} does not exist; pass a .ckpt file or a run folder")
+
+
+def _load_checkpoint(path: Path) -> tuple[GPT, InferenceSettings]:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # zip, pickle and unpickler errors
+        raise ModelLoadError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}: {err}); it may be "
+            "truncated or corrupt, or need code to load: use a checkpoint written by train.py."
+        ) from err
+    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+    if "backbone_config" not in hparams or "state_dict" not in checkpoint:
+        raise ModelLoadError(f"{path} is not a gpt-classifier checkpoint (no backbone_config)")
+    inference = checkpoint.get("inference") or {}
+    names = inference.get("label_names") or hparams.get("label_names")
+    settings = InferenceSettings(
+        label_names=list(names or [str(i) for i in range(hparams.get("num_classes", 2))]),
+        pooling=inference.get("pooling", hparams.get("pooling", "last_token")),
+        max_length=int(inference.get("max_length", hparams["backbone_config"]["context_length"])),
+        truncation_side=inference.get("truncation_side", "right"),
+        pad_to=inference.get("pad_to"),
+    )
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()
+             if k.startswith("model.")}  # fmt: skip
+    return _build(hparams["backbone_config"], len(settings.label_names), state, path), settings
+
+
+def _load_export(folder: Path) -> tuple[GPT, InferenceSettings]:
+    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    for required in (config_path, weights_path):
+        if not required.is_file():
+            raise ModelLoadError(f"export folder {folder} lacks {required.name}; export it again")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise ModelLoadError(f"{config_path} is not valid JSON: {err}") from err
+    if config.get("format") != EXPORT_FORMAT:
+        raise ModelLoadError(f"{config_path} is not a {EXPORT_FORMAT} export (format key)")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as err:
+        raise ModelLoadError(f"{weights_path} could not be read ({err}); export it again") from err
+    fields = {k: config[k] for k in InferenceSettings.__dataclass_fields__ if k in config}
+    settings = InferenceSettings(**fields)
+    return _build(config["architecture"], config["num_classes"], state, weights_path), settings
+
+
+def _build(
+    arch: dict[str, Any], num_classes: int, state: dict[str, torch.Tensor], origin: Path
+) -> GPT:
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_dict(dict(arch)))
+        model.out_head = nn.Linear(model.cfg.emb_dim, num_classes)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        raise ModelLoadError(
+            f"{origin} does not fit its own config (architecture {arch}, {num_classes} "
+            f"classes): {err}"
+        ) from err
+    return model
+
+
+def _export_readme(config: dict[str, Any]) -> str:
+    arch = config["architecture"]
+    return f"""# GPT-2 text classifier (gpt-classifier export)
+
+GPT-2 ({arch["n_layers"]} layers, {arch["emb_dim"]} dims) fine-tuned to classify text as
+{", ".join(config["label_names"])}. Files: `model.safetensors` (weights, the book's tensor
+names: tok_emb, pos_emb, trf_blocks, final_norm, out_head) and `config.json` (architecture,
+labels, tokenizer, truncation and pooling). Loading needs neither Lightning nor pickle.
+
+```python
+from gpt_classifier.inference import TextClassifier
+
+clf = TextClassifier.load("this/folder")
+print(clf.classify(["You are a winner! Call now to claim your prize."]))
+```
+
+Texts are tokenized with tiktoken's `gpt2` encoding, cut to {config["max_length"]} tokens
+(truncation side: {config["truncation_side"]}), and classified from the logits of the
+{"last real token" if config["pooling"] == "last_token" else "final padded position"}.
+"""

@@ -1,0 +1,81 @@
+"""Pictures of a run: training curves like the book's, and the confusion matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def plot_curves(
+    epochs: Sequence[int],
+    examples_seen: Sequence[int],
+    train: Sequence[float],
+    val: Sequence[float],
+    name: str,
+    path: Path,
+) -> Path:
+    """One metric over epochs (train and validation), examples seen on a second axis."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(epochs, train, marker="o", label=f"Training {name}")
+    ax.plot(epochs, val, marker="o", linestyle="-.", label=f"Validation {name}")
+    ax.set_xlabel("Epochs")
+    ax.set_ylabel(name.capitalize())
+    ax.legend()
+    top = ax.twiny()  # the book's second x axis: examples seen
+    top.plot(examples_seen, train, alpha=0)
+    top.set_xlabel("Examples seen")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def confusion_figure(matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> Figure:
+    """A labelled confusion matrix (rows: true label, columns: predicted)."""
+    fig, ax = plt.subplots(figsize=(3.5, 3))
+    image = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("Predicted")
+    ax.set_ylabel("True")
+    peak = max(max(row) for row in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            color = "white" if count > peak / 2 else "black"
+            ax.text(j, i, str(count), ha="center", va="center", color=color)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+class TrainingCurves(L.Callback):
+    """Writes ``loss-plot.png`` and ``accuracy-plot.png`` into the run folder after fitting.
+
+    Reads the per-epoch ``history`` that :class:`~gpt_classifier.classifier.GPTClassifier`
+    keeps (train and validation loss and accuracy, examples seen).
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        history: dict[int, dict[str, Any]] = getattr(module, "history", {})
+        needed = {"train/loss", "val/loss", "train/acc", "val/acc"}
+        rows = [(epoch, r) for epoch, r in sorted(history.items()) if needed <= set(r)]
+        if not rows or not trainer.is_global_zero:
+            return
+        epochs = [epoch for epoch, _ in rows]
+        seen = [int(r.get("examples_seen", 0)) for _, r in rows]
+        for key, name in (("loss", "loss"), ("acc", "accuracy")):
+            train = [r[f"train/{key}"] for _, r in rows]
+            val = [r[f"val/{key}"] for _, r in rows]
+            plot_curves(epochs, seen, train, val, name, self.dirpath / f"{name}-plot.png")

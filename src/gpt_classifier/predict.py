@@ -1,0 +1,83 @@
+"""The task behind ``python predict.py``: label one text or a file of texts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig
+
+from gpt_classifier.inference import Prediction, TextClassifier
+
+log = logging.getLogger(__name__)
+
+
+def read_texts(path: Path, column: str = "text") -> list[str]:
+    """Texts from a CSV/TSV column (with a header) or from a file of one text per line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"input={path} does not exist")
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".csv", ".tsv"):
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        rows = csv.DictReader(raw.splitlines(), delimiter=delimiter)
+        if column not in (rows.fieldnames or []):
+            raise ValueError(
+                f"{path} has no column {column!r}; its columns are {rows.fieldnames}. "
+                "Set column=<name>."
+            )
+        texts = []
+        for line, row in enumerate(rows, start=2):
+            if not (row[column] or "").strip():
+                raise ValueError(f"{path}, line {line}: the {column!r} text is empty")
+            texts.append(row[column])
+        return texts
+    texts = raw.split("\n")
+    if texts and texts[-1] == "":
+        texts.pop()  # the newline that ends the last line
+    for line, text in enumerate(texts, start=1):
+        if not text.strip():
+            raise ValueError(f"{path}, line {line}: empty line; remove it or give it a text")
+    return [t.removesuffix("\r") for t in texts]
+
+
+def write_predictions(texts: list[str], predictions: list[Prediction], path: Path) -> Path:
+    """CSV (``.csv``) or JSON lines (``.jsonl``) with text, label and probabilities."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".jsonl":
+        with path.open("w", encoding="utf-8") as f:
+            for text, p in zip(texts, predictions):
+                record = {"text": text, "label": p.label, "probabilities": p.probabilities,
+                          "truncated": p.truncated}  # fmt: skip
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return path
+    names = list(predictions[0].probabilities) if predictions else []
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label", *(f"p_{n}" for n in names), "truncated"])
+        for text, p in zip(texts, predictions):
+            writer.writerow([text, p.label, *(f"{p.probabilities[n]:.6f}" for n in names),
+                             p.truncated])  # fmt: skip
+    return path
+
+
+def predict(cfg: DictConfig) -> list[Prediction]:
+    """Classify ``cfg.text`` (one text or a list) or the texts of ``cfg.input``."""
+    if (cfg.text is None) == (cfg.input is None):
+        raise ValueError('give exactly one of text="..." or input=<file>')
+    classifier = TextClassifier.load(cfg.ckpt_path, device=cfg.device)
+    if cfg.text is not None:
+        texts = list(cfg.text) if isinstance(cfg.text, ListConfig) else [str(cfg.text)]
+    else:
+        texts = read_texts(Path(cfg.input), cfg.column)
+    predictions = classifier.classify(texts, batch_size=cfg.batch_size, progress=True)
+    if cfg.input is None:
+        for text, p in zip(texts, predictions):
+            probs = ", ".join(f"{name} {value:.4f}" for name, value in p.probabilities.items())
+            print(f"{p.label}\t({probs})\t{text}")
+    output = Path(cfg.output)
+    write_predictions(texts, predictions, output)
+    counts = {n: sum(p.label == n for p in predictions) for n in classifier.settings.label_names}
+    log.info("%d predictions %s written to %s", len(predictions), counts, output)
+    return predictions
