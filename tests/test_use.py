@@ -35,7 +35,8 @@ def run_dir(tmp_path_factory, sms_file) -> Path:
     """A briefly trained gpt2-tiny run."""
     out = tmp_path_factory.mktemp("trained") / "run"
     ok(app("train.py", "model=gpt2-tiny", "accelerator=cpu", f"data.path={sms_file}",
-           "trainer.max_epochs=2", f"hydra.run.dir={out}", "callbacks.progress_bar.refresh_rate=0"))  # fmt: skip
+           "trainer.max_epochs=2", f"hydra.run.dir={out}",
+           "callbacks.progress_bar.refresh_rate=0"))  # fmt: skip
     return out
 
 
@@ -182,3 +183,23 @@ def test_empty_line_in_input_is_named(run_dir, tmp_path):
                  f"hydra.run.dir={tmp_path / 'p'}")  # fmt: skip
     assert result.returncode != 0
     assert "texts.txt, line 2: empty line" in result.stderr
+
+
+def test_checkpoints_keep_frozen_weights_once(run_dir, tmp_path):
+    best = Path(json.loads((run_dir / "metrics.json").read_text())["best_checkpoint"])
+    stored = torch.load(best, weights_only=True)
+    assert "model.tok_emb.weight" not in stored["state_dict"]  # frozen: in the shared file
+    assert "model.out_head.weight" in stored["state_dict"]
+    frozen = run_dir / "checkpoints" / "frozen.safetensors"
+    assert frozen.is_file()
+    want = TextClassifier.load(best).probabilities([HAM])
+    # A checkpoint copied elsewhere with its frozen file beside it still loads.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    stored["frozen_weights"] = str(tmp_path / "gone" / "frozen.safetensors")
+    torch.save(stored, moved / "best.ckpt")
+    with pytest.raises(ModelLoadError, match="frozen.safetensors is missing"):
+        TextClassifier.load(moved / "best.ckpt")
+    (moved / "frozen.safetensors").write_bytes(frozen.read_bytes())
+    got = TextClassifier.load(moved / "best.ckpt").probabilities([HAM])
+    torch.testing.assert_close(got, want, atol=0, rtol=0)

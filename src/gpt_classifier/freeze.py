@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
 from gpt_classifier.backbone import GPT
 
 FREEZE_POLICIES = ("last_block", "last_layer", "all", "last_n_blocks")
+FROZEN_WEIGHTS_FILE = "frozen.safetensors"
+
+
+def read_frozen_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The frozen parameters a checkpoint refers to (names as in its state dict)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the checkpoint beside it keeps its frozen weights there. "
+            "Copy the whole checkpoints/ folder, or export the model with export.py."
+        )
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise RuntimeError(
+            f"{path} could not be read ({err}); the run's files are damaged"
+        ) from err
 
 
 def apply_freeze(model: GPT, policy: str, n: int = 1) -> None:

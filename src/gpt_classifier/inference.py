@@ -18,6 +18,7 @@ from torch import nn
 
 from gpt_classifier.backbone import GPT, GPTConfig
 from gpt_classifier.batching import Collator, truncate
+from gpt_classifier.freeze import read_frozen_weights
 from gpt_classifier.tokenizer import PAD_TOKEN_ID, get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -208,8 +209,17 @@ def _load_checkpoint(path: Path) -> tuple[GPT, InferenceSettings]:
         truncation_side=inference.get("truncation_side", "right"),
         pad_to=inference.get("pad_to"),
     )
-    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()
-             if k.startswith("model.")}  # fmt: skip
+    state_dict = checkpoint["state_dict"]
+    if "frozen_weights" in checkpoint:
+        # Beside the checkpoint first: the run folder may have moved since training.
+        frozen_path = path.parent / Path(checkpoint["frozen_weights"]).name
+        if not frozen_path.is_file():
+            frozen_path = Path(checkpoint["frozen_weights"])
+        try:
+            state_dict = {**read_frozen_weights(frozen_path), **state_dict}
+        except (FileNotFoundError, RuntimeError) as err:
+            raise ModelLoadError(str(err)) from err
+    state = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
     return _build(hparams["backbone_config"], len(settings.label_names), state, path), settings
 
 
