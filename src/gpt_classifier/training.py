@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -16,6 +15,7 @@ from gpt_classifier.backbone import GPT
 from gpt_classifier.classifier import GPTClassifier
 from gpt_classifier.datamodule import SMSSpamDataModule
 from gpt_classifier.freeze import apply_freeze, count_parameters
+from gpt_classifier.precision import resolve_precision
 from gpt_classifier.reports import flatten, write_json
 
 log = logging.getLogger(__name__)
@@ -23,25 +23,6 @@ log = logging.getLogger(__name__)
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and what to set."""
-
-
-def resolve_precision(accelerator: str, precision: str | int) -> str:
-    """Lightning precision for ``precision=auto``: bf16-mixed where the hardware runs it."""
-    if str(precision) != "auto":
-        return str(precision)
-    kind = accelerator
-    if kind == "auto":
-        if torch.cuda.is_available():
-            kind = "gpu"
-        elif torch.backends.mps.is_available():
-            kind = "mps"
-        else:
-            kind = "cpu"
-    if kind in ("gpu", "cuda"):
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    # CPUs and Apple GPUs: float32. Measured on a 2-core AVX512-BF16 Xeon, bfloat16
-    # matrix products ran at half the float32 speed (scripts/precision_check.py).
-    return "32-true"
 
 
 def build_backbone(model_cfg: DictConfig) -> GPT:
