@@ -12,8 +12,10 @@ def test_explicit_precision_is_kept():
     assert precision.resolve_precision("cuda", "32-true") == "32-true"
 
 
-@pytest.mark.parametrize(("speedup", "expected"), [(0.6, "32-true"), (1.4, "32-true"),
-                                                   (1.5, "bf16-mixed"), (4.5, "bf16-mixed")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("speedup", "expected"),
+    [(0.6, "32-true"), (1.4, "32-true"), (1.5, "bf16-mixed"), (4.5, "bf16-mixed")],
+)
 def test_cpu_auto_follows_the_measured_speedup(monkeypatch, speedup, expected):
     monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: speedup)
     assert precision.resolve_precision("cpu", "auto") == expected
