@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -120,10 +121,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         checkpoint = resolve_checkpoint(Path(cfg.ckpt_path))
         ids, labels = split_token_ids(cfg, checkpoint, split)
         source = f"{split} split"
+    start = time.perf_counter()
     with torch.no_grad():
         probs = classifier._probabilities(ids, cfg.batch_size, progress=True)
+    seconds = time.perf_counter() - start
     metrics, matrix = classification_report(labels, probs, names)
     metrics["source"] = source
+    metrics["time/classify_s"] = round(seconds, 3)
     write_json(output_dir / "metrics.json", metrics)
     _write_report(metrics, names, output_dir / "classification_report.txt")
     figure = confusion_figure(matrix, names)

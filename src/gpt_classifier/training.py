@@ -113,7 +113,7 @@ def train(cfg: DictConfig) -> float:
     loaders = [datamodule.eval_dataloader(s) for s in ("train", "validation", "test")]
     start = time.perf_counter()
     trainer.test(
-        classifier, dataloaders=loaders, ckpt_path=checkpoint, weights_only=False, verbose=False
+        classifier, dataloaders=loaders, ckpt_path=checkpoint, weights_only=True, verbose=False
     )
     test_seconds = time.perf_counter() - start
 
