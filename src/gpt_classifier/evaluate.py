@@ -123,7 +123,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         source = f"{split} split"
     start = time.perf_counter()
     with torch.no_grad():
-        probs = classifier._probabilities(ids, cfg.batch_size, progress=True)
+        probs = classifier.probabilities_from_ids(ids, cfg.batch_size, progress=True)
     seconds = time.perf_counter() - start
     metrics, matrix = classification_report(labels, probs, names)
     metrics["source"] = source

@@ -95,9 +95,13 @@ class TextClassifier:
     def probabilities(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
         """Class probabilities (N, num_classes), in the order of ``texts``."""
         ids, _ = self.encode(texts)
-        return self._probabilities(ids, batch_size)
+        return self.probabilities_from_ids(ids, batch_size)
 
-    def _probabilities(self, ids: list[list[int]], batch_size: int, progress: bool = False):
+    @torch.no_grad()
+    def probabilities_from_ids(
+        self, ids: list[list[int]], batch_size: int = 32, progress: bool = False
+    ) -> torch.Tensor:
+        """Class probabilities of already tokenized (and truncated) texts, in their order."""
         # Longest first, so each batch pads little; results go back to input order.
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         collate = Collator(self.settings.pad_to, self.settings.pad_token_id)
@@ -128,7 +132,7 @@ class TextClassifier:
             log.warning("%d of %d texts were longer than %d tokens and were truncated",
                         sum(cut), len(cut), self.settings.max_length)  # fmt: skip
         with torch.no_grad():
-            probs = self._probabilities(ids, batch_size, progress)
+            probs = self.probabilities_from_ids(ids, batch_size, progress)
         names = self.settings.label_names
         return [
             Prediction(names[int(p.argmax())], dict(zip(names, map(float, p))), c)
