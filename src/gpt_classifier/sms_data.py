@@ -90,8 +90,8 @@ def ensure_sms_file(
         download(urls, zip_path)
     except DownloadError as err:
         raise DownloadError(
-            f"{err}\nWith no network, put the UCI file at {target} (or its zip anywhere) "
-            "and pass data.path=<that file>."
+            f"{err}\nWith no network, put the UCI file at {target}, or pass "
+            "data.path=<a copy of the file or of its zip>."
         ) from err
     try:
         return _extract(zip_path, target, size, sha256, remedy)
