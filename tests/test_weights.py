@@ -299,3 +299,11 @@ def test_hub_download_uses_the_cache(tmp_path, monkeypatch):
                      ("openai-community/gpt2", "model.safetensors")]  # fmt: skip
     assert_same_logits(ours, ref, SHAPES[0][4], SHAPES[0][3])
     shutil.rmtree(tmp_path / "snapshot")
+
+
+def test_sharded_safetensors_folder_matches_reference(tmp_path):
+    ref = reference_model(SHAPES[0], lm_head=True, seed=8)
+    ref.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    assert_same_logits(GPT.from_pretrained(tmp_path), ref, SHAPES[0][4], SHAPES[0][3])
