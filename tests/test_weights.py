@@ -307,3 +307,21 @@ def test_sharded_safetensors_folder_matches_reference(tmp_path):
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
     assert_same_logits(GPT.from_pretrained(tmp_path), ref, SHAPES[0][4], SHAPES[0][3])
+
+
+def test_other_hub_repositories_need_the_hf_prefix(tmp_path, monkeypatch):
+    ref = reference_model(SHAPES[1], lm_head=True, seed=9)
+    ref.save_pretrained(tmp_path)
+    repos: list[str] = []
+
+    def fake_download(repo_id: str, filename: str, **_: object) -> str:
+        repos.append(repo_id)
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
+    assert_same_logits(
+        GPT.from_pretrained("hf:someone/gpt2-tuned"), ref, SHAPES[1][4], SHAPES[1][3]
+    )
+    assert set(repos) == {"someone/gpt2-tuned"}
+    with pytest.raises(WeightLoadError, match="'hf:<owner>/<repo>' for another Hub repository"):
+        GPT.from_pretrained("someone/gpt2-tuned")
