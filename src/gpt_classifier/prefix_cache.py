@@ -102,12 +102,14 @@ class PrefixCache:
         """
         b, t = input_ids.shape
         rows = [input_ids[i, : int(n)] for i, n in enumerate(key_lengths.tolist())]
-        missing = [r for r in rows if self.key(r) not in self.entries]
-        for r in missing:
-            self._compute([r], input_ids.device)
+        keys = [self.key(r) for r in rows]  # once per row: this runs on every step
+        missing = [r for r, k in zip(rows, keys) if k not in self.entries]
+        if missing:
+            self._compute(missing, input_ids.device)
         out = torch.zeros(b, t, self.model.cfg.emb_dim, dtype=self.dtype)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = self.entries[self.key(r)]
+        for i, k in enumerate(keys):
+            hidden = self.entries[k]
+            out[i, : len(hidden)] = hidden
         return out.to(input_ids.device, non_blocking=True)
 
     # ------------------------------------------------------------------ persistence

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from gpt_classifier.backbone import GPT
 from gpt_classifier.classifier import GPTClassifier
 from gpt_classifier.datamodule import SMSSpamDataModule
-from gpt_classifier.freeze import apply_freeze, count_parameters
+from gpt_classifier.freeze import count_parameters
 from gpt_classifier.precision import resolve_precision
 from gpt_classifier.reports import flatten, write_json
 
@@ -117,7 +117,6 @@ def train(cfg: DictConfig) -> float:
     )
     test_seconds = time.perf_counter() - start
 
-    apply_freeze(classifier.model, cfg.freeze.policy, cfg.freeze.get("n", 1))
     trainable, total = count_parameters(classifier.model)
     final = {k.removeprefix("final/"): v for k, v in trainer.callback_metrics.items()
              if k.startswith(("final/", "test/"))}  # fmt: skip
