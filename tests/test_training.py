@@ -74,6 +74,25 @@ def test_short_run_writes_every_artefact(tmp_path, sms_file):
     assert any(b"hparams" in p.read_bytes() for p in plugin_dir.glob("events.out.tfevents.*"))
 
 
+def test_tensorboard_logging_does_not_import_tensorflow(tmp_path):
+    # The dev extra installs TensorFlow (it writes the test checkpoints); a run must
+    # still write its event files through TensorBoard's stub, without importing it.
+    script = (
+        "import sys\n"
+        "from gpt_classifier.tensorboard_writer import skip_tensorflow_import\n"
+        "skip_tensorflow_import()\n"
+        "from torch.utils.tensorboard import SummaryWriter\n"
+        f"with SummaryWriter({str(tmp_path)!r}) as w:\n"
+        "    w.add_scalar('a/b', 0.5, 3)\n"
+        "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n"
+    )
+    ok(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True))
+    (events,) = tmp_path.glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("a/b")] == [(3, 0.5)]
+
+
 def test_two_job_multirun_writes_its_summary(tmp_path, sms_file):
     ok(run_train(tmp_path, sms_file, "freeze=last_block,last_layer", multirun=True))
     sweep = tmp_path / "sweep"

@@ -16,6 +16,7 @@ from gpt_classifier.inference import ModelLoadError, TextClassifier, resolve_che
 from gpt_classifier.plots import confusion_figure
 from gpt_classifier.reports import write_json
 from gpt_classifier.sms_data import parse_messages
+from gpt_classifier.tensorboard_writer import skip_tensorflow_import
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     _write_report(metrics, names, output_dir / "classification_report.txt")
     figure = confusion_figure(matrix, names)
     figure.savefig(output_dir / "confusion_matrix.png", dpi=120)
+    skip_tensorflow_import()
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(output_dir / "tensorboard")) as writer:

@@ -17,6 +17,7 @@ from gpt_classifier.datamodule import SMSSpamDataModule
 from gpt_classifier.freeze import count_parameters
 from gpt_classifier.precision import resolve_precision
 from gpt_classifier.reports import flatten, write_json
+from gpt_classifier.tensorboard_writer import skip_tensorflow_import
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ def build_classifier(cfg: DictConfig, backbone: GPT, label_names: list[str]) -> 
 
 def build_trainer(cfg: DictConfig, output_dir: Path) -> L.Trainer:
     """A Lightning Trainer with the configured accelerator, loggers and callbacks."""
+    skip_tensorflow_import()
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
