@@ -59,16 +59,30 @@ def test_causality_later_tokens_do_not_change_earlier_logits():
     torch.testing.assert_close(short, longer[:, :5], atol=1e-5, rtol=1e-5)
 
 
-def test_block_forward_at_equals_full_block_output():
+def test_block_forward_at_equals_full_block_output_and_gradients():
     torch.manual_seed(0)
     model = GPT.from_preset("gpt2-tiny").eval()
-    x = model.embed(torch.randint(0, 50257, (4, 11)))
+    x = model.embed(torch.randint(0, 50257, (4, 11))).detach().requires_grad_()
     positions = torch.tensor([0, 4, 10, 7])
     block = model.trf_blocks[-1]
-    with torch.no_grad():
-        full = block(x)[torch.arange(4), positions]
-        pooled = block.forward_at(x, positions)
+    weights = torch.randn(4, x.shape[-1])
+
+    def output_and_grads(pooled_only: bool):
+        block.zero_grad()
+        x.grad = None
+        out = (
+            block.forward_at(x, positions) if pooled_only else block(x)[torch.arange(4), positions]
+        )
+        (out * weights).sum().backward()
+        grads = {name: p.grad.clone() for name, p in block.named_parameters()}
+        return out.detach(), grads, x.grad.clone()
+
+    pooled, pooled_grads, pooled_x_grad = output_and_grads(True)
+    full, full_grads, full_x_grad = output_and_grads(False)
     torch.testing.assert_close(pooled, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled_grads, full_grads, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(pooled_x_grad, full_x_grad, atol=1e-5, rtol=1e-4)
+    assert pooled_x_grad[0, 1:].abs().sum() == 0  # nothing after a position reaches it
 
 
 def test_too_long_input_is_a_clear_error():

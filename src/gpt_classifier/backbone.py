@@ -99,19 +99,25 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(b, t, d)
         return self.resid_drop(self.out_proj(y))
 
-    def forward_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Attention output at one position per sequence: (B, T, D) -> (B, 1, D).
+    def forward_pooled(
+        self, tokens: torch.Tensor, visible: torch.Tensor, slots: torch.Tensor, pooled: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention output at one query per sequence, from packed tokens: -> (B, D).
 
-        Keys and values are computed for every token, the query only where it is
-        needed; tokens after a sequence's position are masked, as causality demands.
+        ``tokens`` (N, D) are the tokens each query can see, packed row by row;
+        ``visible`` (B, T) marks them in the padded batch, ``slots`` (N,) are their flat
+        indices there and ``pooled`` (B,) indexes each sequence's query in ``tokens``.
+        Keys and values are computed for the visible tokens only: padding costs nothing.
         """
-        b, t, d = x.shape
+        b, t = visible.shape
+        d = tokens.shape[1]
         w_q, w_kv = self.qkv.weight.split([d, 2 * d], dim=0)
         b_q, b_kv = (None, None) if self.qkv.bias is None else self.qkv.bias.split([d, 2 * d])
-        rows = torch.arange(b, device=x.device)
-        q = F.linear(x[rows, positions].unsqueeze(1), w_q, b_q)  # (B, 1, D)
-        k, v = F.linear(x, w_kv, b_kv).split(d, dim=2)  # (B, T, D) each
-        visible = torch.arange(t, device=x.device)[None, :] <= positions[:, None]  # (B, T)
+        q = F.linear(tokens[pooled], w_q, b_q).view(b, 1, d)  # (B, 1, D)
+        kv = F.linear(tokens, w_kv, b_kv)  # (N, 2D)
+        # Back to the padded layout for attention; masked slots stay zero and unseen.
+        kv = kv.new_zeros(b * t, 2 * d).index_copy(0, slots, kv).view(b, t, 2 * d)
+        k, v = kv.split(d, dim=2)
         y = F.scaled_dot_product_attention(
             self._heads(q),
             self._heads(k),
@@ -119,8 +125,7 @@ class CausalSelfAttention(nn.Module):
             attn_mask=visible[:, None, None, :],
             dropout_p=self.drop_rate if self.training else 0.0,
         )  # (B, nh, 1, hs)
-        y = y.transpose(1, 2).reshape(b, 1, d)
-        return self.resid_drop(self.out_proj(y))
+        return self.resid_drop(self.out_proj(y.transpose(1, 2).reshape(b, d)))
 
 
 class FeedForward(nn.Module):
@@ -153,13 +158,20 @@ class TransformerBlock(nn.Module):
     def forward_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The block's output at one position per sequence: (B, T, D) -> (B, D).
 
-        Equal to ``forward(x)[rows, positions]`` but skips the MLP and the output
-        projection for every other token, which is most of a block's work.
+        Equal to ``forward(x)[rows, positions]`` but does no work for tokens after a
+        sequence's position (padding, with last-token pooling) and runs the MLP and the
+        output projection only at the position itself: most of a block's work.
         """
-        rows = torch.arange(x.shape[0], device=x.device)
-        h = x[rows, positions].unsqueeze(1) + self.att.forward_at(self.norm1(x), positions)
-        h = h + self.ff(self.norm2(h))
-        return h.squeeze(1)
+        t = x.shape[1]
+        visible = torch.arange(t, device=x.device)[None, :] <= positions[:, None]  # (B, T)
+        # Pack what each position can attend to: (N, D), row by row; index_select and
+        # index_copy have cheap backward passes (boolean masks do not).
+        slots = visible.flatten().nonzero().squeeze(1)  # (N,)
+        tokens = x.flatten(0, 1).index_select(0, slots)  # (N, D)
+        pooled = visible.sum(dim=1).cumsum(dim=0) - 1  # (B,): each position in tokens
+        normed = self.norm1(tokens)
+        h = tokens[pooled] + self.att.forward_pooled(normed, visible, slots, pooled)
+        return h + self.ff(self.norm2(h))
 
 
 class GPT(nn.Module):
