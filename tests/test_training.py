@@ -55,6 +55,7 @@ def test_short_run_writes_every_artefact(tmp_path, sms_file):
         assert metrics[f"{split}/loss"] > 0
     for key in ("val/precision", "val/recall", "val/f1", "test/f1", "time/fit_s", "time/test_s"):
         assert key in metrics
+    assert 0 < metrics["time/prefix_s"] < metrics["time/fit_s"] + metrics["time/test_s"]
     assert metrics["params/trainable"] < metrics["params/total"]
     assert (run / ".hydra" / "config.yaml").is_file()
     assert (run / "checkpoints" / "last.ckpt").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ class GPTClassifier(L.LightningModule):
         self.cache_depth = 0
         self.test_split_names: list[str] = ["test"]
         self.examples_seen = 0
+        self.prefix_seconds = 0.0  # spent in prefix-cache passes, for metrics.json
         # Per-epoch train/val metrics, for the curves the book plots.
         self.history: dict[int, dict[str, float]] = {}
         self.frozen_weights_file: Path | None = None
@@ -236,9 +238,11 @@ class GPTClassifier(L.LightningModule):
             loaded = self.cache.load(cache_file)
             if loaded:
                 log.info("Prefix cache: %d entries read from %s", loaded, cache_file)
+        start = time.perf_counter()
         computed = self.cache.warm(
             dm.example_rows(), self.device, context=self.trainer.precision_plugin.forward_context
         )
+        self.prefix_seconds += time.perf_counter() - start
         log.info("Prefix cache: %d messages computed, %.1f MiB in host memory (%s)",
                  computed, self.cache.nbytes / 2**20, self.cache.dtype)  # fmt: skip
         if cache_file is not None and computed:

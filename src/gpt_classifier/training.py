@@ -128,6 +128,7 @@ def train(cfg: DictConfig) -> float:
         "params/total": total,
         "time/fit_s": round(fit_seconds, 3),
         "time/test_s": round(test_seconds, 3),
+        "time/prefix_s": round(classifier.prefix_seconds, 3),
         "best_checkpoint": checkpoint,
     })  # fmt: skip
     write_json(output_dir / "metrics.json", metrics)
