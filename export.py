@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="configs", config_name="export")
 def main(cfg: DictConfig) -> None:
     """Hand the composed config to the task."""
-    from gpt_classifier.export import export
+    from gpt_classifier.tasks.export import export
 
     export(cfg)
 

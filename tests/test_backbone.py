@@ -59,7 +59,7 @@ def test_causality_later_tokens_do_not_change_earlier_logits():
     torch.testing.assert_close(short, longer[:, :5], atol=1e-5, rtol=1e-5)
 
 
-def test_block_forward_at_equals_full_block_output_and_gradients():
+def test_pooled_block_equals_full_block_output_and_gradients():
     torch.manual_seed(0)
     model = GPT.from_preset("gpt2-tiny").eval()
     x = model.embed(torch.randint(0, 50257, (4, 11))).detach().requires_grad_()
@@ -70,9 +70,7 @@ def test_block_forward_at_equals_full_block_output_and_gradients():
     def output_and_grads(pooled_only: bool):
         block.zero_grad()
         x.grad = None
-        out = (
-            block.forward_at(x, positions) if pooled_only else block(x)[torch.arange(4), positions]
-        )
+        out = block(x, positions=positions) if pooled_only else block(x)[torch.arange(4), positions]
         (out * weights).sum().backward()
         grads = {name: p.grad.clone() for name, p in block.named_parameters()}
         return out.detach(), grads, x.grad.clone()
@@ -89,3 +87,19 @@ def test_too_long_input_is_a_clear_error():
     model = GPT.from_preset("gpt2-tiny")
     with pytest.raises(ValueError, match="longer than the model's context length 256"):
         model(torch.zeros(1, 257, dtype=torch.long))
+
+
+def test_split_fused_qkv_matches_gpt2_c_attn_layout():
+    from gpt_classifier.model.gpt import split_fused_qkv
+
+    fused = {"trf_blocks.0.att.qkv.weight": torch.arange(12.0).view(6, 2),
+             "trf_blocks.0.att.qkv.bias": torch.arange(6.0), "other": torch.ones(1)}  # fmt: skip
+    split = split_fused_qkv(fused)
+    assert sorted(split) == sorted([
+        "other", *(f"trf_blocks.0.att.{p}.{k}" for p in ("W_query", "W_key", "W_value")
+                   for k in ("weight", "bias")),
+    ])  # fmt: skip
+    torch.testing.assert_close(
+        split["trf_blocks.0.att.W_key.weight"], torch.tensor([[4.0, 5], [6, 7]])
+    )
+    torch.testing.assert_close(split["trf_blocks.0.att.W_value.bias"], torch.tensor([4.0, 5]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpt_classifier import precision
+from gpt_classifier.training import precision
 
 
 def test_explicit_precision_is_kept():

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import itertools
+
 import lightning as L
 import pytest
 import torch
 
-from gpt_classifier import GPT
-from gpt_classifier.classifier import GPTClassifier
-from gpt_classifier.datamodule import SMSSpamDataModule
-from gpt_classifier.prefix_cache import PrefixCache
+from gpt_classifier import GPT, SequenceClassifier
+from gpt_classifier.data.datamodule import SMSSpamDataModule
+from gpt_classifier.finetuning import LoRA, TrainAll, TrainHead, TrainLastBlocks
+from gpt_classifier.training.module import ClassifierModule
+from gpt_classifier.training.prefix_cache import PrefixCache, PrefixCacheCallback
+
+METHODS = {
+    "last_block": lambda: TrainLastBlocks(1),
+    "last_n_blocks": lambda: TrainLastBlocks(2),
+    "last_layer": TrainHead,
+    "all": TrainAll,
+    "lora_last_block": lambda: LoRA(rank=4, blocks=1),
+}
 
 
 class LossRecorder(L.Callback):
@@ -22,50 +33,102 @@ class LossRecorder(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def fit(sms_file, *, cache: bool | str, padding: str = "batch", freeze: str = "last_block",
-        cache_file: str | None = None, seed: int = 7, **module_kwargs):  # fmt: skip
-    """Train gpt2-tiny briefly in fp32; returns (losses, module, final test accuracy)."""
+def fit(sms_file, *, cache: bool | str, padding: str = "batch", method: str = "last_block",
+        pooling: str = "last_token", persist_dir=None, seed: int = 7, epochs: int = 2,
+        batches: int = 25, drop_rate: float = 0.0):  # fmt: skip
+    """Train gpt2-tiny (3 blocks) briefly in fp32, then test every split with it.
+
+    Returns (losses, prefix-cache callback, test accuracy).
+    """
     L.seed_everything(seed)
-    backbone = GPT.from_preset("gpt2-tiny", n_layers=3)
+    backbone = GPT.from_preset("gpt2-tiny", n_layers=3, drop_rate=drop_rate)
     dm = SMSSpamDataModule(path=str(sms_file), padding=padding, context_length=256)
-    clf = GPTClassifier(
-        backbone.cfg.to_dict(), backbone=backbone, freeze=freeze, freeze_n=2,
-        prefix_cache=cache, cache_file=cache_file, lr=1e-3, **module_kwargs,
-    )  # fmt: skip
+    model = SequenceClassifier(backbone, 2, pooling)
+    optimizer = lambda params, **kw: torch.optim.AdamW(params, lr=1e-3, **kw)  # noqa: E731
+    module = ClassifierModule(model, METHODS[method](), optimizer)
+    callback = PrefixCacheCallback(
+        enabled=cache,
+        persist=persist_dir is not None,
+        dir=str(persist_dir) if persist_dir else None,
+    )
     recorder = LossRecorder()
     trainer = L.Trainer(
-        accelerator="cpu", precision="32-true", max_epochs=2, limit_train_batches=25,
+        accelerator="cpu", precision="32-true", max_epochs=epochs, limit_train_batches=batches,
         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[recorder],
+        enable_model_summary=False, callbacks=[recorder, callback], num_sanity_val_steps=0,
     )  # fmt: skip
-    trainer.fit(clf, datamodule=dm)
-    trainer.test(clf, datamodule=dm, verbose=False)
-    return recorder.losses, clf, float(trainer.callback_metrics["test/acc"])
+    trainer.fit(module, datamodule=dm)
+    module.test_split_names = ["train", "val", "test"]
+    loaders = [dm.eval_dataloader(s) for s in ("train", "validation", "test")]
+    trainer.test(module, dataloaders=loaders, verbose=False)
+    return recorder.losses, callback, float(trainer.callback_metrics["test/acc"])
 
 
-@pytest.mark.parametrize("freeze", ["last_block", "last_n_blocks", "last_layer"])
-def test_cached_training_equals_uncached(sms_file, freeze):
-    slow, slow_clf, slow_acc = fit(sms_file, cache=False, freeze=freeze)
-    fast, fast_clf, fast_acc = fit(sms_file, cache=True, freeze=freeze)
-    assert slow_clf.cache is None and fast_clf.cache is not None
-    assert fast_clf.cache_depth == {"last_block": 2, "last_n_blocks": 1, "last_layer": 3}[freeze]
+@pytest.mark.parametrize("method", ["last_block", "last_n_blocks", "last_layer", "lora_last_block"])
+def test_cached_training_equals_uncached(sms_file, method):
+    slow, slow_cb, slow_acc = fit(sms_file, cache=False, method=method)
+    fast, fast_cb, fast_acc = fit(sms_file, cache=True, method=method)
+    assert slow_cb.cache is None and fast_cb.cache is not None
+    depth = {"last_block": 2, "last_n_blocks": 1, "last_layer": 3, "lora_last_block": 2}
+    assert fast_cb.cache.depth == depth[method]
     assert len(slow) == len(fast) == 50
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(slow), atol=1e-5, rtol=1e-4)
     assert fast_acc == slow_acc
 
 
-def test_cache_is_off_where_it_would_be_wrong(sms_file):
-    _, all_clf, _ = fit(sms_file, cache="auto", freeze="all")
-    assert all_clf.cache is None
+def distinct_keys(sms_file, padding: str, pooling: str) -> int:
+    """How many distinct cache keys the three splits hold, by the cache's own key rule."""
+    dm = SMSSpamDataModule(path=str(sms_file), padding=padding, context_length=256)
+    dm.setup()
+    cache = PrefixCache(SequenceClassifier(GPT.from_preset("gpt2-tiny"), 2, pooling), depth=1)
+    keys: set[bytes] = set()
+    for dataset in dm.datasets.values():
+        batch = dm._loader(dataset, train=False).collate_fn(
+            [dataset[i] for i in range(len(dataset))]
+        )
+        keys.update(cache.row_keys(batch["input_ids"], batch["lengths"])[0])
+    return len(keys)
+
+
+@pytest.mark.parametrize(
+    ("padding", "pooling"),
+    list(
+        itertools.product(["batch", "longest_train", "context"], ["last_token", "final_position"])
+    ),
+)
+def test_each_message_is_computed_once_for_every_padding_and_pooling(sms_file, padding, pooling):
+    slow, _, slow_acc = fit(sms_file, cache=False, padding=padding, pooling=pooling,
+                            epochs=1, batches=10)  # fmt: skip
+    fast, callback, fast_acc = fit(sms_file, cache=True, padding=padding, pooling=pooling,
+                                   epochs=1, batches=10)  # fmt: skip
+    cache = callback.cache
+    # Warm-up, training, validation and the final test of all three splits together ran
+    # the prefix for each distinct key exactly once: no lookup missed.
+    assert cache.computed == len(cache.entries) == distinct_keys(sms_file, padding, pooling)
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(slow), atol=1e-5, rtol=1e-4)
+    assert fast_acc == slow_acc
+
+
+def test_cache_is_off_where_it_would_be_wrong(sms_file, caplog):
+    with caplog.at_level("INFO"):
+        _, callback, _ = fit(sms_file, cache="auto", method="all", epochs=1, batches=2)
+    assert callback.cache is None
+    assert "Prefix cache off (TrainAll() leaves no frozen prefix)" in caplog.text
     with pytest.raises(ValueError, match="prefix_cache.enabled=true is not valid here"):
-        fit(sms_file, cache=True, freeze="all")
+        fit(sms_file, cache=True, method="all", epochs=1, batches=2)
+    _, callback, _ = fit(sms_file, cache="auto", drop_rate=0.1, epochs=1, batches=2)
+    assert callback.cache is None
 
 
-def test_dropout_turns_the_cache_off():
-    backbone = GPT.from_preset("gpt2-tiny", drop_rate=0.1)
-    clf = GPTClassifier(backbone.cfg.to_dict(), backbone=backbone)
-    clf.setup("fit")
-    assert clf.cache is None
+def test_lora_on_every_block_turns_the_cache_off_and_on_the_last_keeps_it(sms_file):
+    _, every, _ = fit(sms_file, cache="auto", method="lora_last_block", epochs=1, batches=2)
+    assert every.cache is not None and every.cache.depth == 2
+    backbone = GPT.from_preset("gpt2-tiny")
+    module = ClassifierModule(SequenceClassifier(backbone, 2), LoRA(rank=2))
+    module.setup("fit")
+    callback = PrefixCacheCallback()
+    callback._prepare(None, module)  # type: ignore[arg-type]
+    assert callback.cache is None
 
 
 def test_dynamic_padding_equals_padding_to_longest(sms_file):
@@ -76,43 +139,49 @@ def test_dynamic_padding_equals_padding_to_longest(sms_file):
     assert dynamic_acc == longest_acc
 
 
-def test_cache_with_book_pooling_and_fixed_padding_equals_uncached(sms_file):
-    kwargs = {"padding": "longest_train", "pooling": "final_position"}
-    slow, _, _ = fit(sms_file, cache=False, **kwargs)
-    fast, clf, _ = fit(sms_file, cache=True, **kwargs)
-    assert clf.cache is not None
-    assert clf.cache.computed == len(clf.cache.entries) > 1000  # each row once: no misses
-    torch.testing.assert_close(torch.tensor(fast), torch.tensor(slow), atol=1e-5, rtol=1e-4)
-
-
 def test_cache_persists_across_runs(sms_file, tmp_path):
-    cache_file = str(tmp_path / "prefix")
-    first, clf1, _ = fit(sms_file, cache=True, cache_file=cache_file)
-    assert clf1.cache.computed == len(clf1.cache.entries) > 1000
+    first, cb1, _ = fit(sms_file, cache=True, persist_dir=tmp_path, epochs=1, batches=10)
+    assert cb1.cache.computed == len(cb1.cache.entries) > 1000
     files = list(tmp_path.glob("prefix-*.safetensors"))
     assert len(files) == 1
-    second, clf2, _ = fit(sms_file, cache=True, cache_file=cache_file)
-    assert clf2.cache.computed == 0  # the whole prefix came from disk
+    second, cb2, _ = fit(sms_file, cache=True, persist_dir=tmp_path, epochs=1, batches=10)
+    assert cb2.cache.computed == 0  # the whole prefix came from disk
     torch.testing.assert_close(torch.tensor(second), torch.tensor(first), atol=1e-6, rtol=1e-6)
     # Other weights (another seed) are another fingerprint: nothing stale is reused.
-    _, clf3, _ = fit(sms_file, cache=True, cache_file=cache_file, seed=8)
-    assert clf3.cache.computed == clf1.cache.computed
+    _, cb3, _ = fit(sms_file, cache=True, persist_dir=tmp_path, seed=8, epochs=1, batches=10)
+    assert cb3.cache.computed == cb1.cache.computed
     assert len(list(tmp_path.glob("prefix-*.safetensors"))) == 2
 
 
 def test_unreadable_cache_file_is_recomputed(tmp_path):
-    model = GPT.from_preset("gpt2-tiny").eval()
+    model = SequenceClassifier(GPT.from_preset("gpt2-tiny"), 2).eval()
     cache = PrefixCache(model, depth=1)
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"garbage")
     assert cache.load(bad) == 0
-    seqs = [torch.tensor([1, 2, 3]), torch.tensor([4, 5])]
-    assert cache.warm(seqs, torch.device("cpu")) == 2
+    ids = torch.tensor([[1, 2, 3], [4, 5, 50256]])
+    lengths = torch.tensor([3, 2])
+    todo = cache.plan([(ids, lengths)])
+    assert len(todo) == 2
+    cache.warm(todo, torch.device("cpu"), batch_tokens=512)
     cache.save(bad)
     again = PrefixCache(model, depth=1)
     assert again.load(bad) == 2
-    hidden = again.lookup(torch.tensor([[1, 2, 3], [4, 5, 50256]]), torch.tensor([3, 2]))
+    hidden = again.lookup(ids, lengths)
+    assert again.computed == 0
     with torch.no_grad():
-        want = model.run_blocks(model.embed(torch.tensor([[1, 2, 3]])), 0, 1)[0]
+        want = model(ids[:1], hidden_after=1)[0]
     torch.testing.assert_close(hidden[0], want)
-    assert (hidden[1, 2] == 0).all()
+    assert (hidden[1, 2] == 0).all()  # never read with last-token pooling
+
+
+def test_one_entry_serves_every_padding_up_to_its_extent():
+    model = SequenceClassifier(GPT.from_preset("gpt2-tiny"), 2, "final_position").eval()
+    cache = PrefixCache(model, depth=1)
+    wide = torch.tensor([[7, 8, 50256, 50256, 50256]])
+    cache.warm(cache.plan([(wide, torch.tensor([2]))]), torch.device("cpu"), batch_tokens=512)
+    narrow = torch.tensor([[7, 8, 50256]])  # the same message in a narrower batch
+    hidden = cache.lookup(narrow, torch.tensor([2]))
+    assert cache.computed == 1
+    with torch.no_grad():
+        torch.testing.assert_close(hidden, model(narrow, hidden_after=1))

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt_classifier.datamodule import SMSSpamDataModule
-from gpt_classifier.download import ChecksumError, DownloadError
-from gpt_classifier.sms_data import (
+from gpt_classifier.data.datamodule import SMSSpamDataModule
+from gpt_classifier.data.download import ChecksumError, DownloadError
+from gpt_classifier.data.sms import (
     DataFormatError,
     balance_and_split,
     ensure_sms_file,

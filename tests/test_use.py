@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt_classifier import GPT, GPTConfig, SequenceClassifier
+from gpt_classifier.data.batching import Collator
 from gpt_classifier.inference import ModelLoadError, TextClassifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +54,11 @@ def export_dir(run_dir, tmp_path_factory) -> Path:
 def test_training_writes_curves(run_dir):
     for name in ("loss-plot.png", "accuracy-plot.png"):
         assert (run_dir / name).read_bytes()[:4] == b"\x89PNG"
+    # The curves' history is part of last.ckpt, so a resumed run plots every epoch.
+    stored = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    (history,) = [v for k, v in stored["callbacks"].items() if "TrainingCurves" in k]
+    assert sorted(history["history"]) == [1, 2]
+    assert history["examples_seen"] == 2 * (1045 // 8) * 8
 
 
 def test_export_is_self_contained_and_reproduces_the_checkpoint(run_dir, export_dir):
@@ -188,8 +196,8 @@ def test_empty_line_in_input_is_named(run_dir, tmp_path):
 def test_checkpoints_keep_frozen_weights_once(run_dir, tmp_path):
     best = Path(json.loads((run_dir / "metrics.json").read_text())["best_checkpoint"])
     stored = torch.load(best, weights_only=True)
-    assert "model.tok_emb.weight" not in stored["state_dict"]  # frozen: in the shared file
-    assert "model.out_head.weight" in stored["state_dict"]
+    assert "model.backbone.tok_emb.weight" not in stored["state_dict"]  # in the shared file
+    assert "model.backbone.out_head.weight" in stored["state_dict"]
     frozen = run_dir / "checkpoints" / "frozen.safetensors"
     assert frozen.is_file()
     want = TextClassifier.load(best).probabilities([HAM])
@@ -203,3 +211,165 @@ def test_checkpoints_keep_frozen_weights_once(run_dir, tmp_path):
     (moved / "frozen.safetensors").write_bytes(frozen.read_bytes())
     got = TextClassifier.load(moved / "best.ckpt").probabilities([HAM])
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- LoRA runs
+
+
+@pytest.fixture(scope="module")
+def lora_run_dir(tmp_path_factory, sms_file) -> Path:
+    """A briefly trained gpt2-tiny run with adapters on every linear layer and the head."""
+    out = tmp_path_factory.mktemp("lora") / "run"
+    ok(app("train.py", "model=gpt2-tiny", "accelerator=cpu", f"data.path={sms_file}",
+           "freeze=lora", "freeze.head=both", "freeze.alpha=32", "optimizer.lr=1e-3",
+           "trainer.max_epochs=1", f"hydra.run.dir={out}",
+           "callbacks.progress_bar.refresh_rate=0"))  # fmt: skip
+    return out
+
+
+def test_lora_checkpoint_keeps_only_what_trains(lora_run_dir):
+    metrics = json.loads((lora_run_dir / "metrics.json").read_text())
+    stored = torch.load(metrics["best_checkpoint"], weights_only=True)
+    names = set(stored["state_dict"])
+    assert names and all("lora_" in n or n.startswith("model.backbone.out_head.") for n in names)
+    assert {"model.backbone.out_head.weight", "model.backbone.out_head.lora_B.weight"} <= names
+    assert stored["hyper_parameters"]["finetuning"]["method"] == "lora"
+    assert metrics["params/trainable"] == sum(t.numel() for t in stored["state_dict"].values())
+
+
+def test_lora_run_predicts_evaluates_and_exports_merged(lora_run_dir, tmp_path):
+    trained = json.loads((lora_run_dir / "metrics.json").read_text())
+    ok(app("eval.py", f"ckpt_path={lora_run_dir}", f"hydra.run.dir={tmp_path / 'e'}"))
+    evaluated = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert evaluated["acc"] == pytest.approx(trained["test/acc"], abs=1e-6)
+
+    result = ok(app("predict.py", f"ckpt_path={lora_run_dir}", f"text={HAM}",
+                    f"hydra.run.dir={tmp_path / 'p'}"))  # fmt: skip
+    clf = TextClassifier.load(lora_run_dir)
+    assert result.stdout.startswith(f"{clf.classify([HAM])[0].label}\t(")
+
+    out = tmp_path / "export"
+    ok(app("export.py", f"ckpt_path={lora_run_dir}", f"out={out}",
+           f"hydra.run.dir={tmp_path / 'x'}"))  # fmt: skip
+    from safetensors.torch import load_file
+
+    state = load_file(str(out / "model.safetensors"))
+    assert not any("lora" in name for name in state)
+    config = json.loads((out / "config.json").read_text())
+    assert config["merged_adapters"] == 2 * 6 + 1
+    # The export loads into the plain model, with no LoRA code at all.
+    plain = SequenceClassifier(GPT(GPTConfig.from_dict(config["architecture"])), 2).eval()
+    plain.load_state_dict(state, strict=True)
+    texts = [SPAM, HAM, "see you at 5", "URGENT! call 09061701461 to claim your reward"]
+    want = clf.probabilities(texts)
+    # Training moved the adapters, so the merged weights differ from the frozen base.
+    base = load_file(str(lora_run_dir / "checkpoints" / "frozen.safetensors"))
+    name = "backbone.trf_blocks.0.att.W_query.weight"
+    assert not torch.allclose(state[name], base[f"model.{name}"])
+    torch.testing.assert_close(
+        TextClassifier.load(out).probabilities(texts), want, atol=1e-5, rtol=0
+    )
+    ids, _ = clf.encode(texts)
+    batch = Collator()([{"input_ids": torch.tensor(i), "label": 0} for i in ids])
+    with torch.no_grad():
+        plain_probs = torch.softmax(plain(batch["input_ids"], batch["lengths"]), dim=-1)
+    torch.testing.assert_close(plain_probs, want, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- moved runs
+
+
+def test_a_moved_run_folder_predicts_and_evaluates_with_its_own_files(run_dir, tmp_path):
+    want = TextClassifier.load(run_dir).probabilities([HAM, SPAM])
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    assert torch.equal(TextClassifier.load(moved).probabilities([HAM, SPAM]), want)
+    ok(app("eval.py", f"ckpt_path={moved}", f"hydra.run.dir={tmp_path / 'e'}"))
+    evaluated = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    assert evaluated["acc"] == pytest.approx(trained["test/acc"], abs=1e-6)  # the best, not last
+    # The copy's own frozen weights are read, not the ones where training wrote them.
+    frozen = moved / "checkpoints" / "frozen.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(frozen))
+    weights["model.backbone.pos_emb.weight"] = torch.zeros_like(
+        weights["model.backbone.pos_emb.weight"]
+    )
+    save_file(weights, str(frozen))
+    assert not torch.allclose(TextClassifier.load(moved).probabilities([HAM, SPAM]), want)
+
+
+def test_a_moved_run_resumes_with_its_own_frozen_weights(run_dir, tmp_path, sms_file):
+    import lightning as L
+
+    from gpt_classifier.data.datamodule import SMSSpamDataModule
+    from gpt_classifier.finetuning import TrainLastBlocks
+    from gpt_classifier.training.frozen_weights import FrozenWeightsFile
+    from gpt_classifier.training.module import ClassifierModule
+
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    last = moved / "checkpoints" / "last.ckpt"
+    stored = torch.load(last, weights_only=True)
+    # A model whose frozen weights differ from the run's: resuming must replace them.
+    torch.manual_seed(99)
+    module = ClassifierModule(
+        SequenceClassifier(GPT.from_preset("gpt2-tiny"), 2), TrainLastBlocks(1)
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=stored["epoch"] + 2, limit_train_batches=2,
+        limit_val_batches=2, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[FrozenWeightsFile()],
+        default_root_dir=str(tmp_path / "resumed"),
+    )  # fmt: skip
+    dm = SMSSpamDataModule(path=str(sms_file), context_length=256)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(last))
+    assert trainer.global_step == stored["global_step"] + 2
+    from safetensors.torch import load_file
+
+    frozen = load_file(str(moved / "checkpoints" / "frozen.safetensors"))
+    state = module.state_dict()
+    for name, tensor in frozen.items():
+        assert torch.equal(state[name], tensor), name
+
+
+# ----------------------------------------------------------------------------- old formats
+
+
+def test_exports_and_checkpoints_of_format_1_still_load(run_dir, export_dir, tmp_path):
+    """Written before SequenceClassifier: no "backbone." prefix, fused query/key/value."""
+    from safetensors.torch import load_file, save_file
+
+    def to_format_1(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        old: dict[str, torch.Tensor] = {}
+        for name, t in state.items():
+            name = name.replace(f"{prefix}backbone.", prefix)
+            if ".att.W_query." in name:
+                parts = [state[name.replace(prefix, f"{prefix}backbone.", 1).replace(
+                    "W_query", p)] for p in ("W_query", "W_key", "W_value")]  # fmt: skip
+                old[name.replace("W_query", "qkv")] = torch.cat(parts)
+            elif ".att.W_key." not in name and ".att.W_value." not in name:
+                old[name] = t
+        return old
+
+    texts = [SPAM, HAM]
+    want = TextClassifier.load(export_dir).probabilities(texts)
+    legacy = tmp_path / "legacy"
+    shutil.copytree(export_dir, legacy)
+    save_file(to_format_1(load_file(str(export_dir / "model.safetensors")), ""),
+              str(legacy / "model.safetensors"))  # fmt: skip
+    config = json.loads((legacy / "config.json").read_text())
+    config["format_version"] = 1
+    (legacy / "config.json").write_text(json.dumps(config))
+    torch.testing.assert_close(TextClassifier.load(legacy).probabilities(texts), want)
+
+    best = Path(json.loads((run_dir / "metrics.json").read_text())["best_checkpoint"])
+    stored = torch.load(best, weights_only=True)
+    frozen = load_file(str(best.parent / "frozen.safetensors"))
+    stored["state_dict"] = to_format_1({**frozen, **stored["state_dict"]}, "model.")
+    del stored["frozen_weights"], stored["hyper_parameters"]["finetuning"]
+    torch.save(stored, tmp_path / "legacy.ckpt")
+    torch.testing.assert_close(
+        TextClassifier.load(tmp_path / "legacy.ckpt").probabilities(texts), want
+    )

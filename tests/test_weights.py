@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from gpt_classifier import GPT, get_tokenizer
-from gpt_classifier.weights import WeightLoadError
+from gpt_classifier.model.weights import WeightLoadError
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from gpt_classifier.tokenizer import PAD_TOKEN_ID
+from gpt_classifier.data.tokenizer import PAD_TOKEN_ID
 
 TruncationSide = Literal["right", "left"]
 PADDING_MODES = ("batch", "longest_train", "context")

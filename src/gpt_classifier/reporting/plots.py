@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import lightning as L
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed
@@ -55,27 +53,3 @@ def confusion_figure(matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> 
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return fig
-
-
-class TrainingCurves(L.Callback):
-    """Writes ``loss-plot.png`` and ``accuracy-plot.png`` into the run folder after fitting.
-
-    Reads the per-epoch ``history`` that :class:`~gpt_classifier.classifier.GPTClassifier`
-    keeps (train and validation loss and accuracy, examples seen).
-    """
-
-    def __init__(self, dirpath: str) -> None:
-        self.dirpath = Path(dirpath)
-
-    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        history: dict[int, dict[str, Any]] = getattr(module, "history", {})
-        needed = {"train/loss", "val/loss", "train/acc", "val/acc"}
-        rows = [(epoch, r) for epoch, r in sorted(history.items()) if needed <= set(r)]
-        if not rows or not trainer.is_global_zero:
-            return
-        epochs = [epoch for epoch, _ in rows]
-        seen = [int(r.get("examples_seen", 0)) for _, r in rows]
-        for key, name in (("loss", "loss"), ("acc", "accuracy")):
-            train = [r[f"train/{key}"] for _, r in rows]
-            val = [r[f"val/{key}"] for _, r in rows]
-            plot_curves(epochs, seen, train, val, name, self.dirpath / f"{name}-plot.png")

@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from gpt_classifier.data.sms import parse_messages
 from gpt_classifier.inference import ModelLoadError, TextClassifier, resolve_checkpoint
-from gpt_classifier.plots import confusion_figure
-from gpt_classifier.reports import write_json
-from gpt_classifier.sms_data import parse_messages
-from gpt_classifier.tensorboard_writer import skip_tensorflow_import
+from gpt_classifier.reporting.plots import confusion_figure
+from gpt_classifier.reporting.reports import write_json
+from gpt_classifier.reporting.tensorboard import skip_tensorflow_import
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def split_token_ids(
     cfg: DictConfig, checkpoint: Path, split: str
 ) -> tuple[list[list[int]], list[int]]:
     """The split exactly as the checkpoint's training run made and tokenized it."""
-    from gpt_classifier.datamodule import SMSSpamDataModule
+    from gpt_classifier.data.datamodule import SMSSpamDataModule
 
     stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
     data_hparams = dict(stored.get("datamodule_hyper_parameters") or {})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt_classifier.download import (
+from gpt_classifier.data.download import (
     ChecksumError,
     DownloadError,
     atomic_write_target,

@@ -8,24 +8,27 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from gpt_classifier.backbone import GPT, GPTConfig
-from gpt_classifier.batching import Collator, truncate
-from gpt_classifier.freeze import read_frozen_weights
-from gpt_classifier.tokenizer import PAD_TOKEN_ID, get_tokenizer
+from gpt_classifier.checkpoints import complete_state_dict, upgrade_names
+from gpt_classifier.data.batching import Collator, truncate
+from gpt_classifier.data.tokenizer import PAD_TOKEN_ID, get_tokenizer
+from gpt_classifier.finetuning.methods import method_from_config
+from gpt_classifier.model.classifier import SequenceClassifier
+from gpt_classifier.model.gpt import GPT, GPTConfig
+from gpt_classifier.model.lora import lora_layers, merged_state_dict
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "gpt-classifier"
-EXPORT_VERSION = 1
-MAX_BATCH_TOKENS = 1024  # measured best of 256..4096 for gpt2-small on a 2-core CPU
+EXPORT_VERSION = 2  # 1: before SequenceClassifier (tensor names without "backbone.")
+# Measured best of 256..4096 for gpt2-small on a 2-core Xeon (scripts/benchmark.py era).
+MAX_BATCH_TOKENS = 1024
 
 
 class ModelLoadError(RuntimeError):
@@ -56,14 +59,16 @@ class Prediction:
 class TextClassifier:
     """A trained GPT-2 classifier: ``TextClassifier.load(path).classify(texts)``."""
 
-    def __init__(self, model: GPT, settings: InferenceSettings, device: str = "cpu") -> None:
+    def __init__(
+        self, model: SequenceClassifier, settings: InferenceSettings, device: str = "cpu"
+    ) -> None:
         self.model = model.eval().to(resolve_device(device))
         self.settings = settings
         self.tokenizer = get_tokenizer()
 
     @property
     def device(self) -> torch.device:
-        return self.model.pos_emb.weight.device
+        return self.model.backbone.pos_emb.weight.device
 
     # ------------------------------------------------------------------ loading
 
@@ -123,12 +128,9 @@ class TextClassifier:
             chunks = tqdm(chunks, desc="classifying", unit="batch")
         for chunk in chunks:
             batch = collate([{"input_ids": torch.tensor(ids[i]), "label": 0} for i in chunk])
-            input_ids = batch["input_ids"].to(self.device)
-            if self.settings.pooling == "last_token":
-                positions = batch["lengths"].to(self.device) - 1
-            else:
-                positions = torch.full((len(chunk),), input_ids.shape[1] - 1, device=self.device)
-            logits = self.model.forward_pooled(positions, input_ids=input_ids)
+            logits = self.model(
+                batch["input_ids"].to(self.device), batch["lengths"].to(self.device)
+            )
             out[chunk] = torch.softmax(logits.float(), dim=-1).cpu()
         return out
 
@@ -151,12 +153,17 @@ class TextClassifier:
     # ------------------------------------------------------------------ export
 
     def export(self, folder: str | Path) -> Path:
-        """Write ``model.safetensors``, ``config.json`` and a README into ``folder``."""
+        """Write ``model.safetensors``, ``config.json`` and a README into ``folder``.
+
+        LoRA adapters are merged into the weights they adapt: the export is a plain
+        model that loads without any LoRA code.
+        """
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        merged = merged_state_dict(self.model)
+        state = {k: v.detach().cpu().contiguous() for k, v in merged.items()}
         save_file(state, str(folder / "model.safetensors"), metadata={"format": EXPORT_FORMAT})
         config = {
             "format": EXPORT_FORMAT,
@@ -164,6 +171,7 @@ class TextClassifier:
             "architecture": self.model.cfg.to_dict(),
             "num_classes": len(self.settings.label_names),
             "tokenizer": "tiktoken:gpt2",
+            "merged_adapters": len(lora_layers(self.model)),
             **asdict(self.settings),
         }
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -190,8 +198,10 @@ def resolve_checkpoint(path: Path) -> Path:
         metrics = path / "metrics.json"
         if metrics.is_file():
             best = json.loads(metrics.read_text()).get("best_checkpoint")
-            if best and Path(best).is_file():
-                return Path(best)
+            # In this folder first: it may have been moved or copied since training.
+            for candidate in (path / "checkpoints" / Path(best).name, Path(best)) if best else ():
+                if candidate.is_file():
+                    return candidate
         last = path / "checkpoints" / "last.ckpt"
         if last.exists():
             return last.resolve()
@@ -202,7 +212,7 @@ def resolve_checkpoint(path: Path) -> Path:
     raise ModelLoadError(f"checkpoint {path} does not exist; pass a .ckpt file or a run folder")
 
 
-def _load_checkpoint(path: Path) -> tuple[GPT, InferenceSettings]:
+def _load_checkpoint(path: Path) -> tuple[SequenceClassifier, InferenceSettings]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # zip, pickle and unpickler errors
@@ -222,21 +232,19 @@ def _load_checkpoint(path: Path) -> tuple[GPT, InferenceSettings]:
         truncation_side=inference.get("truncation_side", "right"),
         pad_to=inference.get("pad_to"),
     )
-    state_dict = checkpoint["state_dict"]
-    if "frozen_weights" in checkpoint:
-        # Beside the checkpoint first: the run folder may have moved since training.
-        frozen_path = path.parent / Path(checkpoint["frozen_weights"]).name
-        if not frozen_path.is_file():
-            frozen_path = Path(checkpoint["frozen_weights"])
-        try:
-            state_dict = {**read_frozen_weights(frozen_path), **state_dict}
-        except (FileNotFoundError, RuntimeError) as err:
-            raise ModelLoadError(str(err)) from err
-    state = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
-    return _build(hparams["backbone_config"], len(settings.label_names), state, path), settings
+    try:
+        complete_state_dict(checkpoint, path)
+        method = method_from_config(hparams.get("finetuning"))
+    except (FileNotFoundError, RuntimeError, ValueError, TypeError) as err:
+        raise ModelLoadError(f"{path}: {err}") from err
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()
+             if k.startswith("model.")}  # fmt: skip
+    model = _build(hparams["backbone_config"], len(settings.label_names), settings.pooling,
+                   state, path, apply=method.apply)  # fmt: skip
+    return model, settings
 
 
-def _load_export(folder: Path) -> tuple[GPT, InferenceSettings]:
+def _load_export(folder: Path) -> tuple[SequenceClassifier, InferenceSettings]:
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
     for required in (config_path, weights_path):
         if not required.is_file():
@@ -247,32 +255,47 @@ def _load_export(folder: Path) -> tuple[GPT, InferenceSettings]:
         raise ModelLoadError(f"{config_path} is not valid JSON: {err}") from err
     if config.get("format") != EXPORT_FORMAT:
         raise ModelLoadError(f"{config_path} is not a {EXPORT_FORMAT} export (format key)")
+    if int(config.get("format_version", 1)) > EXPORT_VERSION:
+        raise ModelLoadError(
+            f"{config_path} is format version {config['format_version']}, newer than this "
+            f"gpt-classifier reads ({EXPORT_VERSION}); upgrade gpt-classifier."
+        )
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        state = load_file(str(weights_path))
+        state = upgrade_names(load_file(str(weights_path)))
     except (SafetensorError, OSError) as err:
         raise ModelLoadError(f"{weights_path} could not be read ({err}); export it again") from err
     fields = {k: config[k] for k in InferenceSettings.__dataclass_fields__ if k in config}
     settings = InferenceSettings(**fields)
-    return _build(config["architecture"], config["num_classes"], state, weights_path), settings
+    model = _build(config["architecture"], config["num_classes"], settings.pooling, state,
+                   weights_path)  # fmt: skip
+    return model, settings
 
 
 def _build(
-    arch: dict[str, Any], num_classes: int, state: dict[str, torch.Tensor], origin: Path
-) -> GPT:
-    with torch.device("meta"):
-        model = GPT(GPTConfig.from_dict(dict(arch)))
-        model.out_head = nn.Linear(model.cfg.emb_dim, num_classes)
+    arch: dict[str, Any],
+    num_classes: int,
+    pooling: str,
+    state: dict[str, torch.Tensor],
+    origin: Path,
+    apply: Callable[[SequenceClassifier], None] | None = None,
+) -> SequenceClassifier:
+    """The classifier of ``arch`` with the tensors of ``state``; ``apply`` adds the
+    layers its fine-tuning method added (LoRA adapters) before they are filled."""
     try:
+        with torch.device("meta"):  # no memory or time spent on weights about to be replaced
+            model = SequenceClassifier(GPT(GPTConfig.from_dict(dict(arch))), num_classes, pooling)
+            if apply is not None:
+                apply(model)
         model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:
         raise ModelLoadError(
             f"{origin} does not fit its own config (architecture {arch}, {num_classes} "
-            f"classes): {err}"
+            f"classes, pooling {pooling!r}): {err}"
         ) from err
-    return model
+    return model.requires_grad_(False)
 
 
 def _export_readme(config: dict[str, Any]) -> str:
@@ -281,7 +304,8 @@ def _export_readme(config: dict[str, Any]) -> str:
 
 GPT-2 ({arch["n_layers"]} layers, {arch["emb_dim"]} dims) fine-tuned to classify text as
 {", ".join(config["label_names"])}. Files: `model.safetensors` (weights, the book's tensor
-names: tok_emb, pos_emb, trf_blocks, final_norm, out_head) and `config.json` (architecture,
+names under `backbone.`: tok_emb, pos_emb, trf_blocks, final_norm, and out_head, the
+classification head; any LoRA adapters are merged in) and `config.json` (architecture,
 labels, tokenizer, truncation and pooling). Loading needs neither Lightning nor pickle.
 
 ```python
@@ -293,5 +317,5 @@ print(clf.classify(["You are a winner! Call now to claim your prize."]))
 
 Texts are tokenized with tiktoken's `gpt2` encoding, cut to {config["max_length"]} tokens
 (truncation side: {config["truncation_side"]}), and classified from the logits of the
-{"last real token" if config["pooling"] == "last_token" else "final padded position"}.
+outputs that the `{config["pooling"]}` pooling rule picks (`gpt_classifier.model.pooling`).
 """

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from gpt_classifier.batching import (
+from gpt_classifier.data.batching import (
     PADDING_MODES,
     BucketBatchSampler,
     Collator,
@@ -19,7 +19,7 @@ from gpt_classifier.batching import (
     TruncationSide,
     truncate,
 )
-from gpt_classifier.sms_data import (
+from gpt_classifier.data.sms import (
     DEFAULT_LABELS,
     FILE_SHA256,
     FILE_SIZE,
@@ -32,7 +32,7 @@ from gpt_classifier.sms_data import (
     parse_messages_like_pandas,
     write_split_csv,
 )
-from gpt_classifier.tokenizer import get_tokenizer
+from gpt_classifier.data.tokenizer import get_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -70,14 +70,33 @@ def preset_config(name: str, **overrides: Any) -> GPTConfig:
     return GPTConfig.from_dict(values)
 
 
+class PackedQueries(NamedTuple):
+    """One query per sequence over packed tokens (see ``TransformerBlock.forward``).
+
+    ``visible`` (B, T) marks the tokens each query can see in the padded batch,
+    ``slots`` (N,) are their flat indices there, ``rows`` (B,) each query's row in the
+    packed tokens (N, D).
+    """
+
+    visible: torch.Tensor
+    slots: torch.Tensor
+    rows: torch.Tensor
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with one fused query/key/value projection."""
+    """Multi-head causal self-attention with the book's separate query, key and value layers.
+
+    Every projection is an ``nn.Linear`` called as a module, so wrappers around them
+    (LoRA adapters, hooks) see all the work, on the full and on the pooled path alike.
+    """
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.emb_dim // cfg.n_heads
-        self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
+        self.W_query = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
+        self.W_key = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
+        self.W_value = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
         self.drop_rate = cfg.drop_rate
         self.resid_drop = nn.Dropout(cfg.drop_rate)
@@ -86,43 +105,37 @@ class CausalSelfAttention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, packed: PackedQueries | None = None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D); with ``packed``: packed tokens (N, D) -> (B, D)."""
+        if packed is not None:
+            return self._forward_packed(x, packed)
         b, t, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=2)
         y = F.scaled_dot_product_attention(
-            self._heads(q),
-            self._heads(k),
-            self._heads(v),
+            self._heads(self.W_query(x)),
+            self._heads(self.W_key(x)),
+            self._heads(self.W_value(x)),
             dropout_p=self.drop_rate if self.training else 0.0,
             is_causal=True,
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(b, t, d)
         return self.resid_drop(self.out_proj(y))
 
-    def forward_pooled(
-        self, tokens: torch.Tensor, visible: torch.Tensor, slots: torch.Tensor, pooled: torch.Tensor
-    ) -> torch.Tensor:
-        """Attention output at one query per sequence, from packed tokens: -> (B, D).
-
-        ``tokens`` (N, D) are the tokens each query can see, packed row by row;
-        ``visible`` (B, T) marks them in the padded batch, ``slots`` (N,) are their flat
-        indices there and ``pooled`` (B,) indexes each sequence's query in ``tokens``.
-        Keys and values are computed for the visible tokens only: padding costs nothing.
-        """
-        b, t = visible.shape
+    def _forward_packed(self, tokens: torch.Tensor, packed: PackedQueries) -> torch.Tensor:
+        # Keys and values for the visible tokens only (padding costs nothing), the query
+        # only where it is read.
+        b, t = packed.visible.shape
         d = tokens.shape[1]
-        w_q, w_kv = self.qkv.weight.split([d, 2 * d], dim=0)
-        b_q, b_kv = (None, None) if self.qkv.bias is None else self.qkv.bias.split([d, 2 * d])
-        q = F.linear(tokens[pooled], w_q, b_q).view(b, 1, d)  # (B, 1, D)
-        kv = F.linear(tokens, w_kv, b_kv)  # (N, 2D)
-        # Back to the padded layout for attention; masked slots stay zero and unseen.
-        kv = kv.new_zeros(b * t, 2 * d).index_copy(0, slots, kv).view(b, t, 2 * d)
-        k, v = kv.split(d, dim=2)
+        q = self.W_query(tokens[packed.rows]).view(b, 1, d)  # (B, 1, D)
+
+        def unpack(z: torch.Tensor) -> torch.Tensor:  # (N, D) -> (B, T, D), zeros unseen
+            return z.new_zeros(b * t, d).index_copy(0, packed.slots, z).view(b, t, d)
+
+        k, v = unpack(self.W_key(tokens)), unpack(self.W_value(tokens))
         y = F.scaled_dot_product_attention(
             self._heads(q),
             self._heads(k),
             self._heads(v),
-            attn_mask=visible[:, None, None, :],
+            attn_mask=packed.visible[:, None, None, :],
             dropout_p=self.drop_rate if self.training else 0.0,
         )  # (B, nh, 1, hs)
         return self.resid_drop(self.out_proj(y.transpose(1, 2).reshape(b, d)))
@@ -151,26 +164,24 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
         self.ff = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.att(self.norm1(x))
-        return x + self.ff(self.norm2(x))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D); with ``positions`` (B,), the output there only: (B, D).
 
-    def forward_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The block's output at one position per sequence: (B, T, D) -> (B, D).
-
-        Equal to ``forward(x)[rows, positions]`` but does no work for tokens after a
-        sequence's position (padding, with last-token pooling) and runs the MLP and the
-        output projection only at the position itself: most of a block's work.
+        The pooled form equals ``block(x)[rows, positions]`` but does no work for tokens
+        after each sequence's position (padding, with last-token pooling) and runs the
+        MLP and the output projection only at the position itself: most of a block's work.
         """
+        if positions is None:
+            x = x + self.att(self.norm1(x))
+            return x + self.ff(self.norm2(x))
         t = x.shape[1]
         visible = torch.arange(t, device=x.device)[None, :] <= positions[:, None]  # (B, T)
         # Pack what each position can attend to: (N, D), row by row; index_select and
         # index_copy have cheap backward passes (boolean masks do not).
         slots = visible.flatten().nonzero().squeeze(1)  # (N,)
         tokens = x.flatten(0, 1).index_select(0, slots)  # (N, D)
-        pooled = visible.sum(dim=1).cumsum(dim=0) - 1  # (B,): each position in tokens
-        normed = self.norm1(tokens)
-        h = tokens[pooled] + self.att.forward_pooled(normed, visible, slots, pooled)
+        rows = visible.sum(dim=1).cumsum(dim=0) - 1  # (B,): each position's row in tokens
+        h = tokens[rows] + self.att(self.norm1(tokens), PackedQueries(visible, slots, rows))
         return h + self.ff(self.norm2(h))
 
 
@@ -231,9 +242,9 @@ class GPT(nn.Module):
     def from_pretrained(cls, source: str | Path, **overrides: Any) -> GPT:
         """A model with pretrained weights from a Hub name or a local folder.
 
-        See :func:`gpt_classifier.weights.load_pretrained` for the accepted sources.
+        See :func:`gpt_classifier.model.weights.load_pretrained` for the accepted sources.
         """
-        from gpt_classifier.weights import load_pretrained
+        from gpt_classifier.model.weights import load_pretrained
 
         return load_pretrained(source, **overrides)
 
@@ -248,34 +259,22 @@ class GPT(nn.Module):
         pos = torch.arange(t, device=input_ids.device)
         return self.drop_emb(self.tok_emb(input_ids) + self.pos_emb(pos))
 
-    def run_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Run blocks ``start`` to ``stop`` (exclusive) on hidden states (B, T, D)."""
-        for block in self.trf_blocks[start:stop]:
-            x = block(x)
-        return x
-
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.run_blocks(self.embed(input_ids))  # (B, T, D)
+        x = self.embed(input_ids)  # (B, T, D)
+        for block in self.trf_blocks:
+            x = block(x)
         return self.out_head(self.final_norm(x))  # (B, T, out_features)
 
-    def forward_pooled(
-        self,
-        positions: torch.Tensor,
-        input_ids: torch.Tensor | None = None,
-        hidden: torch.Tensor | None = None,
-        start: int = 0,
-    ) -> torch.Tensor:
-        """Logits at one position per sequence: (B, out_features).
 
-        Equal to ``model(input_ids)[rows, positions]``, but the last block computes
-        only the pooled positions. Pass ``hidden`` (the output of blocks before
-        ``start``) instead of ``input_ids`` to resume from a cached prefix.
-        """
-        x = self.embed(input_ids) if hidden is None else hidden  # (B, T, D)
-        last = len(self.trf_blocks) - 1
-        x = self.run_blocks(x, start, last)
-        if start <= last:
-            h = self.trf_blocks[-1].forward_at(x, positions)  # (B, D)
-        else:
-            h = x[torch.arange(x.shape[0], device=x.device), positions]
-        return self.out_head(self.final_norm(h))
+def split_fused_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace fused ``att.qkv.weight`` / ``att.qkv.bias`` entries (GPT-2's ``c_attn``
+    layout, rows ordered query, key, value) by ``W_query``, ``W_key`` and ``W_value``."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        prefix, fused, kind = name.rpartition("att.qkv.")
+        if not fused or kind not in ("weight", "bias"):
+            out[name] = tensor
+            continue
+        for part, chunk in zip(("W_query", "W_key", "W_value"), tensor.chunk(3, dim=0)):
+            out[f"{prefix}att.{part}.{kind}"] = chunk.contiguous()
+    return out

@@ -8,22 +8,46 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gpt_classifier.backbone import GPT
-from gpt_classifier.classifier import GPTClassifier
-from gpt_classifier.datamodule import SMSSpamDataModule
-from gpt_classifier.freeze import count_parameters
-from gpt_classifier.precision import resolve_precision
-from gpt_classifier.reports import flatten, write_json
-from gpt_classifier.tensorboard_writer import skip_tensorflow_import
+from gpt_classifier.data.datamodule import SMSSpamDataModule
+from gpt_classifier.finetuning.methods import FineTuningMethod, count_parameters
+from gpt_classifier.model.classifier import SequenceClassifier
+from gpt_classifier.model.gpt import GPT, PRESETS
+from gpt_classifier.model.pooling import pooling_rule
+from gpt_classifier.reporting.reports import flatten, write_json
+from gpt_classifier.reporting.tensorboard import skip_tensorflow_import
+from gpt_classifier.training.module import ClassifierModule
+from gpt_classifier.training.precision import resolve_precision
+from gpt_classifier.training.prefix_cache import PrefixCacheCallback
 
 log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and what to set."""
+
+
+def build(cfg: DictConfig, key: str) -> Any:
+    """``instantiate(cfg[key])``, with the constructor's own message on bad values."""
+    try:
+        return instantiate(cfg[key], _convert_="all")
+    except InstantiationException as err:
+        raise ConfigError(f"{key}: {err.__cause__ or err}") from err
+
+
+def build_method(cfg: DictConfig) -> FineTuningMethod:
+    """The fine-tuning method of the ``freeze`` group, checked against the preset's
+    architecture before any weights are loaded."""
+    method = build(cfg, "freeze")
+    if cfg.model.name in PRESETS:
+        try:
+            method.check(PRESETS[cfg.model.name])
+        except ValueError as err:
+            raise ConfigError(f"{err} (model={cfg.model.name})") from err
+    return method
 
 
 def build_backbone(model_cfg: DictConfig) -> GPT:
@@ -60,38 +84,18 @@ def build_datamodule(
     )
 
 
-def build_classifier(cfg: DictConfig, backbone: GPT, label_names: list[str]) -> GPTClassifier:
-    """The LightningModule of the ``classifier``, ``freeze``, ``optimizer`` and cache configs."""
-    cache = cfg.prefix_cache
-    return GPTClassifier(
-        backbone_config=backbone.cfg.to_dict(),
-        num_classes=cfg.classifier.num_classes,
-        label_names=label_names,
-        freeze=cfg.freeze.policy,
-        freeze_n=cfg.freeze.get("n", 1),
-        pooling=cfg.classifier.pooling,
-        lr=cfg.optimizer.lr,
-        weight_decay=cfg.optimizer.weight_decay,
-        head_seed=cfg.classifier.head_seed,
-        prefix_cache=cache.enabled,
-        cache_dtype=cache.cache_dtype,
-        cache_file=str(Path(cache.dir) / "prefix") if cache.persist else None,
-        backbone=backbone,
-    )
-
-
-def build_trainer(cfg: DictConfig, output_dir: Path) -> L.Trainer:
+def build_trainer(cfg: DictConfig, output_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
     """A Lightning Trainer with the configured accelerator, loggers and callbacks."""
     skip_tensorflow_import()
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
     return L.Trainer(
         accelerator=cfg.accelerator.accelerator,
         devices=cfg.accelerator.devices,
         precision=resolve_precision(cfg.accelerator.accelerator, cfg.accelerator.precision),
         logger=loggers or False,
-        callbacks=callbacks,
+        callbacks=[*configured, *callbacks],
         default_root_dir=str(output_dir),
         **trainer_kwargs,
     )
@@ -100,26 +104,39 @@ def build_trainer(cfg: DictConfig, output_dir: Path) -> L.Trainer:
 def train(cfg: DictConfig) -> float:
     """Fine-tune, evaluate the best checkpoint on every split, write ``metrics.json``."""
     output_dir = Path(cfg.paths.output_dir)
+    # Everything a user can get wrong fails here, before any weights or data are read.
+    method = build_method(cfg)
+    pooling_rule(cfg.classifier.pooling)
+    optimizer = build(cfg, "optimizer")
+    scheduler = build(cfg, "scheduler") if cfg.get("scheduler") else None
+    prefix_cache: PrefixCacheCallback = build(cfg, "prefix_cache")
+
     L.seed_everything(cfg.seed, workers=True)
     backbone = build_backbone(cfg.model)
+    method.check(backbone.cfg)
     datamodule = build_datamodule(cfg, backbone.cfg.context_length, output_dir / "splits")
-    classifier = build_classifier(cfg, backbone, datamodule.label_names)
-    trainer = build_trainer(cfg, output_dir)
+    model = SequenceClassifier(
+        backbone, cfg.classifier.num_classes, cfg.classifier.pooling, cfg.classifier.head_seed
+    )
+    module = ClassifierModule(
+        model, method, optimizer, scheduler, label_names=datamodule.label_names
+    )
+    trainer = build_trainer(cfg, output_dir, callbacks=[prefix_cache])
 
     start = time.perf_counter()
-    trainer.fit(classifier, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
 
     checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-    classifier.test_split_names = ["train", "val", "test"]
+    module.test_split_names = ["train", "val", "test"]
     loaders = [datamodule.eval_dataloader(s) for s in ("train", "validation", "test")]
     start = time.perf_counter()
     trainer.test(
-        classifier, dataloaders=loaders, ckpt_path=checkpoint, weights_only=True, verbose=False
+        module, dataloaders=loaders, ckpt_path=checkpoint, weights_only=True, verbose=False
     )
     test_seconds = time.perf_counter() - start
 
-    trainable, total = count_parameters(classifier.model)
+    trainable, total = count_parameters(module.model)
     final = {k.removeprefix("final/"): v for k, v in trainer.callback_metrics.items()
              if k.startswith(("final/", "test/"))}  # fmt: skip
     metrics: dict[str, Any] = {k: float(v) for k, v in sorted(final.items())}
@@ -128,7 +145,7 @@ def train(cfg: DictConfig) -> float:
         "params/total": total,
         "time/fit_s": round(fit_seconds, 3),
         "time/test_s": round(test_seconds, 3),
-        "time/prefix_s": round(classifier.prefix_seconds, 3),
+        "time/prefix_s": round(prefix_cache.seconds, 3),
         "best_checkpoint": checkpoint,
     })  # fmt: skip
     write_json(output_dir / "metrics.json", metrics)

@@ -2,7 +2,8 @@
 
 Every source is turned into one canonical state dict (Hugging Face's tensor names
 without the ``transformer.`` prefix), checked tensor by tensor, then copied into
-:class:`~gpt_classifier.backbone.GPT` under the book's names.
+:class:`~gpt_classifier.model.gpt.GPT` under the book's names (GPT-2's fused
+``c_attn`` split into the book's ``W_query``, ``W_key`` and ``W_value``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt_classifier.backbone import GPT, PRESETS, GPTConfig
+from gpt_classifier.model.gpt import GPT, PRESETS, GPTConfig, split_fused_qkv
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ def _is_openai_folder(folder: Path) -> bool:
 
 
 def _read_openai_folder(folder: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, str]:
-    from gpt_classifier.tf_checkpoint import CheckpointFormatError, read_tf_checkpoint
+    from gpt_classifier.model.tf_checkpoint import CheckpointFormatError, read_tf_checkpoint
 
     hparams_path = folder / "hparams.json"
     try:
@@ -343,7 +344,7 @@ def _to_book_names(
             f"{origin}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
             f"({len(missing)} in all); the file is incomplete. Download it again."
         )
-    return out
+    return split_fused_qkv(out)
 
 
 def _book_name(key: str) -> str | None:
@@ -356,11 +357,19 @@ def _book_name(key: str) -> str | None:
 
 
 def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes by book name, with each block's query, key and value fused as in GPT-2."""
     with torch.device("meta"):
         model = GPT(cfg)
-    return {
-        name: tuple(p.shape) for name, p in model.state_dict().items() if name != "out_head.weight"
-    }
+    shapes = {}
+    for name, p in model.state_dict().items():
+        if name == "out_head.weight":
+            continue
+        prefix, split, kind = name.rpartition(".W_query.")
+        if split:  # W_key and W_value are skipped below; c_attn holds all three
+            shapes[f"{prefix}.qkv.{kind}"] = (3 * p.shape[0], *p.shape[1:])
+        elif ".W_key." not in name and ".W_value." not in name:
+            shapes[name] = tuple(p.shape)
+    return shapes
 
 
 def _build(cfg: GPTConfig, state: dict[str, torch.Tensor], origin: str) -> GPT:

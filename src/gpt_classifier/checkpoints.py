@@ -1,0 +1,69 @@
+"""What a training checkpoint holds, read the same way by training and inference.
+
+A checkpoint keeps what trains; the frozen weights are written once per run into
+``frozen.safetensors`` beside it (a gpt2-small ``last_block`` checkpoint is ~85 MB
+instead of 554 MB). This module finds that file and completes a checkpoint's state.
+No Lightning here: inference reads checkpoints without it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt_classifier.model.gpt import split_fused_qkv
+
+FROZEN_WEIGHTS_FILE = "frozen.safetensors"
+
+
+def read_frozen_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The frozen parameters a checkpoint refers to (names as in its state dict)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise RuntimeError(
+            f"{path} could not be read ({err}); the run's files are damaged"
+        ) from err
+
+
+def locate_frozen_weights(checkpoint_path: str | Path | None, recorded: str) -> Path:
+    """The frozen-weights file of a checkpoint: beside it first (the run folder may have
+    moved or been copied since training), else where training wrote it."""
+    candidates = []
+    if checkpoint_path is not None:
+        candidates.append(Path(checkpoint_path).parent / Path(recorded).name)
+    candidates.append(Path(recorded))
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"{candidates[0]} is missing: the checkpoint beside it keeps its frozen weights there. "
+        "Copy the whole checkpoints/ folder, or export the model with export.py."
+    )
+
+
+def complete_state_dict(checkpoint: dict[str, Any], checkpoint_path: str | Path | None) -> None:
+    """Add a checkpoint's frozen weights to its ``state_dict`` and bring tensor names
+    written by earlier versions up to date; in place."""
+    recorded = checkpoint.get("frozen_weights")
+    if recorded:
+        frozen = read_frozen_weights(locate_frozen_weights(checkpoint_path, str(recorded)))
+        checkpoint["state_dict"] = {**frozen, **checkpoint["state_dict"]}
+    checkpoint["state_dict"] = upgrade_names(checkpoint["state_dict"], prefix="model.")
+
+
+def upgrade_names(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Tensor names of checkpoints and exports written before ``SequenceClassifier``
+    (``tok_emb...`` rather than ``backbone.tok_emb...``, fused ``att.qkv``)."""
+    if not any(name.startswith(f"{prefix}tok_emb.") for name in state):
+        return state
+    moved = {
+        f"{prefix}backbone.{name.removeprefix(prefix)}" if name.startswith(prefix) else name: t
+        for name, t in state.items()
+    }
+    return split_fused_qkv(moved)

@@ -1,0 +1,1 @@
+"""The SMS data from download to batches; never imports model code."""

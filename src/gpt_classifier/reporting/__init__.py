@@ -1,0 +1,1 @@
+"""Run reports: metrics files, sweep summaries, plots, TensorBoard writing."""

@@ -1,0 +1,1 @@
+"""The tasks behind the entry points: train, predict, evaluate, export."""

@@ -1,0 +1,1 @@
+"""Training with Lightning: the LightningModule and the callbacks around it."""

@@ -1,0 +1,441 @@
+"""The frozen-prefix cache: run the frozen embeddings and leading blocks once per message.
+
+When the embeddings and the first ``depth`` blocks are frozen and run without
+dropout, their output for a message is a pure function of its token ids. The
+:class:`PrefixCache` keeps it in host memory (so it works on every accelerator) and,
+optionally, on disk so that later runs skip the prefix altogether.
+:class:`PrefixCacheCallback` owns its lifecycle in a Lightning run: one pass over
+every message of the run's dataloaders before the first step, then each batch gets
+its rows from the cache (``batch["prefix"]``), and the model runs only what trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch.utils.data import DataLoader
+
+from gpt_classifier.data.tokenizer import PAD_TOKEN_ID
+from gpt_classifier.model.classifier import CachedPrefix, SequenceClassifier
+from gpt_classifier.model.pooling import positions_read
+
+log = logging.getLogger(__name__)
+
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FILE_FORMAT = 2  # tokens, lengths, extents, hidden
+
+
+class PrefixCache:
+    """Hidden states after the first ``depth`` blocks, one entry per distinct key.
+
+    :meth:`row_keys` is the one key function, used by :meth:`warm` and :meth:`lookup`
+    alike: a row's pooled output depends on its first ``n`` positions (pooling and
+    causal attention say which), so the entry holds those ``n`` hidden states and is
+    keyed by the real tokens among them. Positions past the real tokens are padding,
+    whose hidden states depend only on how far past they are, so one entry serves
+    every amount of padding up to its extent.
+    """
+
+    def __init__(
+        self,
+        model: SequenceClassifier,
+        depth: int,
+        dtype: torch.dtype = torch.float32,
+        pad_id: int = PAD_TOKEN_ID,
+    ) -> None:
+        if depth < 1:
+            raise ValueError("a prefix cache needs at least one frozen block")
+        self.model = model
+        self.depth = depth
+        self.dtype = dtype
+        self.pad_id = pad_id
+        self.entries: dict[bytes, torch.Tensor] = {}  # key -> (extent, D)
+        self.computed = 0  # rows whose prefix this process ran
+
+    def row_keys(
+        self, input_ids: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[list[bytes], list[int]]:
+        """Each row's cache key and how many leading positions it needs (host tensors)."""
+        width = input_ids.shape[1]
+        needed = positions_read(self.model.pool(lengths, width), width).tolist()
+        ids = input_ids.to(torch.int64).numpy()
+        keys = [
+            ids[i, : min(n, real)].tobytes()
+            for i, (n, real) in enumerate(zip(needed, lengths.tolist()))
+        ]
+        return keys, needed
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory held by the cached hidden states."""
+        return sum(t.numel() * t.element_size() for t in self.entries.values())
+
+    def _missing(
+        self, input_ids: torch.Tensor, keys: Sequence[bytes], needed: Sequence[int]
+    ) -> dict[bytes, torch.Tensor]:
+        """Rows to compute, by key: absent, or stored with fewer positions than needed."""
+        todo: dict[bytes, torch.Tensor] = {}
+        for row, (key, n) in enumerate(zip(keys, needed)):
+            have = self.entries.get(key)
+            if (have is None or len(have) < n) and (key not in todo or len(todo[key]) < n):
+                todo[key] = input_ids[row, :n]
+        return todo
+
+    @torch.no_grad()
+    def _compute(self, todo: dict[bytes, torch.Tensor], device: torch.device) -> None:
+        """Run the frozen prefix on the rows in ``todo`` (one batch) and store them.
+
+        Rows are padded on the right; causal attention keeps that padding from
+        reaching their own positions, so each stored row is exact.
+        """
+        seqs = list(todo.values())
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = seq
+        hidden = self.model(ids.to(device), hidden_after=self.depth).to("cpu", self.dtype)
+        for key, seq, h in zip(todo, seqs, hidden):
+            self.entries[key] = h[: len(seq)].clone()
+        self.computed += len(seqs)
+
+    def plan(
+        self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    ) -> dict[bytes, torch.Tensor]:
+        """The rows of ``batches`` (host ``input_ids``, ``lengths``) still to compute, by
+        key, each as long as the longest use of its key needs."""
+        todo: dict[bytes, torch.Tensor] = {}
+        for input_ids, lengths in batches:
+            keys, needed = self.row_keys(input_ids, lengths)
+            for key, row in self._missing(input_ids, keys, needed).items():
+                if key not in todo or len(todo[key]) < len(row):
+                    todo[key] = row
+        return todo
+
+    def warm(
+        self,
+        todo: dict[bytes, torch.Tensor],
+        device: torch.device,
+        batch_tokens: int,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Compute the rows of a :meth:`plan`, longest first, in dense batches of about
+        ``batch_tokens`` tokens; ``progress(rows, tokens)`` is called after each batch."""
+        # Neighbours in length order are nearly equally long: little padding.
+        ordered = sorted(todo.items(), key=lambda kv: len(kv[1]), reverse=True)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            start = 0
+            while start < len(ordered):
+                count = max(1, batch_tokens // len(ordered[start][1]))
+                chunk = dict(ordered[start : start + count])
+                self._compute(chunk, device)
+                if progress is not None:
+                    progress(len(chunk), sum(len(s) for s in chunk.values()))
+                start += count
+        finally:
+            self.model.train(was_training)
+
+    def lookup(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Cached hidden states for a padded batch: (B, T) ids -> (B, T, D) on the host.
+
+        Positions a row does not need are zeros (causal attention never lets them
+        reach a position that is read). Rows not yet cached are computed now.
+        """
+        b, t = input_ids.shape
+        keys, needed = self.row_keys(input_ids, lengths)
+        todo = self._missing(input_ids, keys, needed)
+        if todo:
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                self._compute(todo, self.model.backbone.tok_emb.weight.device)
+            finally:
+                self.model.train(was_training)
+        out = torch.zeros(b, t, self.model.cfg.emb_dim, dtype=self.dtype)
+        for row, (key, n) in enumerate(zip(keys, needed)):
+            out[row, :n] = self.entries[key][:n]
+        return out
+
+    # ------------------------------------------------------------------ persistence
+
+    def fingerprint(self, extra: str = "") -> str:
+        """Hash of everything the cached values depend on besides the token ids."""
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(
+            f"format={FILE_FORMAT};depth={self.depth};dtype={self.dtype};pad={self.pad_id};"
+            f"{extra}".encode()
+        )
+        gpt = self.model.backbone
+        for module in (gpt.tok_emb, gpt.pos_emb, *gpt.trf_blocks[: self.depth]):
+            for name, p in module.named_parameters():
+                digest.update(name.encode())
+                digest.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def load(self, path: Path) -> int:
+        """Add the entries stored at ``path``; returns how many were read."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            return 0
+        try:
+            stored = load_file(str(path))
+            tokens = stored["tokens"].split(stored["lengths"].tolist())
+            hidden = stored["hidden"].to(self.dtype).split(stored["extents"].tolist())
+        except (SafetensorError, OSError, KeyError, RuntimeError) as err:
+            log.warning("Ignoring unreadable prefix cache %s (%s)", path, err)
+            return 0
+        for ids, h in zip(tokens, hidden):
+            key = ids.numpy().tobytes()
+            if key not in self.entries or len(self.entries[key]) < len(h):
+                self.entries[key] = h
+        return len(tokens)
+
+    def save(self, path: Path) -> None:
+        """Write every entry to ``path`` atomically (concurrent jobs never see half a file)."""
+        from safetensors.torch import save_file
+
+        if not self.entries:
+            return
+        keys = list(self.entries)
+        tokens = [torch.frombuffer(bytearray(k), dtype=torch.int64) for k in keys]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(
+            {
+                "tokens": torch.cat(tokens),
+                "lengths": torch.tensor([len(t) for t in tokens], dtype=torch.int64),
+                "extents": torch.tensor([len(self.entries[k]) for k in keys], dtype=torch.int64),
+                "hidden": torch.cat([self.entries[k] for k in keys]),
+            },
+            str(tmp),
+        )
+        os.replace(tmp, path)
+
+
+class PrefixCacheCallback(L.Callback):
+    """Feeds training and evaluation from a :class:`PrefixCache` where that is exact.
+
+    ``enabled``: ``auto`` (on whenever the fine-tuning method leaves the embeddings
+    and at least one leading block frozen and dropout is off), ``true`` (the same,
+    but an error where it cannot apply) or ``false``. ``cache_dtype``: ``auto`` (the
+    compute dtype) or a dtype name. ``persist`` keeps the cache in ``dir`` for later
+    runs. ``cpu_batch_tokens`` / ``accelerator_batch_tokens`` size the warm-up batches.
+    """
+
+    def __init__(
+        self,
+        enabled: bool | str = "auto",
+        cache_dtype: str = "auto",
+        persist: bool = False,
+        dir: str | None = None,  # noqa: A002 (the config key)
+        cpu_batch_tokens: int = 512,
+        accelerator_batch_tokens: int = 16384,
+    ) -> None:
+        if str(enabled) not in ("auto", "True", "False"):
+            raise ValueError(f"prefix_cache.enabled={enabled!r}; use auto, true or false")
+        if cache_dtype != "auto" and cache_dtype not in CACHE_DTYPES:
+            raise ValueError(
+                f"prefix_cache.cache_dtype={cache_dtype!r}; choose auto or {list(CACHE_DTYPES)}"
+            )
+        if persist and not dir:
+            raise ValueError("prefix_cache.persist=true needs prefix_cache.dir")
+        self.enabled = str(enabled)
+        self.cache_dtype = cache_dtype
+        self.persist = persist
+        self.dir = Path(dir) if dir else None
+        self.batch_tokens = {"cpu": cpu_batch_tokens, "accelerator": accelerator_batch_tokens}
+        self.cache: PrefixCache | None = None
+        self.decided = False
+        self.seconds = 0.0  # spent computing the prefix (warm-up and misses), for metrics.json
+
+    # ------------------------------------------------------------------ deciding
+
+    def _prepare(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """Decide once, after the fine-tuning method has been applied (module setup)."""
+        if self.decided:
+            return
+        self.decided = True
+        model: SequenceClassifier = module.model
+        depth = module.method.frozen_depth(model.cfg)
+        reasons = []
+        if depth == 0:
+            reasons.append(f"{module.method!r} leaves no frozen prefix")
+        if model.cfg.drop_rate > 0:
+            reasons.append(f"dropout {model.cfg.drop_rate} makes the prefix random")
+        if self.enabled == "False" or reasons:
+            if self.enabled == "True":
+                raise ValueError(
+                    f"prefix_cache.enabled=true is not valid here: {'; '.join(reasons)}"
+                )
+            log.info("Prefix cache off (%s)", "; ".join(reasons) or "prefix_cache.enabled=false")
+            return
+        gpt = model.backbone
+        prefix = [gpt.tok_emb, gpt.pos_emb, *gpt.trf_blocks[:depth]]
+        trainable = [p for m in prefix for p in m.parameters() if p.requires_grad]
+        if trainable:  # the method's promise and its marking disagree: never cache wrongly
+            raise RuntimeError(f"{module.method!r} says {depth} blocks are frozen, but they train")
+        self.cache = PrefixCache(model, depth, self._dtype(trainer))
+        log.info("Prefix cache on: embeddings + %d frozen blocks run once per message", depth)
+
+    def _dtype(self, trainer: L.Trainer) -> torch.dtype:
+        if self.cache_dtype != "auto":
+            return CACHE_DTYPES[self.cache_dtype]
+        return torch.bfloat16 if str(trainer.precision).startswith("bf16") else torch.float32
+
+    # ------------------------------------------------------------------ warming
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._prepare(trainer, pl_module)
+        loaders = [trainer.train_dataloader, *_as_list(trainer.val_dataloaders)]
+        # The test split too, so that one pass computes every message at the widest any
+        # later batch needs (with per-batch padding, final-position pooling reads padding).
+        datamodule = trainer.datamodule
+        if datamodule is not None and is_overridden("test_dataloader", datamodule):
+            loaders += _as_list(datamodule.test_dataloader())
+        self._warm(trainer, pl_module, loaders)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._prepare(trainer, pl_module)
+        self._warm(trainer, pl_module, _as_list(trainer.val_dataloaders))
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._prepare(trainer, pl_module)
+        self._warm(trainer, pl_module, _as_list(trainer.test_dataloaders))
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._prepare(trainer, pl_module)
+        self._warm(trainer, pl_module, _as_list(trainer.predict_dataloaders))
+
+    def _warm(self, trainer: L.Trainer, module: L.LightningModule, loaders: list[Any]) -> None:
+        """One dense pass over every message of ``loaders`` that is not cached yet."""
+        loaders = [dl for dl in loaders if isinstance(dl, DataLoader)]
+        if self.cache is None or not loaders:
+            return
+        cache_file = self._load_persisted(trainer)
+        rows = [_whole_dataset(dl) for dl in loaders]
+        asked = len({k for ids, lengths in rows for k in self.cache.row_keys(ids, lengths)[0]})
+        todo = self.cache.plan(rows)
+        if not todo:
+            return
+        device = module.device
+        batch_tokens = self.batch_tokens["cpu" if device.type == "cpu" else "accelerator"]
+        bar = _progress_bar(trainer, len(todo))
+        start = time.perf_counter()
+        tokens = 0
+
+        def progress(count: int, count_tokens: int) -> None:
+            nonlocal tokens
+            tokens += count_tokens
+            if bar is not None:
+                bar.update(count)
+                bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):,.0f} tokens/s")
+
+        try:
+            with trainer.precision_plugin.forward_context():
+                self.cache.warm(todo, device, batch_tokens, progress)
+        finally:
+            if bar is not None:
+                bar.close()
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        log.info(
+            "Prefix cache: computed %d of %d distinct messages in %.1f s (%s tokens/s); "
+            "%.1f MiB in host memory (%s)",
+            len(todo), asked, seconds, f"{tokens / seconds:,.0f}" if seconds else "-",
+            self.cache.nbytes / 2**20, self.cache.dtype,
+        )  # fmt: skip
+        if cache_file is not None and trainer.is_global_zero:
+            self.cache.save(cache_file)
+
+    def _load_persisted(self, trainer: L.Trainer) -> Path | None:
+        if not self.persist or self.cache is None or self.dir is None:
+            return None
+        fingerprint = self.cache.fingerprint(str(trainer.precision))
+        path = self.dir / f"prefix-{fingerprint}.safetensors"
+        loaded = self.cache.load(path)
+        if loaded:
+            log.info("Prefix cache: %d entries read from %s", loaded, path)
+        return path
+
+    # ------------------------------------------------------------------ feeding steps
+
+    def _attach(self, batch: dict[str, Any], module: L.LightningModule) -> None:
+        if self.cache is None:
+            return
+        ids, lengths = batch["input_ids"], batch["lengths"]
+        # One device-to-host copy per batch, not one per row.
+        host = torch.cat([ids, lengths[:, None]], dim=1).cpu()
+        start = time.perf_counter()
+        before = self.cache.computed
+        hidden = self.cache.lookup(host[:, :-1], host[:, -1])
+        if self.cache.computed != before:
+            self.seconds += time.perf_counter() - start
+        # The residual stream runs in the parameters' dtype, whatever the cache stores.
+        dtype = module.model.backbone.pos_emb.weight.dtype
+        batch["prefix"] = CachedPrefix(
+            hidden.to(ids.device, dtype, non_blocking=True), self.cache.depth
+        )
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._attach(batch, pl_module)
+
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        self._attach(batch, pl_module)
+
+    def on_test_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        self._attach(batch, pl_module)
+
+    def on_predict_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        self._attach(batch, pl_module)
+
+
+def _as_list(loaders: Any) -> list[Any]:
+    if loaders is None:
+        return []
+    return list(loaders) if isinstance(loaders, list | tuple) else [loaders]
+
+
+def _whole_dataset(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every example of a loader's dataset collated into one batch, without iterating
+    the loader (that would draw from the random generators and change the training
+    order). One batch pads to the widest any of its batches can be."""
+    dataset = loader.dataset
+    batch = loader.collate_fn([dataset[i] for i in range(len(dataset))])  # type: ignore[arg-type]
+    return batch["input_ids"], batch["lengths"]
+
+
+def _progress_bar(trainer: L.Trainer, total: int) -> Any:
+    """A tqdm bar like the training loop's, where the trainer shows one."""
+    bar_callback = trainer.progress_bar_callback
+    if (
+        bar_callback is None
+        or getattr(bar_callback, "is_disabled", False)
+        or not trainer.is_global_zero
+    ):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="Prefix cache", unit="msg", dynamic_ncols=True, leave=True)

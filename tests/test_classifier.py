@@ -1,0 +1,109 @@
+"""SequenceClassifier: every pooling rule and every starting depth equal the full forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt_classifier import GPT, SequenceClassifier
+from gpt_classifier.data.batching import Collator
+from gpt_classifier.model.classifier import CachedPrefix
+from gpt_classifier.model.pooling import POOLING_RULES, positions_read
+
+
+def classifier(pooling: str = "last_token", n_layers: int = 3) -> SequenceClassifier:
+    torch.manual_seed(0)
+    return SequenceClassifier(GPT.from_preset("gpt2-tiny", n_layers=n_layers), 3, pooling).eval()
+
+
+def batch(seqs: list[list[int]]) -> dict[str, torch.Tensor]:
+    return Collator()([{"input_ids": torch.tensor(s), "label": 0} for s in seqs])
+
+
+def explicit_logits(model: SequenceClassifier, ids: torch.Tensor, lengths: torch.Tensor, rule: str):
+    """Each rule written out on the full per-position logits, the book's ``model(x)``."""
+    full = model.backbone(ids)  # (B, T, C): the book's model with its head replaced
+    rows = torch.arange(len(ids))
+    if rule == "last_token":
+        return full[rows, lengths - 1]
+    if rule == "final_position":
+        return full[:, -1]
+    if rule == "first":
+        return full[:, 0]
+    if rule == "mean":
+        return torch.stack([full[i, : int(n)].mean(dim=0) for i, n in enumerate(lengths)])
+    raise AssertionError(f"no explicit form for {rule}")
+
+
+@pytest.mark.parametrize("rule", sorted(POOLING_RULES))
+def test_each_pooling_rule_equals_its_explicit_computation(rule):
+    model = classifier(rule)
+    seqs = [torch.randint(0, 50000, (n,)).tolist() for n in (5, 17, 1, 9)]
+    b = batch(seqs)
+    with torch.no_grad():
+        got = model(b["input_ids"], b["lengths"])
+        want = explicit_logits(model, b["input_ids"], b["lengths"], rule)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rule", sorted(POOLING_RULES))
+def test_starting_from_a_cached_prefix_equals_the_full_forward(rule):
+    model = classifier(rule)
+    seqs = [torch.randint(0, 50000, (n,)).tolist() for n in (5, 17, 9)]
+    b = batch(seqs)
+    ids, lengths = b["input_ids"], b["lengths"]
+    with torch.no_grad():
+        want = model(ids, lengths)
+        for depth in range(0, model.cfg.n_layers + 1):  # up to all blocks cached (head only)
+            hidden = model(ids, hidden_after=depth)
+            got = model(ids, lengths, prefix=CachedPrefix(hidden, depth))
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"depth {depth}")
+
+
+@pytest.mark.parametrize("rule", ["last_token", "first", "mean"])
+def test_padding_independent_rules_give_the_same_answer_alone_and_batched(rule):
+    model = classifier(rule)
+    message = torch.randint(0, 50000, (12,)).tolist()
+    long_ones = [torch.randint(0, 50000, (200,)).tolist() for _ in range(3)]
+    with torch.no_grad():
+        alone = model(**_args(batch([message])))[0]
+        among_long = model(**_args(batch([*long_ones, message])))[-1]
+    torch.testing.assert_close(among_long, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_final_position_depends_on_padding():
+    model = classifier("final_position")
+    message = torch.randint(0, 50000, (12,)).tolist()
+    with torch.no_grad():
+        alone = model(**_args(batch([message])))[0]
+        padded = model(**_args(batch([[1] * 40, message])))[-1]
+    assert not torch.allclose(alone, padded, atol=1e-3)
+
+
+def test_positions_read_is_what_the_output_depends_on():
+    lengths = torch.tensor([3, 5, 1])
+    assert positions_read(POOLING_RULES["last_token"](lengths, 6), 6).tolist() == [3, 5, 1]
+    assert positions_read(POOLING_RULES["final_position"](lengths, 6), 6).tolist() == [6, 6, 6]
+    assert positions_read(POOLING_RULES["first"](lengths, 6), 6).tolist() == [1, 1, 1]
+    assert positions_read(POOLING_RULES["mean"](lengths, 6), 6).tolist() == [3, 5, 1]
+
+
+def test_head_is_seeded_and_the_global_rng_untouched():
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    first = SequenceClassifier(GPT.from_preset("gpt2-tiny"), 2, head_seed=123)
+    torch.random.set_rng_state(before)
+    second = SequenceClassifier(GPT.from_preset("gpt2-tiny"), 2, head_seed=123)
+    torch.testing.assert_close(first.head.weight, second.head.weight, atol=0, rtol=0)
+    assert first.head.weight.shape == (2, 64)
+
+
+def test_bad_pooling_and_class_count_are_named():
+    with pytest.raises(ValueError, match=r"classifier.pooling='middle'; choose one of"):
+        SequenceClassifier(GPT.from_preset("gpt2-tiny"), 2, "middle")
+    with pytest.raises(ValueError, match="classifier.num_classes=1"):
+        SequenceClassifier(GPT.from_preset("gpt2-tiny"), 1)
+
+
+def _args(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"input_ids": b["input_ids"], "lengths": b["lengths"]}
