@@ -11,6 +11,11 @@ mode after the other, and the table reports both and their speed ratio:
 Example::
 
     python scripts/benchmark.py --models gpt2-small --freeze last_block --epochs 5
+
+``--compare-repo DIR`` also runs every job from another checkout (e.g. a ``git worktree``
+of an earlier commit), alternating with this one ``--repeats`` times, and prints the
+ratio of the median end-to-end times: a change that must not slow things down is
+timed against its parent in the same run.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,9 +40,13 @@ MODES = {
 EXAMPLES = {"train": 1045, "all": 1494}
 
 
-def run_mode(mode: str, model: str, freeze: str, args: argparse.Namespace, out: Path) -> dict:
-    """One ``train.py`` job in a child process; its metrics, wall time and peak memory."""
-    run_dir = out / f"{model}-{freeze}-{mode}"
+def run_mode(
+    mode: str, model: str, freeze: str, args: argparse.Namespace, out: Path,
+    repo: Path = REPO, label: str = "this", repeat: int = 0,
+) -> dict:  # fmt: skip
+    """One ``train.py`` job of checkout ``repo`` in a child process; its metrics, wall
+    time and peak memory."""
+    run_dir = out / f"{model}-{freeze}-{mode}-{label}-{repeat}"
     command = [
         sys.executable, "train.py", *MODES[mode],
         f"model={model}", f"freeze={freeze}", f"accelerator={args.accelerator}",
@@ -46,9 +56,11 @@ def run_mode(mode: str, model: str, freeze: str, args: argparse.Namespace, out: 
     ]  # fmt: skip
     if args.data:
         command.append(f"data.path={args.data}")
+    # The checkout's own package, ahead of whichever one is installed.
+    env = {**os.environ, "PYTHONPATH": str(repo / "src")}
     start = time.perf_counter()
     with open(out / f"{run_dir.name}.log", "w") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(process.pid, 0)  # this child's own peak memory
     wall = time.perf_counter() - start
     if status != 0:
@@ -59,6 +71,7 @@ def run_mode(mode: str, model: str, freeze: str, args: argparse.Namespace, out: 
         "model": model,
         "freeze": freeze,
         "mode": mode,
+        "code": label,
         "epochs": args.epochs,
         "end_to_end_s": round(wall, 1),
         "fit_s": round(fit_s, 1),
@@ -76,13 +89,27 @@ def run_mode(mode: str, model: str, freeze: str, args: argparse.Namespace, out: 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     """Markdown table of every row plus the speed ratio against the book mode."""
-    columns = ["model", "freeze", "mode", "epochs", "end_to_end_s", "fit_s", "test_s",
+    columns = ["model", "freeze", "mode", "code", "epochs", "end_to_end_s", "fit_s", "test_s",
                "prefix_s", "train_examples_per_s", "eval_examples_per_s", "peak_rss_gib", "val_acc",
                "test_acc", "speedup"]  # fmt: skip
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+
+
+def print_comparison(rows: list[dict[str, Any]], label: str) -> None:
+    """Median end-to-end time of this checkout against the compared one, per job."""
+    print(f"\n| model | freeze | mode | this s (median) | {label} s (median) | this / {label} |")
+    print("|---|---|---|---|---|---|")
+    jobs = dict.fromkeys((r["model"], r["freeze"], r["mode"]) for r in rows)
+    for model, freeze, mode in jobs:
+        job = [r for r in rows if (r["model"], r["freeze"], r["mode"]) == (model, freeze, mode)]
+        times = {c: [r["end_to_end_s"] for r in job if r["code"] == c] for c in ("this", label)}
+        if not all(times.values()):
+            continue
+        this, other = statistics.median(times["this"]), statistics.median(times[label])
+        print(f"| {model} | {freeze} | {mode} | {this:.1f} | {other:.1f} | {this / other:.3f} |")
 
 
 def main() -> None:
@@ -96,23 +123,34 @@ def main() -> None:
     parser.add_argument("--data", help="path of the SMS file or zip (data.path)")
     parser.add_argument("--out", type=Path, help="folder for the runs (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--compare-repo", type=Path, help="another checkout to time alongside")
+    parser.add_argument("--compare-label", default="other", help="its name in the tables")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each job (alternating)")
     parser.add_argument("override", nargs="*", help="extra train.py overrides for every run")
     args = parser.parse_args()
 
     out = args.out or Path(tempfile.mkdtemp(prefix="gpt-classifier-bench-"))
     out.mkdir(parents=True, exist_ok=True)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; runs in {out}")
+    checkouts = [(REPO, "this")]
+    if args.compare_repo:
+        checkouts.append((args.compare_repo.resolve(), args.compare_label))
     rows: list[dict[str, Any]] = []
     for model in args.models:
         for freeze in args.freeze:
-            pair = [run_mode(mode, model, freeze, args, out) for mode in args.modes]
-            book = next((r for r in pair if r["mode"] == "book"), None)
-            for row in pair:
-                if book:
-                    row["speedup"] = round(book["end_to_end_s"] / row["end_to_end_s"], 1)
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr)
+            for repeat in range(args.repeats):
+                for repo, label in checkouts:
+                    pair = [run_mode(mode, model, freeze, args, out, repo, label, repeat)
+                            for mode in args.modes]  # fmt: skip
+                    book = next((r for r in pair if r["mode"] == "book"), None)
+                    for row in pair:
+                        if book:
+                            row["speedup"] = round(book["end_to_end_s"] / row["end_to_end_s"], 1)
+                        rows.append(row)
+                        print(json.dumps(row), file=sys.stderr)
     print_table(rows)
+    if args.compare_repo:
+        print_comparison(rows, args.compare_label)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

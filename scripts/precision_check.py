@@ -7,7 +7,8 @@ The probe behind ``precision=auto`` on CPUs, with a longer measurement:
 from __future__ import annotations
 
 import torch
-from gpt_classifier.precision import CPU_BF16_MIN_SPEEDUP, matmul_gflops
+
+from gpt_classifier.training.precision import CPU_BF16_MIN_SPEEDUP, matmul_gflops
 
 if __name__ == "__main__":
     fp32 = matmul_gflops(torch.float32, seconds=2.0)
