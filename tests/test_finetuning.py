@@ -209,3 +209,30 @@ def test_lora_depth_leaves_the_unadapted_blocks_to_the_cache():
     assert LoRA().frozen_depth(cfg) == 0
     assert LoRA(blocks=2).frozen_depth(cfg) == 10
     assert TrainLastBlocks(3).frozen_depth(cfg) == 9
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def test_optimizer_and_scheduler_come_from_their_configs():
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["scheduler=cosine", "optimizer.lr=1e-3"])
+    optimizer, scheduler = instantiate(cfg.optimizer), instantiate(cfg.scheduler)
+    model = SequenceClassifier(GPT.from_preset("gpt2-tiny"), 2)
+    module = ClassifierModule(model, TrainLastBlocks(1), optimizer, scheduler)
+    module.setup("fit")
+    configured = module.configure_optimizers()
+    opt = configured["optimizer"]
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults["lr"] == 1e-3 and opt.defaults["weight_decay"] == 0.1
+    assert opt.defaults["fused"] is True  # the config leaves it open; the CPU has one
+    trained = {id(p) for p in module.parameters() if p.requires_grad}
+    assert {id(p) for group in opt.param_groups for p in group["params"]} == trained
+    schedule = configured["lr_scheduler"]
+    assert schedule["interval"] == "epoch"
+    assert isinstance(schedule["scheduler"], torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert schedule["scheduler"].T_max == cfg.trainer.max_epochs
+    # No scheduler by default, as the book.
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        assert compose("train").get("scheduler") is None
+    assert isinstance(ClassifierModule(model).configure_optimizers(), torch.optim.AdamW)

@@ -185,3 +185,17 @@ def test_one_entry_serves_every_padding_up_to_its_extent():
     assert cache.computed == 1
     with torch.no_grad():
         torch.testing.assert_close(hidden, model(narrow, hidden_after=1))
+
+
+def test_the_prefix_pass_shows_a_progress_bar(sms_file, capfd):
+    dm = SMSSpamDataModule(path=str(sms_file), context_length=256)
+    module = ClassifierModule(SequenceClassifier(GPT.from_preset("gpt2-tiny"), 2))
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, limit_train_batches=1, limit_val_batches=1,
+        logger=False, enable_checkpointing=False, enable_model_summary=False,
+        callbacks=[PrefixCacheCallback()], num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    err = capfd.readouterr().err
+    assert "Prefix cache: 100%" in err and "msg" in err and "tokens/s" in err, err[-2000:]
+    assert "1382/1382" in err  # every distinct message of the three splits, in one pass

@@ -259,6 +259,7 @@ class PrefixCacheCallback(L.Callback):
         self.cache: PrefixCache | None = None
         self.decided = False
         self.seconds = 0.0  # spent computing the prefix (warm-up and misses), for metrics.json
+        self._file: Path | None = None
 
     # ------------------------------------------------------------------ deciding
 
@@ -360,14 +361,16 @@ class PrefixCacheCallback(L.Callback):
             self.cache.save(cache_file)
 
     def _load_persisted(self, trainer: L.Trainer) -> Path | None:
+        """The cache's file, read the first time (hashing the weights takes seconds)."""
         if not self.persist or self.cache is None or self.dir is None:
             return None
-        fingerprint = self.cache.fingerprint(str(trainer.precision))
-        path = self.dir / f"prefix-{fingerprint}.safetensors"
-        loaded = self.cache.load(path)
-        if loaded:
-            log.info("Prefix cache: %d entries read from %s", loaded, path)
-        return path
+        if self._file is None:
+            fingerprint = self.cache.fingerprint(str(trainer.precision))
+            self._file = self.dir / f"prefix-{fingerprint}.safetensors"
+            loaded = self.cache.load(self._file)
+            if loaded:
+                log.info("Prefix cache: %d entries read from %s", loaded, self._file)
+        return self._file
 
     # ------------------------------------------------------------------ feeding steps
 

@@ -1,0 +1,63 @@
+"""The package's import rules: arrows run one way, and the model can be lifted out."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "gpt_classifier"
+FRAMEWORKS = ("lightning", "pytorch_lightning", "hydra", "omegaconf")
+
+# What each part may import, of this package and of the training frameworks.
+ALLOWED = {
+    "model": {"model"},
+    "finetuning": {"finetuning", "model"},
+    "data": {"data", "lightning"},
+    "checkpoints.py": {"model"},
+    "inference": {"inference", "model", "finetuning", "data", "checkpoints"},
+    "training": {"training", "model", "finetuning", "data", "checkpoints", "reporting",
+                 "lightning"},
+    "reporting": {"reporting", "hydra", "omegaconf"},
+}  # fmt: skip
+
+
+def imports_of(path: Path) -> set[str]:
+    """Top-level names this file imports: a part of ours ("model") or a framework."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        modules = []
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules = [node.module]
+        for module in modules:
+            parts = module.split(".")
+            if parts[0] == "gpt_classifier" and len(parts) > 1:
+                names.add(parts[1] if parts[1] != "checkpoints" else "checkpoints")
+            elif parts[0] in FRAMEWORKS:
+                names.add(parts[0] if parts[0] != "pytorch_lightning" else "lightning")
+    return names
+
+
+@pytest.mark.parametrize("part", sorted(ALLOWED))
+def test_each_part_imports_only_what_it_may(part):
+    files = [PACKAGE / part] if part.endswith(".py") else sorted((PACKAGE / part).rglob("*.py"))
+    assert files
+    for path in files:
+        extra = imports_of(path) - ALLOWED[part]
+        assert not extra, f"{path.relative_to(PACKAGE)} imports {sorted(extra)}"
+
+
+def test_model_and_inference_load_without_lightning_or_hydra():
+    code = (
+        "import sys\n"
+        "import gpt_classifier.model, gpt_classifier.finetuning, gpt_classifier.inference\n"
+        f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r})\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
