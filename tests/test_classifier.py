@@ -11,9 +11,10 @@ from gpt_classifier.model.classifier import CachedPrefix
 from gpt_classifier.model.pooling import POOLING_RULES, positions_read
 
 
-def classifier(pooling: str = "last_token", n_layers: int = 3) -> SequenceClassifier:
+def classifier(pooling: str = "last_token", n_layers: int = 3, causal: bool = True):
     torch.manual_seed(0)
-    return SequenceClassifier(GPT.from_preset("gpt2-tiny", n_layers=n_layers), 3, pooling).eval()
+    backbone = GPT.from_preset("gpt2-tiny", n_layers=n_layers, causal_mask=causal)
+    return SequenceClassifier(backbone, 3, pooling).eval()
 
 
 def batch(seqs: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -32,12 +33,15 @@ def explicit_logits(model: SequenceClassifier, ids: torch.Tensor, lengths: torch
         return full[:, 0]
     if rule == "mean":
         return torch.stack([full[i, : int(n)].mean(dim=0) for i, n in enumerate(lengths)])
+    if rule == "mean_with_padding":  # the book's model_output.mean(dim=1)
+        return full.mean(dim=1)
     raise AssertionError(f"no explicit form for {rule}")
 
 
+@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("rule", sorted(POOLING_RULES))
-def test_each_pooling_rule_equals_its_explicit_computation(rule):
-    model = classifier(rule)
+def test_each_pooling_rule_equals_its_explicit_computation(rule, causal):
+    model = classifier(rule, causal=causal)
     seqs = [torch.randint(0, 50000, (n,)).tolist() for n in (5, 17, 1, 9)]
     b = batch(seqs)
     with torch.no_grad():
@@ -46,9 +50,10 @@ def test_each_pooling_rule_equals_its_explicit_computation(rule):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("rule", sorted(POOLING_RULES))
-def test_starting_from_a_cached_prefix_equals_the_full_forward(rule):
-    model = classifier(rule)
+def test_starting_from_a_cached_prefix_equals_the_full_forward(rule, causal):
+    model = classifier(rule, causal=causal)
     seqs = [torch.randint(0, 50000, (n,)).tolist() for n in (5, 17, 9)]
     b = batch(seqs)
     ids, lengths = b["input_ids"], b["lengths"]
@@ -80,8 +85,21 @@ def test_final_position_depends_on_padding():
     assert not torch.allclose(alone, padded, atol=1e-3)
 
 
+def test_without_the_causal_mask_position_0_attends_to_the_last_token():
+    ids = torch.randint(0, 50000, (1, 9))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % 50000
+    for causal in (True, False):
+        model = classifier("first", causal=causal)
+        with torch.no_grad():
+            same = torch.allclose(model(ids), model(changed))  # first token's logits
+        assert same == causal
+
+
 def test_positions_read_is_what_the_output_depends_on():
     lengths = torch.tensor([3, 5, 1])
+    assert positions_read(POOLING_RULES["mean_with_padding"](lengths, 6), 6).tolist() == [6] * 3
+    assert positions_read(POOLING_RULES["first"](lengths, 6), 6, causal=False).tolist() == [6] * 3
     assert positions_read(POOLING_RULES["last_token"](lengths, 6), 6).tolist() == [3, 5, 1]
     assert positions_read(POOLING_RULES["final_position"](lengths, 6), 6).tolist() == [6, 6, 6]
     assert positions_read(POOLING_RULES["first"](lengths, 6), 6).tolist() == [1, 1, 1]

@@ -35,13 +35,13 @@ class LossRecorder(L.Callback):
 
 def fit(sms_file, *, cache: bool | str, padding: str = "batch", method: str = "last_block",
         pooling: str = "last_token", persist_dir=None, seed: int = 7, epochs: int = 2,
-        batches: int = 25, drop_rate: float = 0.0):  # fmt: skip
+        batches: int = 25, drop_rate: float = 0.0, causal: bool = True):  # fmt: skip
     """Train gpt2-tiny (3 blocks) briefly in fp32, then test every split with it.
 
     Returns (losses, prefix-cache callback, test accuracy).
     """
     L.seed_everything(seed)
-    backbone = GPT.from_preset("gpt2-tiny", n_layers=3, drop_rate=drop_rate)
+    backbone = GPT.from_preset("gpt2-tiny", n_layers=3, drop_rate=drop_rate, causal_mask=causal)
     dm = SMSSpamDataModule(path=str(sms_file), padding=padding, context_length=256)
     model = SequenceClassifier(backbone, 2, pooling)
     optimizer = lambda params, **kw: torch.optim.AdamW(params, lr=1e-3, **kw)  # noqa: E731
@@ -66,21 +66,22 @@ def fit(sms_file, *, cache: bool | str, padding: str = "batch", method: str = "l
 
 @pytest.mark.parametrize("method", ["last_block", "last_n_blocks", "last_layer", "lora_last_block"])
 def test_cached_training_equals_uncached(sms_file, method):
-    slow, slow_cb, slow_acc = fit(sms_file, cache=False, method=method)
-    fast, fast_cb, fast_acc = fit(sms_file, cache=True, method=method)
+    slow, slow_cb, slow_acc = fit(sms_file, cache=False, method=method, batches=15)
+    fast, fast_cb, fast_acc = fit(sms_file, cache=True, method=method, batches=15)
     assert slow_cb.cache is None and fast_cb.cache is not None
     depth = {"last_block": 2, "last_n_blocks": 1, "last_layer": 3, "lora_last_block": 2}
     assert fast_cb.cache.depth == depth[method]
-    assert len(slow) == len(fast) == 50
+    assert len(slow) == len(fast) == 30
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(slow), atol=1e-5, rtol=1e-4)
     assert fast_acc == slow_acc
 
 
-def distinct_keys(sms_file, padding: str, pooling: str) -> int:
+def distinct_keys(sms_file, padding: str, pooling: str, causal: bool = True) -> int:
     """How many distinct cache keys the three splits hold, by the cache's own key rule."""
     dm = SMSSpamDataModule(path=str(sms_file), padding=padding, context_length=256)
     dm.setup()
-    cache = PrefixCache(SequenceClassifier(GPT.from_preset("gpt2-tiny"), 2, pooling), depth=1)
+    backbone = GPT.from_preset("gpt2-tiny", causal_mask=causal)
+    cache = PrefixCache(SequenceClassifier(backbone, 2, pooling), depth=1)
     keys: set[bytes] = set()
     for dataset in dm.datasets.values():
         batch = dm._loader(dataset, train=False).collate_fn(
@@ -120,6 +121,15 @@ def test_cache_is_off_where_it_would_be_wrong(sms_file, caplog):
     assert callback.cache is None
 
 
+def test_without_the_causal_mask_per_batch_padding_turns_the_cache_off(sms_file, caplog):
+    with caplog.at_level("INFO"):
+        slow, _, _ = fit(sms_file, cache=False, causal=False, epochs=1, batches=5)
+        fast, callback, _ = fit(sms_file, cache="auto", causal=False, epochs=1, batches=5)
+    assert callback.cache is None
+    assert "depends on its batch's padding" in caplog.text
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(slow), atol=0, rtol=0)
+
+
 def test_lora_on_every_block_turns_the_cache_off_and_on_the_last_keeps_it(sms_file):
     _, every, _ = fit(sms_file, cache="auto", method="lora_last_block", epochs=1, batches=2)
     assert every.cache is not None and every.cache.depth == 2
@@ -132,9 +142,9 @@ def test_lora_on_every_block_turns_the_cache_off_and_on_the_last_keeps_it(sms_fi
 
 
 def test_dynamic_padding_equals_padding_to_longest(sms_file):
-    dynamic, _, dynamic_acc = fit(sms_file, cache=False, padding="batch")
+    dynamic, _, dynamic_acc = fit(sms_file, cache=False, padding="batch", batches=15)
     # "context" pads every message to 256 tokens without truncating any.
-    longest, _, longest_acc = fit(sms_file, cache=False, padding="context")
+    longest, _, longest_acc = fit(sms_file, cache=False, padding="context", batches=15)
     torch.testing.assert_close(torch.tensor(dynamic), torch.tensor(longest), atol=1e-5, rtol=1e-4)
     assert dynamic_acc == longest_acc
 

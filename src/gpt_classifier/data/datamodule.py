@@ -104,6 +104,13 @@ class SMSSpamDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return  # tokenized once per run, not per stage or epoch
+        self.datasets = self._tokenize(self.load_splits())
+
+    def load_splits(self) -> Splits:
+        """The texts and labels of each split (parsed, balanced and split once; the
+        split CSVs are written when ``splits_dir`` is set)."""
+        if self.splits is not None:
+            return self.splits
         hp = self.hparams
         file = self._file()
         if hp.book_compat:
@@ -121,7 +128,7 @@ class SMSSpamDataModule(L.LightningDataModule):
         if self.splits_dir:
             for name, rows in self.splits.items():
                 write_split_csv(rows, Path(self.splits_dir) / f"{name}.csv")
-        self.datasets = self._tokenize(self.splits)
+        return self.splits
 
     def _tokenize(self, splits: Splits) -> dict[str, TokenizedTexts]:
         hp = self.hparams

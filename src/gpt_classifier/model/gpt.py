@@ -28,6 +28,9 @@ class GPTConfig:
     drop_rate: float = 0.0
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-5
+    # False: every position attends to every other, padding included (the book's
+    # --disable_causal_mask experiment); GPT-2 was trained causal.
+    causal_mask: bool = True
 
     def __post_init__(self) -> None:
         if self.emb_dim % self.n_heads:
@@ -100,6 +103,7 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
         self.drop_rate = cfg.drop_rate
         self.resid_drop = nn.Dropout(cfg.drop_rate)
+        self.causal = cfg.causal_mask
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -115,7 +119,7 @@ class CausalSelfAttention(nn.Module):
             self._heads(self.W_key(x)),
             self._heads(self.W_value(x)),
             dropout_p=self.drop_rate if self.training else 0.0,
-            is_causal=True,
+            is_causal=self.causal,
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(b, t, d)
         return self.resid_drop(self.out_proj(y))
@@ -174,13 +178,18 @@ class TransformerBlock(nn.Module):
         if positions is None:
             x = x + self.att(self.norm1(x))
             return x + self.ff(self.norm2(x))
-        t = x.shape[1]
-        visible = torch.arange(t, device=x.device)[None, :] <= positions[:, None]  # (B, T)
+        b, t = x.shape[:2]
+        if self.att.causal:
+            visible = torch.arange(t, device=x.device)[None, :] <= positions[:, None]  # (B, T)
+        else:  # every position sees the whole row
+            visible = torch.ones(b, t, dtype=torch.bool, device=x.device)
         # Pack what each position can attend to: (N, D), row by row; index_select and
         # index_copy have cheap backward passes (boolean masks do not).
         slots = visible.flatten().nonzero().squeeze(1)  # (N,)
         tokens = x.flatten(0, 1).index_select(0, slots)  # (N, D)
-        rows = visible.sum(dim=1).cumsum(dim=0) - 1  # (B,): each position's row in tokens
+        counts = visible.sum(dim=1)
+        # (B,): each position's row in tokens (visible tokens start each sequence's run).
+        rows = counts.cumsum(dim=0) - counts + positions
         h = tokens[rows] + self.att(self.norm1(tokens), PackedQueries(visible, slots, rows))
         return h + self.ff(self.norm2(h))
 

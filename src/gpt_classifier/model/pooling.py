@@ -37,11 +37,18 @@ def mean(lengths: torch.Tensor, width: int) -> torch.Tensor:
     return real.float() / lengths[:, None].float()
 
 
+def mean_with_padding(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """The average over every position of the padded batch, padding included, as the
+    book's ``--average_embeddings`` experiment. Depends on how much padding a batch has."""
+    return torch.full((len(lengths), width), 1.0 / width, device=lengths.device)
+
+
 POOLING_RULES: dict[str, PoolingRule] = {
     "last_token": last_token,
     "final_position": final_position,
     "first": first_token,
     "mean": mean,
+    "mean_with_padding": mean_with_padding,
 }
 
 
@@ -52,12 +59,15 @@ def pooling_rule(name: str) -> PoolingRule:
     return POOLING_RULES[name]
 
 
-def positions_read(selection: torch.Tensor, width: int) -> torch.Tensor:
+def positions_read(selection: torch.Tensor, width: int, causal: bool = True) -> torch.Tensor:
     """How many leading positions each pooled output depends on (B,).
 
     Causal attention means an output at position p depends on positions 0..p only,
-    so a cache of hidden states needs just this many per sequence.
+    so a cache of hidden states needs just this many per sequence; without the causal
+    mask every output depends on the whole row.
     """
+    if not causal:
+        return torch.full((len(selection),), width, dtype=torch.long, device=selection.device)
     if not selection.is_floating_point():
         return selection + 1
     used = (selection != 0).int()

@@ -52,7 +52,10 @@ def build_method(cfg: DictConfig) -> FineTuningMethod:
 
 def build_backbone(model_cfg: DictConfig) -> GPT:
     """The GPT-2 backbone the ``model`` config names: pretrained weights or a random preset."""
-    overrides = {"drop_rate": float(model_cfg.drop_rate)}
+    overrides = {
+        "drop_rate": float(model_cfg.drop_rate),
+        "causal_mask": bool(model_cfg.get("causal_mask", True)),
+    }
     if not model_cfg.pretrained:
         return GPT.from_preset(model_cfg.name, **overrides)
     if not model_cfg.weights:

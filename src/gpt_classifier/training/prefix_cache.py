@@ -66,12 +66,12 @@ class PrefixCache:
     ) -> tuple[list[bytes], list[int]]:
         """Each row's cache key and how many leading positions it needs (host tensors)."""
         width = input_ids.shape[1]
-        needed = positions_read(self.model.pool(lengths, width), width).tolist()
+        causal = self.model.cfg.causal_mask
+        needed = positions_read(self.model.pool(lengths, width), width, causal).tolist()
         ids = input_ids.to(torch.int64).numpy()
-        keys = [
-            ids[i, : min(n, real)].tobytes()
-            for i, (n, real) in enumerate(zip(needed, lengths.tolist()))
-        ]
+        # Without the causal mask, real tokens attend to the padding: it is part of the key.
+        reals = lengths.tolist() if causal else needed
+        keys = [ids[i, : min(n, real)].tobytes() for i, (n, real) in enumerate(zip(needed, reals))]
         return keys, needed
 
     @property
@@ -92,20 +92,28 @@ class PrefixCache:
 
     @torch.no_grad()
     def _compute(self, todo: dict[bytes, torch.Tensor], device: torch.device) -> None:
-        """Run the frozen prefix on the rows in ``todo`` (one batch) and store them.
+        """Run the frozen prefix on the rows in ``todo`` and store them.
 
-        Rows are padded on the right; causal attention keeps that padding from
-        reaching their own positions, so each stored row is exact.
+        Rows are padded on the right to the longest; causal attention keeps that
+        padding from reaching their own positions, so each stored row is exact.
+        Without the causal mask it would reach them: rows run in groups of one length.
         """
-        seqs = list(todo.values())
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, : len(seq)] = seq
-        hidden = self.model(ids.to(device), hidden_after=self.depth).to("cpu", self.dtype)
-        for key, seq, h in zip(todo, seqs, hidden):
-            self.entries[key] = h[: len(seq)].clone()
-        self.computed += len(seqs)
+        groups = [todo]
+        if not self.model.cfg.causal_mask:
+            by_length: dict[int, dict[bytes, torch.Tensor]] = {}
+            for key, seq in todo.items():
+                by_length.setdefault(len(seq), {})[key] = seq
+            groups = list(by_length.values())
+        for group in groups:
+            seqs = list(group.values())
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+            for row, seq in enumerate(seqs):
+                ids[row, : len(seq)] = seq
+            hidden = self.model(ids.to(device), hidden_after=self.depth).to("cpu", self.dtype)
+            for key, seq, h in zip(group, seqs, hidden):
+                self.entries[key] = h[: len(seq)].clone()
+            self.computed += len(seqs)
 
     def plan(
         self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -173,7 +181,7 @@ class PrefixCache:
         digest = hashlib.blake2b(digest_size=16)
         digest.update(
             f"format={FILE_FORMAT};depth={self.depth};dtype={self.dtype};pad={self.pad_id};"
-            f"{extra}".encode()
+            f"causal={self.model.cfg.causal_mask};{extra}".encode()
         )
         gpt = self.model.backbone
         for module in (gpt.tok_emb, gpt.pos_emb, *gpt.trf_blocks[: self.depth]):
@@ -324,6 +332,13 @@ class PrefixCacheCallback(L.Callback):
         loaders = [dl for dl in loaders if isinstance(dl, DataLoader)]
         if self.cache is None or not loaders:
             return
+        if not self.cache.model.cfg.causal_mask and not all(map(_fixed_width, loaders)):
+            log.info(
+                "Prefix cache off: without the causal mask a message's prefix depends on its "
+                "batch's padding, and batches pad to their own longest message"
+            )
+            self.cache = None
+            return
         cache_file = self._load_persisted(trainer)
         rows = [_whole_dataset(dl) for dl in loaders]
         asked = len({k for ids, lengths in rows for k in self.cache.row_keys(ids, lengths)[0]})
@@ -428,6 +443,13 @@ def _whole_dataset(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
     dataset = loader.dataset
     batch = loader.collate_fn([dataset[i] for i in range(len(dataset))])  # type: ignore[arg-type]
     return batch["input_ids"], batch["lengths"]
+
+
+def _fixed_width(loader: DataLoader) -> bool:
+    """Whether every batch of a loader pads to one width (one example alone included)."""
+    dataset = loader.dataset
+    one = loader.collate_fn([dataset[0]])["input_ids"].shape[1]  # type: ignore[index]
+    return one == _whole_dataset(loader)[0].shape[1]
 
 
 def _progress_bar(trainer: L.Trainer, total: int) -> Any:

@@ -1,0 +1,16 @@
+"""A classical baseline on the same split: ``python baseline.py [data.path=...]``."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="baseline")
+def main(cfg: DictConfig) -> float:
+    """TF-IDF + logistic regression; returns the metric a sweep optimises."""
+    from gpt_classifier.tasks.baseline import baseline
+
+    return baseline(cfg)
+
+
+if __name__ == "__main__":
+    main()
