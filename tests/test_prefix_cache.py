@@ -171,8 +171,8 @@ def test_unreadable_cache_file_is_recomputed(tmp_path):
     assert cache.load(bad) == 0
     ids = torch.tensor([[1, 2, 3], [4, 5, 50256]])
     lengths = torch.tensor([3, 2])
-    todo = cache.plan([(ids, lengths)])
-    assert len(todo) == 2
+    todo, asked = cache.plan([(ids, lengths)])
+    assert len(todo) == asked == 2
     cache.warm(todo, torch.device("cpu"), batch_tokens=512)
     cache.save(bad)
     again = PrefixCache(model, depth=1)
@@ -189,7 +189,7 @@ def test_one_entry_serves_every_padding_up_to_its_extent():
     model = SequenceClassifier(GPT.from_preset("gpt2-tiny"), 2, "final_position").eval()
     cache = PrefixCache(model, depth=1)
     wide = torch.tensor([[7, 8, 50256, 50256, 50256]])
-    cache.warm(cache.plan([(wide, torch.tensor([2]))]), torch.device("cpu"), batch_tokens=512)
+    cache.warm(cache.plan([(wide, torch.tensor([2]))])[0], torch.device("cpu"), batch_tokens=512)
     narrow = torch.tensor([[7, 8, 50256]])  # the same message in a narrower batch
     hidden = cache.lookup(narrow, torch.tensor([2]))
     assert cache.computed == 1

@@ -117,16 +117,19 @@ class PrefixCache:
 
     def plan(
         self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-    ) -> dict[bytes, torch.Tensor]:
+    ) -> tuple[dict[bytes, torch.Tensor], int]:
         """The rows of ``batches`` (host ``input_ids``, ``lengths``) still to compute, by
-        key, each as long as the longest use of its key needs."""
+        key, each as long as the longest use of its key needs; and how many distinct
+        keys the batches hold."""
         todo: dict[bytes, torch.Tensor] = {}
+        asked: set[bytes] = set()
         for input_ids, lengths in batches:
             keys, needed = self.row_keys(input_ids, lengths)
+            asked.update(keys)
             for key, row in self._missing(input_ids, keys, needed).items():
                 if key not in todo or len(todo[key]) < len(row):
                     todo[key] = row
-        return todo
+        return todo, len(asked)
 
     def warm(
         self,
@@ -340,9 +343,7 @@ class PrefixCacheCallback(L.Callback):
             self.cache = None
             return
         cache_file = self._load_persisted(trainer)
-        rows = [_whole_dataset(dl) for dl in loaders]
-        asked = len({k for ids, lengths in rows for k in self.cache.row_keys(ids, lengths)[0]})
-        todo = self.cache.plan(rows)
+        todo, asked = self.cache.plan(_whole_dataset(dl) for dl in loaders)
         if not todo:
             return
         device = module.device
@@ -397,7 +398,9 @@ class PrefixCacheCallback(L.Callback):
         host = torch.cat([ids, lengths[:, None]], dim=1).cpu()
         start = time.perf_counter()
         before = self.cache.computed
-        hidden = self.cache.lookup(host[:, :-1], host[:, -1])
+        # Misses run in the precision the warm-up and the steps use (autocast, if any).
+        with module.trainer.precision_plugin.forward_context():
+            hidden = self.cache.lookup(host[:, :-1], host[:, -1])
         if self.cache.computed != before:
             self.seconds += time.perf_counter() - start
         # The residual stream runs in the parameters' dtype, whatever the cache stores.
