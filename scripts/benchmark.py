@@ -12,6 +12,10 @@ Example::
 
     python scripts/benchmark.py --models gpt2-small --freeze last_block --epochs 5
 
+``--sweep N`` instead times what repeat runs cost: one job, the same job again (its
+prefix cache on disk), and an N-job ``optimizer.lr`` sweep in one process from a cold
+cache, with their ratios to the one job.
+
 ``--compare-repo DIR`` also runs every job from another checkout (e.g. a ``git worktree``
 of an earlier commit), alternating with this one ``--repeats`` times, and prints the
 ratio of the median end-to-end times: a change that must not slow things down is
@@ -56,15 +60,9 @@ def run_mode(
     ]  # fmt: skip
     if args.data:
         command.append(f"data.path={args.data}")
-    # The checkout's own package, ahead of whichever one is installed.
-    env = {**os.environ, "PYTHONPATH": str(repo / "src")}
-    start = time.perf_counter()
-    with open(out / f"{run_dir.name}.log", "w") as log:
-        process = subprocess.Popen(command, cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(process.pid, 0)  # this child's own peak memory
-    wall = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"{mode} run failed (exit status {status}); see {out / run_dir.name}.log")
+    # A cache folder of its own: every job starts cold, as a first run does.
+    command.append(f"paths.cache_dir={out / (run_dir.name + '-cache')}")
+    wall, peak_gib = run_command(command, repo, out / f"{run_dir.name}.log")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     fit_s, test_s = metrics["time/fit_s"], metrics["time/test_s"]
     return {
@@ -80,11 +78,79 @@ def run_mode(
         "prefix_s": round(metrics.get("time/prefix_s", 0.0), 1),
         "train_examples_per_s": round(EXAMPLES["train"] * args.epochs / fit_s, 1),
         "eval_examples_per_s": round(EXAMPLES["all"] / test_s, 1),
-        # ru_maxrss is in KiB on Linux
-        "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
+        "peak_rss_gib": peak_gib,
         "val_acc": round(metrics["val/acc"], 4),
         "test_acc": round(metrics["test/acc"], 4),
     }
+
+
+def run_command(command: list[str], repo: Path, log_path: Path) -> tuple[float, float]:
+    """Run ``command`` in checkout ``repo``; its wall seconds and peak memory (GiB)."""
+    # The checkout's own package, ahead of whichever one is installed.
+    env = {**os.environ, "PYTHONPATH": str(repo / "src")}
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own peak memory
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"run failed (exit status {status}); see {log_path}")
+    return wall, round(usage.ru_maxrss / 2**20, 2)  # ru_maxrss is in KiB on Linux
+
+
+def sweep_benchmark(jobs: int, args: argparse.Namespace, out: Path) -> None:
+    """One default job, the same job again (its cache on disk), and a ``jobs``-job
+    ``optimizer.lr`` sweep from a cold cache; wall times and ratios."""
+    model, freeze = args.models[0], args.freeze[0]
+    common = [
+        *MODES["ours"], f"model={model}", f"freeze={freeze}", f"accelerator={args.accelerator}",
+        f"model.pretrained={str(args.pretrained).lower()}", f"trainer.max_epochs={args.epochs}",
+        "callbacks.progress_bar.refresh_rate=0", *args.override,
+    ]  # fmt: skip
+    if args.data:
+        common.append(f"data.path={args.data}")
+    # Learning rates spread evenly in log space over the book's 5e-5 and a decade around it.
+    rates = [f"{1e-5 * 10 ** (i / max(jobs - 1, 1)):.3g}" for i in range(jobs)]
+    runs = {
+        "one job (cold cache)": ["train.py", f"paths.cache_dir={out / 'cache-single'}",
+                                 f"hydra.run.dir={out / 'single'}"],
+        "same job again (cache on disk)": ["train.py", f"paths.cache_dir={out / 'cache-single'}",
+                                           f"hydra.run.dir={out / 'again'}"],
+        f"{jobs}-job lr sweep (cold cache)": [
+            "train.py", "-m", f"paths.cache_dir={out / 'cache-sweep'}",
+            f"hydra.sweep.dir={out / 'sweep'}", f"optimizer.lr={','.join(rates)}",
+        ],
+    }  # fmt: skip
+    rows = []
+    for name, command in runs.items():
+        wall, peak = run_command([sys.executable, *command, *common], REPO,
+                                 out / f"{name.split()[0]}-{len(rows)}.log")  # fmt: skip
+        folders = [out / "single"] if len(rows) == 0 else [out / "again"] if len(rows) == 1 else [
+            out / "sweep" / str(i) for i in range(jobs)]  # fmt: skip
+        metrics = [json.loads((f / "metrics.json").read_text()) for f in folders]
+        rows.append({
+            "run": name, "jobs": len(folders), "wall_s": round(wall, 1), "peak_rss_gib": peak,
+            "prefix_s": round(sum(m["time/prefix_s"] for m in metrics), 1),
+            "startup_s": round(sum(m["time/startup_s"] for m in metrics), 1),
+            "fit_s": round(sum(m["time/fit_s"] for m in metrics), 1),
+            "test_s": round(sum(m["time/test_s"] for m in metrics), 1),
+            "best_val_acc": round(max(m["val/acc"] for m in metrics), 4),
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    one = rows[0]["wall_s"]
+    columns = ["run", "jobs", "wall_s", "x one job", "prefix_s", "startup_s", "fit_s", "test_s",
+               "peak_rss_gib", "best_val_acc"]  # fmt: skip
+    print(
+        f"\n{model} {freeze}, {args.epochs} epochs; sums over jobs (prefix_s and startup_s "
+        "are inside fit_s; startup_s excludes the prefix pass)"
+    )
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        row["x one job"] = f"{row['wall_s'] / one:.2f}"
+        print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -126,12 +192,18 @@ def main() -> None:
     parser.add_argument("--compare-repo", type=Path, help="another checkout to time alongside")
     parser.add_argument("--compare-label", default="other", help="its name in the tables")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each job (alternating)")
+    parser.add_argument(
+        "--sweep", type=int, metavar="N", help="instead: one job, it again, an N-job lr sweep"
+    )
     parser.add_argument("override", nargs="*", help="extra train.py overrides for every run")
     args = parser.parse_args()
 
     out = args.out or Path(tempfile.mkdtemp(prefix="gpt-classifier-bench-"))
     out.mkdir(parents=True, exist_ok=True)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; runs in {out}")
+    if args.sweep:
+        sweep_benchmark(args.sweep, args, out)
+        return
     checkouts = [(REPO, "this")]
     if args.compare_repo:
         checkouts.append((args.compare_repo.resolve(), args.compare_label))

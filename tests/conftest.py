@@ -46,3 +46,10 @@ def tiktoken_files() -> Path:
     """The folder of tiktoken's cached GPT-2 BPE files."""
     folder = Path(os.environ.get("TIKTOKEN_CACHE_DIR", SHARED / "tiktoken_cache"))
     return _require(folder, "tiktoken's cache", "set TIKTOKEN_CACHE_DIR")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory) -> None:
+    """Runs persist their prefix cache (the default): into a folder of this session,
+    not the repository's .cache, unless a test names its own."""
+    os.environ["GPT_CLASSIFIER_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from gpt_classifier.training import precision
 
@@ -23,3 +24,12 @@ def test_cpu_auto_follows_the_measured_speedup(monkeypatch, speedup, expected):
 
 def test_probe_measures_something():
     assert precision.matmul_gflops(precision.torch.float32, m=64, k=64, n=64, seconds=0.01) > 0
+
+
+def test_probe_leaves_the_global_rng_alone():
+    """It runs once per process: drawing from the global RNG would make a sweep's first
+    job shuffle its data differently from the same job run later or alone."""
+    torch.manual_seed(0)
+    state = torch.random.get_rng_state()
+    precision.matmul_gflops(torch.float32, m=8, k=8, n=8, seconds=0.0)
+    assert torch.equal(torch.random.get_rng_state(), state)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import logging
+import os
+import threading
 
 import lightning as L
 import pytest
@@ -11,8 +14,9 @@ import torch
 from gpt_classifier import GPT, SequenceClassifier
 from gpt_classifier.data.datamodule import SMSSpamDataModule
 from gpt_classifier.finetuning import LoRA, TrainAll, TrainHead, TrainLastBlocks
+from gpt_classifier.training import prefix_cache
 from gpt_classifier.training.module import ClassifierModule
-from gpt_classifier.training.prefix_cache import PrefixCache, PrefixCacheCallback
+from gpt_classifier.training.prefix_cache import PrefixCache, PrefixCacheCallback, evict_oldest
 
 METHODS = {
     "last_block": lambda: TrainLastBlocks(1),
@@ -35,7 +39,8 @@ class LossRecorder(L.Callback):
 
 def fit(sms_file, *, cache: bool | str, padding: str = "batch", method: str = "last_block",
         pooling: str = "last_token", persist_dir=None, seed: int = 7, epochs: int = 2,
-        batches: int = 25, drop_rate: float = 0.0, causal: bool = True):  # fmt: skip
+        batches: int = 25, drop_rate: float = 0.0, causal: bool = True,
+        max_gb: float = 10.0):  # fmt: skip
     """Train gpt2-tiny (3 blocks) briefly in fp32, then test every split with it.
 
     Returns (losses, prefix-cache callback, test accuracy).
@@ -50,6 +55,7 @@ def fit(sms_file, *, cache: bool | str, padding: str = "batch", method: str = "l
         enabled=cache,
         persist=persist_dir is not None,
         dir=str(persist_dir) if persist_dir else None,
+        max_gb=max_gb,
     )
     recorder = LossRecorder()
     trainer = L.Trainer(
@@ -149,13 +155,18 @@ def test_dynamic_padding_equals_padding_to_longest(sms_file):
     assert dynamic_acc == longest_acc
 
 
-def test_cache_persists_across_runs(sms_file, tmp_path):
+def test_cache_persists_across_runs(sms_file, tmp_path, caplog):
+    prefix_cache._IN_PROCESS.clear()  # as in a new process: nothing in memory
     first, cb1, _ = fit(sms_file, cache=True, persist_dir=tmp_path, epochs=1, batches=10)
     assert cb1.cache.computed == len(cb1.cache.entries) > 1000
     files = list(tmp_path.glob("prefix-*.safetensors"))
     assert len(files) == 1
-    second, cb2, _ = fit(sms_file, cache=True, persist_dir=tmp_path, epochs=1, batches=10)
+    prefix_cache._IN_PROCESS.clear()
+    with caplog.at_level(logging.INFO, logger=prefix_cache.__name__):
+        second, cb2, _ = fit(sms_file, cache=True, persist_dir=tmp_path, epochs=1, batches=10)
     assert cb2.cache.computed == 0  # the whole prefix came from disk
+    n = len(cb1.cache.entries)
+    assert f"reused {n} of {n} messages from {files[0]}" in caplog.text
     torch.testing.assert_close(torch.tensor(second), torch.tensor(first), atol=1e-6, rtol=1e-6)
     # Other weights (another seed) are another fingerprint: nothing stale is reused.
     _, cb3, _ = fit(sms_file, cache=True, persist_dir=tmp_path, seed=8, epochs=1, batches=10)
@@ -163,26 +174,139 @@ def test_cache_persists_across_runs(sms_file, tmp_path):
     assert len(list(tmp_path.glob("prefix-*.safetensors"))) == 2
 
 
-def test_unreadable_cache_file_is_recomputed(tmp_path):
+def test_a_later_job_of_the_process_reuses_the_cache_from_memory(sms_file, tmp_path):
+    prefix_cache._IN_PROCESS.clear()
+    first, cb1, _ = fit(sms_file, cache=True, persist_dir=tmp_path, epochs=1, batches=10)
+    for file in tmp_path.glob("prefix-*"):
+        file.unlink()  # so nothing can come from disk
+    second, cb2, _ = fit(sms_file, cache=True, persist_dir=tmp_path, epochs=1, batches=10)
+    assert cb1.cache.computed > 1000 and cb2.cache.computed == 0
+    torch.testing.assert_close(torch.tensor(second), torch.tensor(first), atol=1e-6, rtol=1e-6)
+    # Off means off: no reuse at all, from memory or disk.
+    _, cb3, _ = fit(sms_file, cache=True, epochs=1, batches=10)
+    assert cb3.cache.computed == cb1.cache.computed
+
+
+def tiny_cache(depth: int = 1) -> tuple[SequenceClassifier, PrefixCache]:
     model = SequenceClassifier(GPT.from_preset("gpt2-tiny"), 2).eval()
-    cache = PrefixCache(model, depth=1)
+    return model, PrefixCache(model, depth=depth)
+
+
+IDS = torch.tensor([[1, 2, 3], [4, 5, 50256]])
+LENGTHS = torch.tensor([3, 2])
+
+
+def warmed(cache: PrefixCache, ids: torch.Tensor = IDS, lengths: torch.Tensor = LENGTHS) -> None:
+    todo, _ = cache.plan([(ids, lengths)])
+    cache.warm(todo, torch.device("cpu"), batch_tokens=512)
+
+
+def test_unreadable_cache_file_is_recomputed(tmp_path):
+    model, cache = tiny_cache()
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"garbage")
-    assert cache.load(bad) == 0
-    ids = torch.tensor([[1, 2, 3], [4, 5, 50256]])
-    lengths = torch.tensor([3, 2])
-    todo, asked = cache.plan([(ids, lengths)])
+    assert cache.load(bad, "fp") == 0
+    todo, asked = cache.plan([(IDS, LENGTHS)])
     assert len(todo) == asked == 2
     cache.warm(todo, torch.device("cpu"), batch_tokens=512)
-    cache.save(bad)
-    again = PrefixCache(model, depth=1)
-    assert again.load(bad) == 2
-    hidden = again.lookup(ids, lengths)
+    cache.save(bad, "fp")
+    _, again = tiny_cache()
+    again.model = model
+    assert again.load(bad, "fp") == 2
+    hidden = again.lookup(IDS, LENGTHS)
     assert again.computed == 0
     with torch.no_grad():
-        want = model(ids[:1], hidden_after=1)[0]
+        want = model(IDS[:1], hidden_after=1)[0]
     torch.testing.assert_close(hidden[0], want)
     assert (hidden[1, 2] == 0).all()  # never read with last-token pooling
+
+
+def test_a_foreign_or_inconsistent_cache_file_is_ignored(tmp_path, caplog):
+    model, cache = tiny_cache()
+    warmed(cache)
+    file = tmp_path / "prefix-a.safetensors"
+    cache.save(file, "a")
+    other = PrefixCache(model, depth=1)
+    with caplog.at_level(logging.WARNING):
+        assert other.load(file, "b") == 0  # copied or renamed from another fingerprint
+    assert "holds fingerprint 'a', not 'b'" in caplog.text and str(file) in caplog.text
+    wider = PrefixCache(SequenceClassifier(GPT.from_preset("gpt2-tiny", emb_dim=32), 2), 1)
+    assert wider.load(file, "a") == 0  # another model's hidden size
+    assert other.load(file, "a") == 2
+
+
+def test_writers_merge_what_each_computed(tmp_path):
+    """Two jobs that read the file before either saved: the second keeps the first's rows."""
+    model, one = tiny_cache()
+    two = PrefixCache(model, depth=1)
+    warmed(one, IDS[:1], LENGTHS[:1])
+    warmed(two, IDS[1:], LENGTHS[1:])
+    file = tmp_path / "prefix-x.safetensors"
+    one.save(file, "x")
+    two.save(file, "x")
+    merged = PrefixCache(model, depth=1)
+    assert merged.load(file, "x") == 2
+    merged.lookup(IDS, LENGTHS)
+    assert merged.computed == 0
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    model, _ = tiny_cache()
+    file = tmp_path / "prefix-x.safetensors"
+    caches = []
+    for i in range(4):
+        cache = PrefixCache(model, depth=1)
+        warmed(cache, torch.tensor([[10 + i, 20 + i]]), torch.tensor([2]))
+        caches.append(cache)
+    start = threading.Barrier(len(caches))
+
+    def save(cache: PrefixCache) -> None:
+        start.wait()
+        cache.save(file, "x")
+
+    threads = [threading.Thread(target=save, args=(c,)) for c in caches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert PrefixCache(model, depth=1).load(file, "x") == 4
+
+
+def test_the_least_recently_used_files_are_evicted(tmp_path):
+    sizes = {"a": 400, "b": 300, "c": 200}
+    for age, (name, size) in enumerate(sizes.items()):
+        file = tmp_path / f"prefix-{name}.safetensors"
+        file.write_bytes(b"x" * size)
+        (tmp_path / f"prefix-{name}.safetensors.lock").touch()
+        os.utime(file, (1000 + age, 1000 + age))  # a oldest
+    keep = tmp_path / "prefix-a.safetensors"
+    deleted = evict_oldest(tmp_path, max_bytes=650, keep=keep)
+    # a is the oldest but is the file in use: b goes, then the rest fits.
+    assert deleted == [tmp_path / "prefix-b.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "prefix-a.safetensors", "prefix-a.safetensors.lock",
+        "prefix-c.safetensors", "prefix-c.safetensors.lock",
+    ]  # fmt: skip
+
+
+def test_the_callback_keeps_its_folder_within_max_gb(sms_file, tmp_path, caplog):
+    stale = tmp_path / "prefix-stale.safetensors"
+    stale.write_bytes(b"x" * 15_000_000)  # with the run's ~10 MB, over the 20 MB budget
+    os.utime(stale, (1000, 1000))
+    prefix_cache._IN_PROCESS.clear()
+    with caplog.at_level(logging.INFO, logger=prefix_cache.__name__):
+        fit(sms_file, cache=True, persist_dir=tmp_path, epochs=1, batches=2,
+            max_gb=0.02)  # fmt: skip
+    assert not stale.exists()
+    assert f"removed {stale} (least recently used; prefix_cache.max_gb=0.02)" in caplog.text
+    # A cache bigger than the budget is not written at all.
+    prefix_cache._IN_PROCESS.clear()
+    with caplog.at_level(logging.INFO, logger=prefix_cache.__name__):
+        fit(sms_file, cache=True, persist_dir=tmp_path / "small", epochs=1, batches=2,
+            max_gb=1e-6)  # fmt: skip
+    assert "exceed prefix_cache.max_gb" in caplog.text
+    assert not list((tmp_path / "small").glob("prefix-*.safetensors"))
 
 
 def test_one_entry_serves_every_padding_up_to_its_extent():

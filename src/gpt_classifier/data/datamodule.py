@@ -37,6 +37,12 @@ from gpt_classifier.data.tokenizer import get_tokenizer
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "validation", "test")
+# Settings that change how batches are drawn, not the splits or their tokens.
+LOADER_SETTINGS = frozenset(
+    {"batch_size", "eval_batch_size", "shuffle", "drop_last", "bucket_by_length", "num_workers"}
+)
+# The last splits and tokens read in this process, for a sweep's later jobs.
+_PREPARED: dict[tuple[object, ...], tuple[Splits, dict[str, TokenizedTexts]]] = {}
 
 
 class SMSSpamDataModule(L.LightningDataModule):
@@ -104,7 +110,25 @@ class SMSSpamDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return  # tokenized once per run, not per stage or epoch
+        key = self._prepared_key()
+        held = _PREPARED.get(key)
+        if held is not None:  # a sweep's earlier job in this process read the same data
+            self.splits, self.datasets = held
+            self._write_splits()
+            log.info("SMS data reused from this process's previous job")
+            return
         self.datasets = self._tokenize(self.load_splits())
+        _PREPARED.clear()  # one data set at a time
+        _PREPARED[key] = (self.splits, self.datasets)
+
+    def _prepared_key(self) -> tuple[object, ...]:
+        """Everything the splits and their tokens depend on: the file's identity and
+        content stamp, and every setting except those of the loaders."""
+        file = self._file().resolve()
+        stat = file.stat()
+        settings = {k: v for k, v in self.hparams.items() if k not in LOADER_SETTINGS}
+        return (str(file), stat.st_size, stat.st_mtime_ns, repr(sorted(settings.items())),
+                self.max_length, self.tokenizer_dir)  # fmt: skip
 
     def load_splits(self) -> Splits:
         """The texts and labels of each split (parsed, balanced and split once; the
@@ -125,10 +149,14 @@ class SMSSpamDataModule(L.LightningDataModule):
             file, len(messages), len(self.splits.train), len(self.splits.validation),
             len(self.splits.test),
         )  # fmt: skip
-        if self.splits_dir:
+        self._write_splits()
+        return self.splits
+
+    def _write_splits(self) -> None:
+        """The split CSVs into ``splits_dir``, when set (each run folder keeps its own)."""
+        if self.splits_dir and self.splits is not None:
             for name, rows in self.splits.items():
                 write_split_csv(rows, Path(self.splits_dir) / f"{name}.csv")
-        return self.splits
 
     def _tokenize(self, splits: Splits) -> dict[str, TokenizedTexts]:
         hp = self.hparams

@@ -248,6 +248,16 @@ class GPT(nn.Module):
         return model
 
     @classmethod
+    def from_state_dict(cls, cfg: GPTConfig, state: dict[str, torch.Tensor]) -> GPT:
+        """A model whose parameters are the tensors of ``state`` (book names), not copies:
+        no memory is allocated or initialised for them. Missing tensors stay on meta."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(state, strict=False, assign=True)
+        model.out_head.weight = model.tok_emb.weight  # re-tie after assign replaced tok_emb
+        return model
+
+    @classmethod
     def from_pretrained(cls, source: str | Path, **overrides: Any) -> GPT:
         """A model with pretrained weights from a Hub name or a local folder.
 

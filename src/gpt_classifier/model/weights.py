@@ -373,13 +373,10 @@ def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _build(cfg: GPTConfig, state: dict[str, torch.Tensor], origin: str) -> GPT:
-    # Build on the meta device: random initialisation of weights about to be replaced
+    # Built on the meta device: random initialisation of weights about to be replaced
     # is wasted seconds for the larger models.
-    with torch.device("meta"):
-        model = GPT(cfg)
     floats: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
-    model.load_state_dict({k: floats(v) for k, v in state.items()}, strict=False, assign=True)
-    model.out_head.weight = model.tok_emb.weight  # re-tie after assign replaced tok_emb
+    model = GPT.from_state_dict(cfg, {k: floats(v) for k, v in state.items()})
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:  # cannot happen after the checks above; never hand out meta tensors
         raise WeightLoadError(f"{origin}: tensors {leftover} were not loaded")

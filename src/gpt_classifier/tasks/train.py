@@ -19,9 +19,11 @@ from gpt_classifier.model.gpt import GPT, PRESETS
 from gpt_classifier.model.pooling import pooling_rule
 from gpt_classifier.reporting.reports import flatten, write_json
 from gpt_classifier.reporting.tensorboard import skip_tensorflow_import
+from gpt_classifier.tasks import reuse
 from gpt_classifier.training.module import ClassifierModule
 from gpt_classifier.training.precision import resolve_precision
 from gpt_classifier.training.prefix_cache import PrefixCacheCallback
+from gpt_classifier.training.timing import StartupTimer
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +53,24 @@ def build_method(cfg: DictConfig) -> FineTuningMethod:
 
 
 def build_backbone(model_cfg: DictConfig) -> GPT:
-    """The GPT-2 backbone the ``model`` config names: pretrained weights or a random preset."""
+    """The GPT-2 backbone the ``model`` config names: pretrained weights or a random
+    preset; the previous job's weights when a sweep's job asks for the same ones."""
     overrides = {
         "drop_rate": float(model_cfg.drop_rate),
         "causal_mask": bool(model_cfg.get("causal_mask", True)),
     }
+    settings = tuple(sorted(overrides.items()))
     if not model_cfg.pretrained:
-        return GPT.from_preset(model_cfg.name, **overrides)
+        # A random initialisation is the preset's and the RNG state's.
+        key = ("preset", model_cfg.name, settings, reuse.rng_signature())
+        return reuse.shared_backbone(key, lambda: GPT.from_preset(model_cfg.name, **overrides))
     if not model_cfg.weights:
         raise ConfigError(
             f"model={model_cfg.name} has no pretrained weights: set model.weights=<Hub name or "
             "local folder>, or model.pretrained=false for random initialisation."
         )
-    return GPT.from_pretrained(model_cfg.weights, **overrides)
+    key = ("weights", reuse.source_signature(model_cfg.weights), settings)
+    return reuse.shared_backbone(key, lambda: GPT.from_pretrained(model_cfg.weights, **overrides))
 
 
 def tokenizer_folder(model_cfg: DictConfig) -> str | None:
@@ -106,6 +113,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, callbacks: list[L.Callback]
 
 def train(cfg: DictConfig) -> float:
     """Fine-tune, evaluate the best checkpoint on every split, write ``metrics.json``."""
+    timer = StartupTimer()
     output_dir = Path(cfg.paths.output_dir)
     # Everything a user can get wrong fails here, before any weights or data are read.
     method = build_method(cfg)
@@ -113,6 +121,7 @@ def train(cfg: DictConfig) -> float:
     optimizer = build(cfg, "optimizer")
     scheduler = build(cfg, "scheduler") if cfg.get("scheduler") else None
     prefix_cache: PrefixCacheCallback = build(cfg, "prefix_cache")
+    timer.excluded = lambda: prefix_cache.seconds  # reported apart, as time/prefix_s
 
     L.seed_everything(cfg.seed, workers=True)
     backbone = build_backbone(cfg.model)
@@ -124,7 +133,7 @@ def train(cfg: DictConfig) -> float:
     module = ClassifierModule(
         model, method, optimizer, scheduler, label_names=datamodule.label_names
     )
-    trainer = build_trainer(cfg, output_dir, callbacks=[prefix_cache])
+    trainer = build_trainer(cfg, output_dir, callbacks=[timer, prefix_cache])
 
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
@@ -149,6 +158,7 @@ def train(cfg: DictConfig) -> float:
         "time/fit_s": round(fit_seconds, 3),
         "time/test_s": round(test_seconds, 3),
         "time/prefix_s": round(prefix_cache.seconds, 3),
+        "time/startup_s": round(timer.seconds, 3) if timer.seconds is not None else None,
         "best_checkpoint": checkpoint,
     })  # fmt: skip
     write_json(output_dir / "metrics.json", metrics)

@@ -139,6 +139,12 @@ class ClassifierModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.method.apply(self.model)
+        # The optimizer writes trainable tensors in place; whatever else holds the
+        # loaded weights (a sweep's earlier jobs, tasks.reuse) must not see that.
+        for p in self.model.parameters():
+            if p.requires_grad and not getattr(p, "_owns_storage", False):
+                p.data = p.data.clone()
+                p._owns_storage = True  # type: ignore[attr-defined]
         trainable, total = count_parameters(self.model)
         log.info("Fine-tuning %r: %s trainable of %s parameters", self.method,
                  f"{trainable:,}", f"{total:,}")  # fmt: skip

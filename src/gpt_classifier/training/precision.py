@@ -20,7 +20,10 @@ def matmul_gflops(
     dtype: torch.dtype, m: int = 960, k: int = 768, n: int = 3072, seconds: float = 0.15
 ) -> float:
     """GFLOP/s of an (m x k) @ (k x n) linear layer in ``dtype`` on the CPU."""
-    x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    # A private generator: a probe that runs once per process must not move the global
+    # RNG, or the data order would differ between a sweep's first job and its others.
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(m, k, generator=g, dtype=dtype), torch.randn(n, k, generator=g, dtype=dtype)
     F.linear(x, w)  # warm-up: kernel selection and allocation
     repeats, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds or repeats < 3:

@@ -11,10 +11,12 @@ its rows from the cache (``batch["prefix"]``), and the model runs only what trai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from gpt_classifier.model.pooling import positions_read
 log = logging.getLogger(__name__)
 
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FILE_FORMAT = 2  # tokens, lengths, extents, hidden
+FILE_FORMAT = 3  # tokens, lengths, extents, hidden; the fingerprint in the metadata
 
 
 class PrefixCache:
@@ -186,53 +188,103 @@ class PrefixCache:
             f"format={FILE_FORMAT};depth={self.depth};dtype={self.dtype};pad={self.pad_id};"
             f"causal={self.model.cfg.causal_mask};{extra}".encode()
         )
-        gpt = self.model.backbone
-        for module in (gpt.tok_emb, gpt.pos_emb, *gpt.trf_blocks[: self.depth]):
-            for name, p in module.named_parameters():
-                digest.update(name.encode())
-                digest.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        for name, p in self.prefix_parameters():
+            digest.update(name.encode())
+            digest.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
-    def load(self, path: Path) -> int:
-        """Add the entries stored at ``path``; returns how many were read."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    def prefix_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The parameters the cached values are computed from, by name."""
+        gpt = self.model.backbone
+        modules = {"tok_emb": gpt.tok_emb, "pos_emb": gpt.pos_emb}
+        modules.update({f"trf_blocks.{i}": gpt.trf_blocks[i] for i in range(self.depth)})
+        return [(f"{prefix}.{name}", p) for prefix, module in modules.items()
+                for name, p in module.named_parameters()]  # fmt: skip
+
+    def load(self, path: Path, fingerprint: str) -> int:
+        """Add the entries stored at ``path`` if it holds ``fingerprint``'s values; returns
+        how many were read. A damaged or foreign file is ignored (logged), never trusted."""
+        from safetensors import SafetensorError, safe_open
 
         if not path.is_file():
             return 0
         try:
-            stored = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                stored_for = (f.metadata() or {}).get("fingerprint")
+                if stored_for != fingerprint:
+                    raise ValueError(f"it holds fingerprint {stored_for!r}, not {fingerprint!r}")
+                stored = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
             tokens = stored["tokens"].split(stored["lengths"].tolist())
-            hidden = stored["hidden"].to(self.dtype).split(stored["extents"].tolist())
-        except (SafetensorError, OSError, KeyError, RuntimeError) as err:
-            log.warning("Ignoring unreadable prefix cache %s (%s)", path, err)
+            extents = stored["extents"].tolist()
+            hidden = stored["hidden"]
+            if hidden.ndim != 2 or hidden.shape[1] != self.model.cfg.emb_dim:
+                raise ValueError(f"hidden states of shape {tuple(hidden.shape)}")
+            if len(extents) != len(tokens) or sum(extents) != len(hidden):
+                raise ValueError("its index does not match its hidden states")
+            parts = hidden.to(self.dtype).split(extents)
+        except (SafetensorError, OSError, KeyError, RuntimeError, ValueError) as err:
+            log.warning("Ignoring prefix cache file %s (%s); recomputing", path, err)
             return 0
-        for ids, h in zip(tokens, hidden):
+        for ids, h in zip(tokens, parts):
             key = ids.numpy().tobytes()
             if key not in self.entries or len(self.entries[key]) < len(h):
                 self.entries[key] = h
         return len(tokens)
 
-    def save(self, path: Path) -> None:
-        """Write every entry to ``path`` atomically (concurrent jobs never see half a file)."""
+    def save(self, path: Path, fingerprint: str) -> None:
+        """Merge the entries into the file at ``path`` under a lock and replace it
+        atomically: concurrent jobs never see half a file, and none loses another's rows."""
+        from filelock import FileLock
         from safetensors.torch import save_file
 
         if not self.entries:
             return
-        keys = list(self.entries)
-        tokens = [torch.frombuffer(bytearray(k), dtype=torch.int64) for k in keys]
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(
-            {
-                "tokens": torch.cat(tokens),
-                "lengths": torch.tensor([len(t) for t in tokens], dtype=torch.int64),
-                "extents": torch.tensor([len(self.entries[k]) for k in keys], dtype=torch.int64),
-                "hidden": torch.cat([self.entries[k] for k in keys]),
-            },
-            str(tmp),
-        )
-        os.replace(tmp, path)
+        with FileLock(str(path.with_name(path.name + ".lock"))):
+            self.load(path, fingerprint)  # what other jobs added since this one read it
+            keys = list(self.entries)
+            tokens = [torch.frombuffer(bytearray(k), dtype=torch.int64) for k in keys]
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+            try:
+                save_file(
+                    {
+                        "tokens": torch.cat(tokens),
+                        "lengths": torch.tensor([len(t) for t in tokens], dtype=torch.int64),
+                        "extents": torch.tensor(
+                            [len(self.entries[k]) for k in keys], dtype=torch.int64
+                        ),
+                        "hidden": torch.cat([self.entries[k] for k in keys]),
+                    },
+                    str(tmp),
+                    metadata={"fingerprint": fingerprint, "format": str(FILE_FORMAT)},
+                )
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+
+def evict_oldest(directory: Path, max_bytes: int, keep: Path) -> list[Path]:
+    """Delete the least recently used cache files of ``directory`` until the rest fit in
+    ``max_bytes`` (``keep`` is never deleted); returns what was deleted."""
+    files = []
+    for file in directory.glob("prefix-*.safetensors"):
+        try:
+            stat = file.stat()
+        except OSError:  # removed by a concurrent job meanwhile
+            continue
+        files.append((stat.st_mtime, stat.st_size, file))
+    total = sum(size for _, size, _ in files)
+    deleted = []
+    for _, size, file in sorted(files):
+        if total <= max_bytes:
+            break
+        if file == keep:
+            continue
+        file.unlink(missing_ok=True)
+        file.with_name(file.name + ".lock").unlink(missing_ok=True)
+        total -= size
+        deleted.append(file)
+    return deleted
 
 
 class PrefixCacheCallback(L.Callback):
@@ -241,16 +293,19 @@ class PrefixCacheCallback(L.Callback):
     ``enabled``: ``auto`` (on whenever the fine-tuning method leaves the embeddings
     and at least one leading block frozen and dropout is off), ``true`` (the same,
     but an error where it cannot apply) or ``false``. ``cache_dtype``: ``auto`` (the
-    compute dtype) or a dtype name. ``persist`` keeps the cache in ``dir`` for later
-    runs. ``cpu_batch_tokens`` / ``accelerator_batch_tokens`` size the warm-up batches.
+    compute dtype) or a dtype name. ``persist`` reuses the cache across runs: in memory
+    between the jobs of one process (a sweep), and in ``dir`` on disk, where the least
+    recently used files go once they exceed ``max_gb``. ``cpu_batch_tokens`` /
+    ``accelerator_batch_tokens`` size the warm-up batches.
     """
 
     def __init__(
         self,
         enabled: bool | str = "auto",
         cache_dtype: str = "auto",
-        persist: bool = False,
+        persist: bool = True,
         dir: str | None = None,  # noqa: A002 (the config key)
+        max_gb: float = 10.0,
         cpu_batch_tokens: int = 512,
         accelerator_batch_tokens: int = 16384,
     ) -> None:
@@ -262,15 +317,20 @@ class PrefixCacheCallback(L.Callback):
             )
         if persist and not dir:
             raise ValueError("prefix_cache.persist=true needs prefix_cache.dir")
+        if not max_gb > 0:
+            raise ValueError(f"prefix_cache.max_gb={max_gb!r}; give a size in GB above 0")
         self.enabled = str(enabled)
         self.cache_dtype = cache_dtype
         self.persist = persist
         self.dir = Path(dir) if dir else None
+        self.max_bytes = int(max_gb * 1e9)
         self.batch_tokens = {"cpu": cpu_batch_tokens, "accelerator": accelerator_batch_tokens}
         self.cache: PrefixCache | None = None
         self.decided = False
         self.seconds = 0.0  # spent computing the prefix (warm-up and misses), for metrics.json
         self._file: Path | None = None
+        self._fingerprint = ""
+        self._reused_from = ""  # where reused entries came from, for the log
 
     # ------------------------------------------------------------------ deciding
 
@@ -344,6 +404,12 @@ class PrefixCacheCallback(L.Callback):
             return
         cache_file = self._load_persisted(trainer)
         todo, asked = self.cache.plan(_whole_dataset(dl) for dl in loaders)
+        if self._reused_from:
+            log.info(
+                "Prefix cache: reused %d of %d messages from %s",
+                asked - len(todo), asked, self._reused_from,
+            )  # fmt: skip
+            self._reused_from = ""  # said once per run
         if not todo:
             return
         device = module.device
@@ -374,19 +440,47 @@ class PrefixCacheCallback(L.Callback):
             self.cache.nbytes / 2**20, self.cache.dtype,
         )  # fmt: skip
         if cache_file is not None and trainer.is_global_zero:
-            self.cache.save(cache_file)
+            self._save(cache_file)
 
     def _load_persisted(self, trainer: L.Trainer) -> Path | None:
-        """The cache's file, read the first time (hashing the weights takes seconds)."""
+        """The cache's file; the first time, take the entries an earlier job of this
+        process left in memory, or else read the file."""
         if not self.persist or self.cache is None or self.dir is None:
             return None
         if self._file is None:
-            fingerprint = self.cache.fingerprint(str(trainer.precision))
+            fingerprint = _fingerprint(self.cache, str(trainer.precision))
+            self._fingerprint = fingerprint
             self._file = self.dir / f"prefix-{fingerprint}.safetensors"
-            loaded = self.cache.load(self._file)
-            if loaded:
-                log.info("Prefix cache: %d entries read from %s", loaded, self._file)
+            held = _IN_PROCESS.get(fingerprint)
+            if held is not None:
+                self.cache.entries = held
+                self._reused_from = "this process's earlier jobs"
+            else:
+                _IN_PROCESS.clear()  # one model's entries at a time: bounded memory
+                _IN_PROCESS[fingerprint] = self.cache.entries
+                if self.cache.load(self._file, fingerprint):
+                    self._reused_from = str(self._file)
+                    _touch(self._file)  # recently used: evicted last
         return self._file
+
+    def _save(self, file: Path) -> None:
+        """Write the cache file, then keep the folder within ``max_gb``."""
+        if self.cache is None:
+            return
+        if self.cache.nbytes > self.max_bytes:
+            log.warning(
+                "Prefix cache not saved: its %.2f GB exceed prefix_cache.max_gb=%.2f",
+                self.cache.nbytes / 1e9, self.max_bytes / 1e9,
+            )  # fmt: skip
+            return
+        try:
+            self.cache.save(file, self._fingerprint)
+        except OSError as err:  # a full or read-only disk costs reuse, not the run
+            log.warning("Prefix cache not saved to %s (%s)", file, err)
+            return
+        for old in evict_oldest(file.parent, self.max_bytes, keep=file):
+            log.info("Prefix cache: removed %s (least recently used; prefix_cache.max_gb=%g)",
+                     old, self.max_bytes / 1e9)  # fmt: skip
 
     # ------------------------------------------------------------------ feeding steps
 
@@ -431,6 +525,36 @@ class PrefixCacheCallback(L.Callback):
         dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
         self._attach(batch, pl_module)
+
+
+# What one process keeps between runs (the jobs of a sweep): the entries of the last
+# fingerprint, and the fingerprints of the weights it hashed.
+_IN_PROCESS: dict[str, dict[bytes, torch.Tensor]] = {}
+_FINGERPRINTS: list[tuple[tuple[Any, ...], list[torch.nn.Parameter], str]] = []
+
+
+def _fingerprint(cache: PrefixCache, extra: str) -> str:
+    """``cache.fingerprint(extra)``, hashed once per set of weights in a process.
+
+    Parameters are recognised by identity and version counter (an in-place update
+    bumps it); the memo holds them, so their memory cannot be reused by other tensors.
+    """
+    params = [p for _, p in cache.prefix_parameters()]
+    ident = (
+        extra, cache.depth, cache.dtype, cache.pad_id, cache.model.cfg.causal_mask,
+        tuple((p.data_ptr(), p._version, tuple(p.shape), p.dtype, str(p.device)) for p in params),
+    )  # fmt: skip
+    for known, _, fingerprint in _FINGERPRINTS:
+        if known == ident:
+            return fingerprint
+    fingerprint = cache.fingerprint(extra)
+    _FINGERPRINTS[:] = [(ident, params, fingerprint)]
+    return fingerprint
+
+
+def _touch(file: Path) -> None:
+    with contextlib.suppress(OSError):  # read-only folder: only the eviction order suffers
+        os.utime(file)
 
 
 def _as_list(loaders: Any) -> list[Any]:
