@@ -11,8 +11,8 @@ import torch
 from gpt_classifier.training.precision import CPU_BF16_MIN_SPEEDUP, matmul_gflops
 
 if __name__ == "__main__":
-    fp32 = matmul_gflops(torch.float32, seconds=2.0)
-    bf16 = matmul_gflops(torch.bfloat16, seconds=2.0)
+    fp32 = matmul_gflops(torch.float32, m=960, seconds=2.0)
+    bf16 = matmul_gflops(torch.bfloat16, m=960, seconds=2.0)
     print(f"threads={torch.get_num_threads()} cpu={torch.backends.cpu.get_cpu_capability()}")
     print("| dtype | GFLOP/s (960x768x3072 linear) |\n|---|---|")
     print(f"| float32 | {fp32:.0f} |\n| bfloat16 | {bf16:.0f} |")
