@@ -142,6 +142,17 @@ def markdown(rows: list[dict[str, Any]], overrides: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_table(out: Path, rows: list[dict[str, Any]], overrides: list[str]) -> str:
+    """Write ``book_table.md`` and ``book_table.csv`` into ``out``; returns the Markdown."""
+    text = markdown(rows, overrides)
+    (out / "book_table.md").write_text(text, encoding="utf-8")
+    with (out / "book_table.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default=",".join(map(str, BOOK)), help="e.g. 1,4,16")
@@ -168,6 +179,7 @@ def main() -> int:
         metrics, wall = run("train.py", run_dir, overrides)
         rows.append(table_row(number, BOOK[number][0], BOOK[number][1:], metrics, wall, run_dir))
         print(json.dumps(rows[-1]), file=sys.stderr)
+        write_table(out, rows, args.overrides)  # an interrupted table keeps its finished rows
     if not args.no_baseline:
         # The same data and split as the rows (the book's), with the data overrides.
         data = [o for o in args.overrides if o.startswith(("data.", "paths.", "seed="))]
@@ -176,13 +188,7 @@ def main() -> int:
         setting = "TF-IDF (char 2-5 grams) + logistic regression (`baseline.py`)"
         rows.append(table_row("baseline", setting, None, metrics, wall, run_dir))
 
-    text = markdown(rows, args.overrides)
-    (out / "book_table.md").write_text(text, encoding="utf-8")
-    with (out / "book_table.csv").open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(text)
+    print(write_table(out, rows, args.overrides))
     print(f"Written to {out}", file=sys.stderr)
     return 1 if any("failed" in str(r.get("ours train", "")) for r in rows) else 0
 
