@@ -303,7 +303,7 @@ class PrefixCacheCallback(L.Callback):
         self,
         enabled: bool | str = "auto",
         cache_dtype: str = "auto",
-        persist: bool = True,
+        persist: bool = False,  # the config turns it on, with its dir
         dir: str | None = None,  # noqa: A002 (the config key)
         max_gb: float = 10.0,
         cpu_batch_tokens: int = 512,
