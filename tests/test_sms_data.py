@@ -89,6 +89,56 @@ def test_custom_label_mapping(tmp_path):
     assert [m.label for m in parse_messages(path, {"good": 0, "bad": 1})] == ["good", "bad"]
 
 
+def test_byte_order_mark_is_accepted_and_texts_are_unchanged(tmp_path, sms_file):
+    """What Windows editors write at a UTF-8 file's start is not part of the first label."""
+    path = tmp_path / "bom.tsv"
+    path.write_bytes(b"\xef\xbb\xbf" + sms_file.read_bytes())
+    assert parse_messages(path) == parse_messages(sms_file)
+    assert parse_messages_like_pandas(path) == parse_messages_like_pandas(sms_file)
+
+
+def _lines(n_ham: int, n_spam: int) -> str:
+    return "".join(f"ham\thello {i}\n" for i in range(n_ham)) + "".join(
+        f"spam\tWIN {i}\n" for i in range(n_spam)
+    )
+
+
+@pytest.mark.parametrize(
+    ("n_ham", "n_spam", "message"),
+    [
+        (1, 0, r"all 1 messages are labelled 'ham'.*at least two of the labels"),
+        (0, 40, r"all 40 messages are labelled 'spam'"),
+        (1, 1, r"2 messages after balancing the labels split into train 1 / validation 0 / "
+               r"test 1: train has fewer than 8, the validation split would be empty\. "
+               r"Training needs at least train 8, validation 1, test 1.*at least 12 messages"),
+        (3, 2, r"4 messages after balancing .* train 2 / validation 0 / test 2"),
+        (5, 5, r"10 messages .* train 7 / validation 1 / test 2: train has fewer than 8"),
+    ],
+    ids=["one-message", "one-label", "one-each", "three-and-two", "short-of-a-batch"],
+)  # fmt: skip
+def test_too_little_data_fails_before_training_naming_file_and_counts(
+    tmp_path, n_ham, n_spam, message
+):
+    path = tmp_path / "few.tsv"
+    path.write_text(_lines(n_ham, n_spam))
+    dm = SMSSpamDataModule(path=str(path), size=None, sha256=None)
+    with pytest.raises(DataFormatError, match=message) as info:
+        dm.setup("fit")
+    assert str(path) in str(info.value)
+
+
+def test_split_minimum_follows_the_batch_settings(tmp_path):
+    path = tmp_path / "ten.tsv"
+    path.write_text(_lines(5, 5))
+    for kwargs in ({"batch_size": 4}, {"drop_last": False}):
+        dm = SMSSpamDataModule(path=str(path), size=None, sha256=None, **kwargs)
+        dm.setup("fit")
+        assert [len(rows) for _, rows in dm.load_splits().items()] == [7, 1, 2]
+    dm = SMSSpamDataModule(path=str(path), size=None, sha256=None, validation_frac=0.0)
+    with pytest.raises(DataFormatError, match="validation split would be empty.*which no file"):
+        dm.setup("fit")
+
+
 # ----------------------------------------------------------------------------- download
 
 

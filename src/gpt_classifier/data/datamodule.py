@@ -15,6 +15,8 @@ from gpt_classifier.data.batching import (
     BucketBatchSampler,
     Collator,
     LengthSortedSampler,
+    ReplayableRandomSampler,
+    ResumableLoader,
     TokenizedTexts,
     TruncationSide,
     truncate,
@@ -27,6 +29,8 @@ from gpt_classifier.data.sms import (
     UCI_URL,
     Splits,
     balance_and_split,
+    check_labels,
+    check_split_sizes,
     ensure_sms_file,
     parse_messages,
     parse_messages_like_pandas,
@@ -113,6 +117,7 @@ class SMSSpamDataModule(L.LightningDataModule):
         key = self._prepared_key()
         held = _PREPARED.get(key)
         if held is not None:  # a sweep's earlier job in this process read the same data
+            self._check_sizes(held[0], self._file())  # its batch size may have differed
             self.splits, self.datasets = held
             self._write_splits()
             log.info("SMS data reused from this process's previous job")
@@ -141,9 +146,12 @@ class SMSSpamDataModule(L.LightningDataModule):
             messages = parse_messages_like_pandas(file)
         else:
             messages = parse_messages(file, self.labels)
-        self.splits = balance_and_split(
+        check_labels(messages, self.labels, file)
+        splits = balance_and_split(
             messages, self.labels, hp.seed, hp.balance, hp.train_frac, hp.validation_frac
         )
+        self._check_sizes(splits, file)
+        self.splits = splits
         log.info(
             "SMS data from %s: %d messages -> train %d / validation %d / test %d",
             file, len(messages), len(self.splits.train), len(self.splits.validation),
@@ -151,6 +159,18 @@ class SMSSpamDataModule(L.LightningDataModule):
         )  # fmt: skip
         self._write_splits()
         return self.splits
+
+    def split_minimums(self) -> dict[str, int]:
+        """The fewest messages each split needs: a whole training batch (when the last
+        short one is dropped), one validation message (val/acc picks the best
+        checkpoint) and one test message."""
+        hp = self.hparams
+        return {"train": hp.batch_size if hp.drop_last else 1, "validation": 1, "test": 1}
+
+    def _check_sizes(self, splits: Splits, file: Path) -> None:
+        hp = self.hparams
+        check_split_sizes(splits, self.split_minimums(), file, hp.train_frac,
+                          hp.validation_frac, hp.balance)  # fmt: skip
 
     def _write_splits(self) -> None:
         """The split CSVs into ``splits_dir``, when set (each run folder keeps its own)."""
@@ -211,11 +231,12 @@ class SMSSpamDataModule(L.LightningDataModule):
                 [len(ids) for ids in dataset.token_ids], hp.batch_size, hp.drop_last,
                 seed=hp.seed,
             )  # fmt: skip
-            return DataLoader(dataset, batch_sampler=sampler, **common)
+            return ResumableLoader(dataset, batch_sampler=sampler, **common)
         if train:
-            return DataLoader(
-                dataset, batch_size=hp.batch_size, shuffle=hp.shuffle, drop_last=hp.drop_last,
-                **common,
+            # Resumable: a run resumed mid-epoch sees the rest of that epoch's order.
+            return ResumableLoader(
+                dataset, batch_size=hp.batch_size, drop_last=hp.drop_last,
+                sampler=ReplayableRandomSampler(dataset) if hp.shuffle else None, **common,
             )  # fmt: skip
         return DataLoader(
             dataset,

@@ -28,6 +28,7 @@ MIRROR_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bc
 FILE_SIZE = 477_907
 FILE_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 DEFAULT_LABELS: dict[str, int] = {"ham": 0, "spam": 1}
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class DataFormatError(ValueError):
@@ -130,6 +131,8 @@ def parse_messages(path: str | Path, labels: Mapping[str, int] = DEFAULT_LABELS)
     """Every ``label<TAB>text`` line of the file, verbatim; bad input names file and line."""
     path = Path(path)
     raw = path.read_bytes()
+    # What Windows editors write at the start of a UTF-8 file; not part of any label.
+    raw = raw.removeprefix(UTF8_BOM)
     if not raw.strip():
         raise DataFormatError(f"{path} is empty; expected lines of 'label<TAB>text'")
     lines = raw.split(b"\n")
@@ -167,7 +170,7 @@ def parse_messages_like_pandas(path: str | Path) -> list[Message]:
     one swallows the following lines up to the next quote, and the quotes vanish. The
     book's split depends on that; :func:`parse_messages` is the faithful reading.
     """
-    text = Path(path).read_text(encoding="utf-8")
+    text = Path(path).read_text(encoding="utf-8-sig")  # pandas skips a BOM too
     rows = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quotechar='"')
     return [Message(row[0], row[1] if len(row) > 1 else "") for row in rows if row]
 
@@ -198,12 +201,83 @@ def balance_and_split(
         rows = _undersample(rows, seed)
     order = np.random.RandomState(seed).choice(len(rows), size=len(rows), replace=False)
     shuffled = [(rows[i].text, labels[rows[i].label]) for i in order]
-    train_end = int(len(shuffled) * train_frac)
-    validation_end = train_end + int(len(shuffled) * validation_frac)
+    sizes = split_sizes(len(shuffled), train_frac, validation_frac)
+    train_end = sizes["train"]
+    validation_end = train_end + sizes["validation"]
     return Splits(
         train=shuffled[:train_end],
         validation=shuffled[train_end:validation_end],
         test=shuffled[validation_end:],
+    )
+
+
+def check_labels(messages: Sequence[Message], labels: Mapping[str, int], path: Path) -> None:
+    """Fail when the messages carry fewer than two labels: there is nothing to learn,
+    and a single-class run would report accuracy 1.0 after minutes of training."""
+    counts: dict[str, int] = {}
+    for message in messages:
+        counts[message.label] = counts.get(message.label, 0) + 1
+    if len(counts) < 2:
+        (only,) = counts
+        raise DataFormatError(
+            f"{path}: all {counts[only]} messages are labelled {only!r}; a classifier needs "
+            f"messages of at least two of the labels {sorted(labels)}. Add messages of the "
+            "other labels, or point data.path at another file."
+        )
+    missing = sorted(set(labels) - set(counts))
+    if missing:
+        log.warning("%s: no message is labelled %s (data.labels has them); the classifier "
+                    "will never predict them", path, missing)  # fmt: skip
+
+
+def minimum_messages(
+    train_frac: float, validation_frac: float, needs: Mapping[str, int]
+) -> int | None:
+    """The fewest messages (after balancing) whose split gives each split its minimum;
+    None when a fraction of 0 can never give a split its minimum."""
+    fractions = {"train": train_frac, "validation": validation_frac,
+                 "test": 1 - train_frac - validation_frac}  # fmt: skip
+    if any(needs[name] > 0 and fractions[name] <= 0 for name in needs):
+        return None
+    n = 1
+    while True:  # ends: every needed split has a positive fraction
+        sizes = split_sizes(n, train_frac, validation_frac)
+        if all(sizes[name] >= needs[name] for name in needs):
+            return n
+        n += 1
+
+
+def split_sizes(n: int, train_frac: float, validation_frac: float) -> dict[str, int]:
+    """How :func:`balance_and_split` divides ``n`` messages."""
+    train = int(n * train_frac)
+    validation = int(n * validation_frac)
+    return {"train": train, "validation": validation, "test": n - train - validation}
+
+
+def check_split_sizes(
+    splits: Splits, needs: Mapping[str, int], path: Path, train_frac: float,
+    validation_frac: float, balanced: bool,
+) -> None:  # fmt: skip
+    """Fail before training when a split has fewer messages than it needs, naming each."""
+    sizes = {name: len(rows) for name, rows in splits.items()}
+    short = [name for name in needs if sizes[name] < needs[name]]
+    if not short:
+        return
+    total = sum(sizes.values())
+    have = " / ".join(f"{name} {sizes[name]}" for name in sizes)
+    want = ", ".join(f"{name} {needs[name]}" for name in needs)
+    problems = [f"the {name} split would be empty" if sizes[name] == 0
+                else f"{name} has fewer than {needs[name]}" for name in short]  # fmt: skip
+    raise DataFormatError(
+        f"{path}: {total} messages{' after balancing the labels' if balanced else ''} split "
+        f"into {have}: {', '.join(problems)}. "
+        + f"Training needs at least {want} (train: data.batch_size with data.drop_last), "
+        + (
+            f"that is at least {least} messages{' after balancing' if balanced else ''} with "
+            if (least := minimum_messages(train_frac, validation_frac, needs)) is not None
+            else "which no file gives with "
+        )
+        + f"data.train_frac={train_frac} and data.validation_frac={validation_frac}."
     )
 
 

@@ -91,14 +91,26 @@ def split_token_ids(
     data_hparams = dict(stored.get("datamodule_hyper_parameters") or {})
     if not data_hparams:
         raise ModelLoadError(f"{checkpoint} holds no data settings; pass labelled_file=<file>")
-    if cfg.data_path:
-        data_hparams["path"] = str(cfg.data_path)
+    if (path := data_path(cfg)) is not None:
+        data_hparams["path"] = path
     data_hparams.pop("splits_dir", None)
     dm = SMSSpamDataModule(**data_hparams)
     dm.prepare_data()
     dm.setup("test")
     dataset = dm.datasets[split]
     return [ids.tolist() for ids in dataset.token_ids], dataset.labels.tolist()
+
+
+def data_path(cfg: DictConfig) -> str | None:
+    """``data.path`` (as train.py takes it), or its old name ``data_path``."""
+    new, old = cfg.get("data", {}).get("path"), cfg.get("data_path")
+    if new is not None and old is not None and str(new) != str(old):
+        raise ValueError(
+            f"data.path={new} and data_path={old} disagree; data_path is the old name of "
+            "data.path: give only data.path."
+        )
+    value = new if new is not None else old
+    return str(value) if value is not None else None
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
+from gpt_classifier.data.sms import parse_messages
 from gpt_classifier.inference import Prediction, TextClassifier
 
 log = logging.getLogger(__name__)
@@ -42,42 +43,62 @@ def read_texts(path: Path, column: str = "text") -> list[str]:
     return [t.removesuffix("\r") for t in texts]
 
 
-def write_predictions(texts: list[str], predictions: list[Prediction], path: Path) -> Path:
-    """CSV (``.csv``) or JSON lines (``.jsonl``) with text, label and probabilities."""
+def write_predictions(
+    texts: list[str], predictions: list[Prediction], path: Path,
+    file_labels: list[str] | None = None,
+) -> Path:  # fmt: skip
+    """CSV (``.csv``) or JSON lines (``.jsonl``) with text, label and probabilities, and
+    the label the input file gave each text (``file_label``) when it gave one."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    given = file_labels if file_labels is not None else [None] * len(texts)
     if path.suffix.lower() == ".jsonl":
         with path.open("w", encoding="utf-8") as f:
-            for text, p in zip(texts, predictions):
+            for text, p, label in zip(texts, predictions, given):
                 record = {"text": text, "label": p.label, "probabilities": p.probabilities,
                           "truncated": p.truncated}  # fmt: skip
+                if file_labels is not None:
+                    record["file_label"] = label
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         return path
     names = list(predictions[0].probabilities) if predictions else []
+    extra = ["file_label"] if file_labels is not None else []
     with path.open("w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["text", "label", *(f"p_{n}" for n in names), "truncated"])
-        for text, p in zip(texts, predictions):
+        writer.writerow(["text", "label", *(f"p_{n}" for n in names), "truncated", *extra])
+        for text, p, label in zip(texts, predictions, given):
             writer.writerow([text, p.label, *(f"{p.probabilities[n]:.6f}" for n in names),
-                             p.truncated])  # fmt: skip
+                             p.truncated, *([label] if extra else [])])  # fmt: skip
     return path
 
 
 def predict(cfg: DictConfig) -> list[Prediction]:
-    """Classify ``cfg.text`` (one text or a list) or the texts of ``cfg.input``."""
-    if (cfg.text is None) == (cfg.input is None):
-        raise ValueError('give exactly one of text="..." or input=<file>')
+    """Classify ``cfg.text`` (one text or a list), the texts of ``cfg.input``, or the
+    messages of an SMS-format ``cfg.data.path``."""
+    sms_path = cfg.get("data", {}).get("path")
+    given = [name for name, value in (("text", cfg.text), ("input", cfg.input),
+                                      ("data.path", sms_path)) if value is not None]  # fmt: skip
+    if len(given) != 1:
+        raise ValueError(
+            'give exactly one of text="...", input=<file> or data.path=<label<TAB>text file>'
+            + (f"; got {' and '.join(given)}" if given else "")
+        )
     classifier = TextClassifier.load(cfg.ckpt_path, device=cfg.device)
+    file_labels = None
     if cfg.text is not None:
         texts = list(cfg.text) if isinstance(cfg.text, ListConfig) else [str(cfg.text)]
-    else:
+    elif cfg.input is not None:
         texts = read_texts(Path(cfg.input), cfg.column)
+    else:
+        names = classifier.settings.label_names
+        messages = parse_messages(Path(sms_path), {name: i for i, name in enumerate(names)})
+        texts, file_labels = [m.text for m in messages], [m.label for m in messages]
     predictions = classifier.classify(texts, batch_size=cfg.batch_size, progress=True)
-    if cfg.input is None:
+    if cfg.text is not None:
         for text, p in zip(texts, predictions):
             probs = ", ".join(f"{name} {value:.4f}" for name, value in p.probabilities.items())
             print(f"{p.label}\t({probs})\t{text}")
     output = Path(cfg.output)
-    write_predictions(texts, predictions, output)
+    write_predictions(texts, predictions, output, file_labels)
     counts = {n: sum(p.label == n for p in predictions) for n in classifier.settings.label_names}
     log.info("%d predictions %s written to %s", len(predictions), counts, output)
     return predictions
