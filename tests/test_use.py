@@ -117,6 +117,53 @@ def test_eval_writes_metrics_confusion_matrix_and_report(run_dir, tmp_path):
     assert list((tmp_path / "e" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_eval_and_predict_take_data_path_like_train(run_dir, sms_file, tmp_path):
+    """The data.path=... a run was trained with works for eval.py and predict.py too."""
+    from omegaconf import OmegaConf
+
+    from gpt_classifier.tasks.evaluate import evaluate
+    from gpt_classifier.tasks.predict import predict
+
+    moved = tmp_path / "moved" / "SMSSpamCollection"
+    moved.parent.mkdir()
+    shutil.copy(sms_file, moved)
+    cfg = OmegaConf.load(REPO / "configs" / "eval.yaml")
+    cfg.merge_with({"ckpt_path": str(run_dir), "data": {"path": str(moved)},
+                    "paths": {"output_dir": str(tmp_path / "e")}, "device": "cpu"})  # fmt: skip
+    del cfg["defaults"]
+    metrics = evaluate(cfg)
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["acc"] == pytest.approx(trained["test/acc"], abs=1e-6)
+    cfg.data.path = str(tmp_path / "gone.tsv")
+    with pytest.raises(Exception, match="gone.tsv"):
+        evaluate(cfg)
+
+    few = tmp_path / "few.tsv"
+    few.write_text(f"ham\t{HAM}\nspam\t{SPAM}\n")
+    cfg = OmegaConf.load(REPO / "configs" / "predict.yaml")
+    del cfg["defaults"]
+    cfg.merge_with({"ckpt_path": str(run_dir), "data": {"path": str(few)}, "device": "cpu",
+                    "output": str(tmp_path / "p" / "predictions.csv")})  # fmt: skip
+    predict(cfg)
+    rows = list(csv.DictReader((tmp_path / "p" / "predictions.csv").open(encoding="utf-8")))
+    assert [(r["text"], r["file_label"]) for r in rows] == [(HAM, "ham"), (SPAM, "spam")]
+
+
+def test_data_path_keeps_its_old_name_and_inputs_are_exclusive():
+    from omegaconf import OmegaConf
+
+    from gpt_classifier.tasks.evaluate import data_path
+    from gpt_classifier.tasks.predict import predict
+
+    assert data_path(OmegaConf.create({"data": {"path": "a"}, "data_path": None})) == "a"
+    assert data_path(OmegaConf.create({"data": {"path": None}, "data_path": "b"})) == "b"
+    with pytest.raises(ValueError, match="data.path=a and data_path=b disagree"):
+        data_path(OmegaConf.create({"data": {"path": "a"}, "data_path": "b"}))
+    both = OmegaConf.create({"text": "hi", "input": None, "data": {"path": "x.tsv"}})
+    with pytest.raises(ValueError, match="got text and data.path"):
+        predict(both)
+
+
 def test_eval_on_a_labelled_file(run_dir, export_dir, tmp_path):
     labelled = run_dir / "splits" / "validation.csv"
     ok(app("eval.py", f"ckpt_path={export_dir}", f"labelled_file={labelled}",

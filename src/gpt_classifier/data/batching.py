@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from gpt_classifier.data.tokenizer import PAD_TOKEN_ID
 
@@ -110,10 +110,22 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.pool = batch_size * pool_batches
         self.seed = seed
         self.epoch = 0
+        self.epoch_in_use = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this before each epoch; the order depends on it alone."""
+        self.epoch = epoch
+
+    def order_state(self) -> dict[str, int]:
+        return {"epoch": self.epoch_in_use}
+
+    def replay(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
 
     def __iter__(self) -> Iterator[list[int]]:
         # A fresh order each epoch, reproducible from the seed.
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch_in_use = self.epoch
         self.epoch += 1
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         batches: list[list[int]] = []
@@ -130,3 +142,89 @@ class BucketBatchSampler(Sampler[list[int]]):
         if not self.drop_last:
             return sum(-(-min(self.pool, n - s) // self.batch_size) for s in range(0, n, self.pool))
         return sum(min(self.pool, n - s) // self.batch_size for s in range(0, n, self.pool))
+
+
+class ReplayableRandomSampler(RandomSampler):
+    """torch's ``RandomSampler`` (the same seed drawn from the global RNG at the same
+    moment, the same order) that remembers each epoch's seed, so that an epoch
+    interrupted by a crash can be replayed in the same order."""
+
+    def __init__(self, data_source: Sized) -> None:
+        super().__init__(data_source)
+        self.epoch_seed: int | None = None
+        self._replay_seed: int | None = None
+
+    def order_state(self) -> dict[str, int | None]:
+        return {"seed": self.epoch_seed}
+
+    def replay(self, state: dict[str, int | None]) -> None:
+        self._replay_seed = state["seed"]
+
+    def __iter__(self) -> Iterator[int]:
+        seed, self._replay_seed = self._replay_seed, None
+        if seed is None:
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        self.epoch_seed = seed
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning checkpoints: how many batches of the current epoch it
+    has handed out, and the epoch's order. A run resumed from a checkpoint taken
+    mid-epoch goes on with exactly the batches the interrupted epoch had left.
+
+    Lightning calls ``state_dict`` when it saves and ``load_state_dict`` before it
+    iterates (``lightning.fabric.utilities.types._Stateful``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._served = 0
+        self._skip = 0
+        self._epoch_over = False
+
+    def end_epoch(self) -> None:
+        """The trainer ended the epoch (maybe early, with ``limit_train_batches``): a
+        checkpoint from now on resumes with the next epoch, not the rest of this one."""
+        self._epoch_over = True
+
+    def _order(self) -> Any:
+        """The sampler whose order varies by epoch (shuffled or bucketed), if any."""
+        for candidate in (self.batch_sampler, self.sampler):
+            if hasattr(candidate, "order_state"):
+                return candidate
+        return None
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        skip, self._skip = self._skip, 0
+        self._served = 0
+        self._epoch_over = False
+        if skip:
+            # A DataLoader iterator draws a seed from the global generator when it is made;
+            # the interrupted run drew it before the checkpoint, so the replay must not.
+            state = torch.get_rng_state()
+            batches = super().__iter__()
+            torch.set_rng_state(state)
+        else:
+            batches = super().__iter__()
+        for _ in range(skip):  # collated and dropped: cheap next to a training step
+            next(batches)
+            self._served += 1
+        for batch in batches:
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        order = self._order()
+        served = None if self._epoch_over else self._served
+        return {"served": served, "order": order.order_state() if order else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        served = int(state.get("served") or 0)  # None: saved after its epoch ended
+        if 0 < served < len(self):  # saved mid-epoch: replay that epoch's order
+            order = self._order()
+            if order is not None and state.get("order") is not None:
+                order.replay(state["order"])
+            self._skip = served

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,21 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` through a temporary file of this writer alone, then ``os.replace``:
+    readers see the old file or the new one, and two writers never mix their bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8", newline="")  # the bytes given, on any OS
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: Path, values: Mapping[str, Any]) -> None:
     """Write ``values`` as indented JSON, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(dict(values), indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(dict(values), indent=2) + "\n")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -67,10 +78,11 @@ def write_sweep_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     for row in rows:
         row["overrides"] = " ".join(o for o in row["overrides"] if o not in common)
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with (sweep_dir / "summary.csv").open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomically(sweep_dir / "summary.csv", table.getvalue())
     lines = [f"# Sweep {sweep_dir}", ""]
     if common:
         lines += ["Overrides of every job: `" + " ".join(sorted(common)) + "`", ""]
@@ -78,7 +90,7 @@ def write_sweep_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     for row in rows:
         cells = [_cell(row.get(c, "")) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
-    (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomically(sweep_dir / "summary.md", "\n".join(lines) + "\n")
     log.info("Sweep summary of %d jobs: %s", len(rows), sweep_dir / "summary.md")
     return rows
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +24,18 @@ from gpt_classifier.model.pooling import pooling_rule
 from gpt_classifier.reporting.reports import flatten, write_json
 from gpt_classifier.reporting.tensorboard import skip_tensorflow_import
 from gpt_classifier.tasks import reuse
+from gpt_classifier.tasks.run_config import config_for_resume, save_run_config
 from gpt_classifier.training.module import ClassifierModule
 from gpt_classifier.training.precision import resolve_precision
 from gpt_classifier.training.prefix_cache import PrefixCacheCallback
+from gpt_classifier.training.resume import (
+    AtomicCheckpointIO,
+    GracefulStop,
+    ResumeState,
+    TrainingInterrupted,
+    checkpoint_header,
+    find_checkpoint,
+)
 from gpt_classifier.training.timing import StartupTimer
 
 log = logging.getLogger(__name__)
@@ -94,10 +107,23 @@ def build_datamodule(
     )
 
 
-def build_trainer(cfg: DictConfig, output_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
-    """A Lightning Trainer with the configured accelerator, loggers and callbacks."""
+def build_trainer(
+    cfg: DictConfig, output_dir: Path, callbacks: list[L.Callback], resume_step: int | None = None
+) -> L.Trainer:
+    """A Lightning Trainer with the configured accelerator, loggers and callbacks.
+
+    ``resume_step``: the logging step a resumed run continues from; TensorBoard hides what
+    the interrupted run logged from there on, so no step appears twice.
+    """
     skip_tensorflow_import()
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    loggers = []
+    for logger_cfg in (cfg.get("logger") or {}).values():
+        extra = {}
+        if resume_step is not None and str(logger_cfg.get("_target_", "")).endswith(
+            "TensorBoardLogger"
+        ):
+            extra["purge_step"] = resume_step
+        loggers.append(instantiate(logger_cfg, **extra))
     configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
     return L.Trainer(
@@ -107,14 +133,77 @@ def build_trainer(cfg: DictConfig, output_dir: Path, callbacks: list[L.Callback]
         logger=loggers or False,
         callbacks=[*configured, *callbacks],
         default_root_dir=str(output_dir),
+        plugins=[AtomicCheckpointIO()],
         **trainer_kwargs,
     )
 
 
+def resume_checkpoint(ckpt_path: str, output_dir: Path) -> Path:
+    """The checkpoint ``ckpt_path`` names: ``last`` (this run folder's furthest), a run
+    folder, or a ``.ckpt`` file."""
+    where = output_dir if ckpt_path == "last" else Path(ckpt_path)
+    if ckpt_path != "last" and not where.exists():
+        raise ConfigError(f"ckpt_path={ckpt_path} does not exist")
+    try:
+        return find_checkpoint(where)
+    except FileNotFoundError as err:
+        raise ConfigError(f"ckpt_path={ckpt_path}: {err}") from err
+
+
+def check_writable(cfg: DictConfig, output_dir: Path) -> None:
+    """Fail before any work when the run's folders cannot be written."""
+    folders = {"hydra.run.dir (the output folder)": output_dir}
+    for name, callback in (cfg.get("callbacks") or {}).items():
+        if callback and callback.get("dirpath"):
+            folders[f"callbacks.{name}.dirpath"] = Path(callback.dirpath)
+    for what, folder in folders.items():
+        probe = folder / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(
+                f"{what}={folder} cannot be written ({err.strerror or err}); point it at a "
+                "folder you can write, or free space there"
+            ) from err
+
+
+def finished_run(cfg: DictConfig, output_dir: Path, header: dict[str, Any]) -> float | None:
+    """The final metric of a run that ``header``'s checkpoint shows complete, else None."""
+    metrics_file = output_dir / "metrics.json"
+    done = header.get("epochs_done")
+    if done is None or done < cfg.trainer.max_epochs or not metrics_file.is_file():
+        return None
+    metrics = json.loads(metrics_file.read_text())
+    log.info(
+        "Run %s already finished: %d of trainer.max_epochs=%d epochs trained and %s written. "
+        "Nothing to resume; to train further, add trainer.max_epochs=<more> to the command.",
+        output_dir, done, cfg.trainer.max_epochs, metrics_file,
+    )  # fmt: skip
+    return float(metrics.get(cfg.optimize_metric, float("nan")))
+
+
 def train(cfg: DictConfig) -> float:
-    """Fine-tune, evaluate the best checkpoint on every split, write ``metrics.json``."""
+    """Fine-tune, evaluate the best checkpoint on every split, write ``metrics.json``.
+
+    With ``ckpt_path`` set, continue a run from a checkpoint with that run's config.
+    """
     timer = StartupTimer()
     output_dir = Path(cfg.paths.output_dir)
+    checkpoint: Path | None = None
+    resume_step = None
+    if cfg.get("ckpt_path"):
+        checkpoint = resume_checkpoint(str(cfg.ckpt_path), output_dir)
+        cfg = config_for_resume(cfg, checkpoint)
+        header = checkpoint_header(checkpoint)
+        if (metric := finished_run(cfg, output_dir, header)) is not None:
+            return metric
+        resume_step = header["batches_that_stepped"]
+        log.info("Resuming from %s (epoch %d, step %d)", checkpoint, header["epoch"],
+                 header["global_step"])  # fmt: skip
+    check_writable(cfg, output_dir)
+    save_run_config(cfg, output_dir)
     # Everything a user can get wrong fails here, before any weights or data are read.
     method = build_method(cfg)
     pooling_rule(cfg.classifier.pooling)
@@ -127,16 +216,28 @@ def train(cfg: DictConfig) -> float:
     backbone = build_backbone(cfg.model)
     method.check(backbone.cfg)
     datamodule = build_datamodule(cfg, backbone.cfg.context_length, output_dir / "splits")
+    datamodule.setup("fit")  # data errors (too few messages, one label) before the Trainer
     model = SequenceClassifier(
         backbone, cfg.classifier.num_classes, cfg.classifier.pooling, cfg.classifier.head_seed
     )
     module = ClassifierModule(
         model, method, optimizer, scheduler, label_names=datamodule.label_names
     )
-    trainer = build_trainer(cfg, output_dir, callbacks=[timer, prefix_cache])
+    callbacks = [timer, prefix_cache, ResumeState(), GracefulStop()]
+    trainer = build_trainer(cfg, output_dir, callbacks, resume_step)
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
+    except TrainingInterrupted as stop:
+        log.warning(
+            "Training stopped by %s at epoch %d, step %d; checkpoint: %s. Resume with:\n"
+            "  python train.py ckpt_path=last hydra.run.dir=%s",
+            signal.Signals(stop.signum).name, trainer.current_epoch, trainer.global_step,
+            stop.checkpoint, output_dir,
+        )  # fmt: skip
+        # What a shell reports for a process ended by that signal (130 for Ctrl-C).
+        raise SystemExit(128 + stop.signum) from None
     fit_seconds = time.perf_counter() - start
 
     checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or None

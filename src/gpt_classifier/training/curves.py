@@ -29,6 +29,10 @@ class TrainingCurves(L.Callback):
         # Validation has run by now; the epoch's metrics are in callback_metrics.
         metrics = trainer.callback_metrics
         row = {k: float(metrics[k]) for k in CURVE_METRICS if k in metrics}
+        # A module that keeps its own epoch metrics logs them after the callbacks run.
+        epoch_values = getattr(pl_module, "epoch_values", None)
+        if callable(epoch_values):
+            row.update(epoch_values("train"))
         row["examples_seen"] = self.examples_seen
         self.history[trainer.current_epoch + 1] = row
 

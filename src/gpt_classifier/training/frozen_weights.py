@@ -34,6 +34,11 @@ class FrozenWeightsFile(L.Callback):
         if not dirpath or not frozen:
             return
         path = Path(dirpath) / FROZEN_WEIGHTS_FILE
+        if trainer.ckpt_path and path.is_file():
+            # Resuming in the run's folder: the file holds these very weights (the
+            # checkpoint was completed from it), so a gpt2-xl run skips rewriting 6 GB.
+            self.path = path
+            return
         if trainer.is_global_zero:
             from safetensors.torch import save_file
 

@@ -86,6 +86,29 @@ class SplitMetrics(nn.Module):
         return {"acc": self.acc, "precision": self.precision, "recall": self.recall,
                 "f1": self.f1, "loss": self.loss}  # fmt: skip
 
+    def values(self, names: Iterable[str]) -> dict[str, float]:
+        """The named metrics over everything updated so far (nothing is reset)."""
+        if not self.acc.update_called:
+            return {}
+        return {name: float(self.named()[name].compute()) for name in names}
+
+    def accumulated(self) -> dict[str, dict[str, Any]]:
+        """What the metrics have accumulated, for a checkpoint taken mid-epoch."""
+        return {
+            name: {"states": {k: v.detach().clone() for k, v in metric.metric_state.items()},
+                   "updates": metric._update_count}
+            for name, metric in self.named().items()
+        }  # fmt: skip
+
+    def restore(self, accumulated: dict[str, dict[str, Any]]) -> None:
+        """Continue from :meth:`accumulated`'s values."""
+        for name, metric in self.named().items():
+            if name not in accumulated:
+                continue
+            for key, value in accumulated[name]["states"].items():
+                setattr(metric, key, value.to(metric.device))
+            metric._update_count = int(accumulated[name]["updates"])
+
 
 class ClassifierModule(L.LightningModule):
     """Trains a :class:`SequenceClassifier` with a fine-tuning method and an optimizer.
@@ -181,17 +204,23 @@ class ClassifierModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, logits = self._step(batch, "train")
-        n = len(logits)
-        self.log("train/loss_step", loss, prog_bar=True, batch_size=n)
-        # Lightning averages these over the epoch weighted by batch size (the exact epoch
-        # loss and accuracy), in time for callbacks' on_train_epoch_end (the curves).
-        correct = (logits.argmax(dim=-1) == batch["labels"]).float().mean()
-        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, batch_size=n)
-        self.log("train/acc", correct, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("train/loss_step", loss, prog_bar=True, batch_size=len(logits))
         return loss
 
+    def epoch_values(self, split: str) -> dict[str, float]:
+        """A split's loss and accuracy so far this epoch, under their logged names (the
+        training curves read the train split's before this module logs and resets it)."""
+        values = self.metrics[f"split_{split}"].values(("loss", "acc"))
+        return {f"{LOG_PREFIX[split]}/{name}": value for name, value in values.items()}
+
+    def on_train_epoch_start(self) -> None:
+        # Not called when a run resumes mid-epoch: the restored partial epoch counts.
+        self.metrics["split_train"].reset()
+
     def on_train_epoch_end(self) -> None:
-        self._log_split("train", ("precision", "recall", "f1"))
+        # The train split's metrics are kept in the module (and in mid-epoch checkpoints),
+        # not in Lightning's epoch aggregation, so a resumed epoch reports all its batches.
+        self._log_split("train")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._step(batch, "val")
@@ -222,11 +251,14 @@ class ClassifierModule(L.LightningModule):
             "truncation_side": dm.hparams.truncation_side if dm is not None else "right",
             "pad_to": getattr(dm, "pad_to", None),
         }
+        checkpoint["train_metrics"] = self.metrics["split_train"].accumulated()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Frozen weights live beside the checkpoint (see training.frozen_weights).
         path = self._trainer.ckpt_path if self._trainer is not None else None
         complete_state_dict(checkpoint, path)
+        if "train_metrics" in checkpoint:
+            self.metrics["split_train"].restore(checkpoint["train_metrics"])
 
     # ------------------------------------------------------------------ optimizer
 

@@ -1,0 +1,95 @@
+"""A run's own config, kept beside its checkpoints so that resuming continues *that* run.
+
+Hydra rewrites ``.hydra/`` on every start, so ``python train.py ckpt_path=last
+hydra.run.dir=<run>`` would otherwise train with the defaults instead of the run's
+settings. Each run writes ``run_config.yaml`` once; a resume starts from it and
+applies only the plain ``key=value`` overrides of the resume command (e.g.
+``trainer.max_epochs=10`` to train further).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG_FILE = "run_config.yaml"
+# Overrides a resume command always carries; they are not changes to the run.
+RESUME_KEYS = ("ckpt_path",)
+
+
+class ResumeConfigError(ValueError):
+    """A resume command asks for something the run cannot continue with."""
+
+
+def _hydra_state() -> tuple[list[str], dict[str, Any]]:
+    """The command line's overrides and the config groups' choices, when under Hydra."""
+    if not HydraConfig.initialized():
+        return [], {}
+    hydra = HydraConfig.get()
+    return list(hydra.overrides.task), dict(hydra.runtime.choices)
+
+
+def save_run_config(cfg: DictConfig, output_dir: Path) -> None:
+    """Write ``run_config.yaml`` (the composed config, unresolved, and how it was
+    composed) unless the folder has one: a resumed run keeps its first."""
+    path = output_dir / RUN_CONFIG_FILE
+    if path.exists():
+        return
+    overrides, choices = _hydra_state()
+    config = OmegaConf.to_container(cfg, resolve=False)
+    config["ckpt_path"] = None  # a later resume names its own checkpoint
+    record = OmegaConf.create({
+        "config": config,
+        "choices": {k: v for k, v in choices.items() if not k.startswith("hydra")},
+        "overrides": overrides,
+    })  # fmt: skip
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    OmegaConf.save(record, tmp)
+    os.replace(tmp, path)
+
+
+def config_for_resume(cfg: DictConfig, checkpoint: Path) -> DictConfig:
+    """The config of the run ``checkpoint`` belongs to, with the resume command's plain
+    ``key=value`` overrides applied; ``cfg`` as it is when the run kept none."""
+    path = checkpoint.parent.parent / RUN_CONFIG_FILE
+    if not path.is_file():
+        log.warning("%s not found: resuming with this command's config, not the run's", path)
+        return cfg
+    record = OmegaConf.load(path)
+    resumed = OmegaConf.create(OmegaConf.to_container(record.config, resolve=False))
+    overrides, choices = _hydra_state()
+    changed = []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if key in RESUME_KEYS or key.startswith("hydra"):
+            continue
+        if override.is_delete():
+            raise ResumeConfigError(f"~{key}: a resume cannot remove keys of the run")
+        if key in record.choices:  # a config group: its choice made the run what it is
+            if str(choices.get(key)) != str(record.choices[key]):
+                raise ResumeConfigError(
+                    f"{key}={choices.get(key)}: the run in {checkpoint.parent.parent} was "
+                    f"trained with {key}={record.choices[key]}; a resume keeps it. Start a new "
+                    f"run (without ckpt_path) to train with {key}={choices.get(key)}."
+                )
+            continue
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        before = OmegaConf.select(resumed, key, throw_on_missing=False)
+        with open_dict(resumed):
+            OmegaConf.update(resumed, key, value, force_add=True)
+        if before != value:
+            changed.append(f"{key}: {before} -> {value}")
+    with open_dict(resumed):
+        resumed.ckpt_path = str(checkpoint)
+    if changed:
+        log.info("Resuming with the run's config, changed by this command: %s", "; ".join(changed))
+    return resumed

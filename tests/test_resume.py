@@ -1,0 +1,230 @@
+"""Crashes, signals and bad outputs: resume exactly, stop cleanly, keep what was saved."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf, open_dict
+
+from gpt_classifier.tasks.train import ConfigError, check_writable, resume_checkpoint
+from gpt_classifier.training.resume import AtomicCheckpointIO, CheckpointSaveError
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH = 60  # trainer.limit_train_batches of the runs below
+
+
+def command(sms_file: Path, run_dir: Path, *extra: str, epochs: int = 2) -> list[str]:
+    """A gpt2-tiny run of 60-step epochs with a step checkpoint every 20 steps."""
+    return [sys.executable, "train.py", "model=gpt2-tiny", "accelerator=cpu",
+            f"data.path={sms_file}", f"trainer.max_epochs={epochs}",
+            f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
+            "callbacks.progress_bar.refresh_rate=0",
+            "callbacks.step_checkpoint.every_n_train_steps=20", f"hydra.run.dir={run_dir}",
+            *extra]  # fmt: skip
+
+
+def run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def final_metrics(run_dir: Path) -> dict[str, float]:
+    """metrics.json without timings and paths: what must not depend on interruptions."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {k: v for k, v in metrics.items()
+            if not k.startswith("time/") and k != "best_checkpoint"}  # fmt: skip
+
+
+def curves(run_dir: Path) -> dict:
+    stored = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    (state,) = [v for k, v in stored["callbacks"].items() if "TrainingCurves" in k]
+    return state
+
+
+def interrupt_at(args: list[str], run_dir: Path, step: int, how: int) -> subprocess.Popen:
+    """Start a run and send it ``how`` once its step checkpoint has passed ``step``."""
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    checkpoint = run_dir / "checkpoints" / "step.ckpt"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        if checkpoint.is_file():
+            try:
+                stored = torch.load(checkpoint, weights_only=True, mmap=True)
+            except Exception:  # noqa: BLE001 - being replaced right now; look again
+                stored = {"global_step": -1}
+            if stored["global_step"] >= step:
+                process.send_signal(how)
+                return process
+        time.sleep(0.05)
+    process.kill()
+    pytest.fail(f"no step checkpoint past step {step} within 300 s")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, sms_file) -> Path:
+    """The uninterrupted run the interrupted ones must equal."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    ok(run(command(sms_file, run_dir)))
+    return run_dir
+
+
+def test_sigterm_and_ctrl_c_write_a_checkpoint_and_say_how_to_resume(reference, sms_file, tmp_path):
+    run_dir = tmp_path / "run"
+    args = command(sms_file, run_dir)
+    resume = [sys.executable, "train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"]
+    process = interrupt_at(args, run_dir, 20, signal.SIGTERM)  # in the first epoch
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Training stopped by SIGTERM" in output
+    assert f"python train.py ckpt_path=last hydra.run.dir={run_dir}" in output
+    interrupted = run_dir / "checkpoints" / "interrupted.ckpt"
+    assert torch.load(interrupted, weights_only=True, mmap=True)["global_step"] >= 20
+
+    # Resumed, then Ctrl-C in the second epoch, then resumed to the end.
+    process = interrupt_at(resume, run_dir, STEPS_PER_EPOCH + 20, signal.SIGINT)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGINT, output[-3000:]
+    assert "Training stopped by SIGINT" in output
+    ok(run(resume))
+    assert final_metrics(run_dir) == final_metrics(reference)
+    assert curves(run_dir) == curves(reference)  # every epoch's loss and accuracy, exactly
+    # TensorBoard continued in its folder rather than starting a second one.
+    assert [p.name for p in (run_dir / "tensorboard").iterdir() if p.is_dir()] == []
+
+    again = ok(run(resume))
+    assert "already finished" in again.stdout
+
+
+def test_kill_9_then_resume_equals_the_uninterrupted_run_with_lora(sms_file, tmp_path):
+    """kill -9 in the second epoch; the resume starts from the step checkpoint, mid-epoch."""
+    extra = ("freeze=lora", "callbacks.step_checkpoint.every_n_train_steps=10")
+    alone = tmp_path / "alone"
+    ok(run(command(sms_file, alone, *extra)))
+    run_dir = tmp_path / "run"
+    process = interrupt_at(command(sms_file, run_dir, *extra), run_dir, STEPS_PER_EPOCH + 20,
+                           signal.SIGKILL)  # fmt: skip
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    assert not (run_dir / "metrics.json").exists()
+    # Only the run folder: the run's own config comes from run_config.yaml.
+    ok(run([sys.executable, "train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"]))
+    assert final_metrics(run_dir) == final_metrics(alone)
+    assert curves(run_dir) == curves(alone)
+    assert final_metrics(run_dir)["params/trainable"] < 50_000  # LoRA's adapters and head
+
+
+def test_two_runs_sharing_a_cold_prefix_cache_get_their_results_alone(sms_file, tmp_path):
+    """Started together on one empty cache folder (both compute the prefix, both save
+    it), each ends with what it gets alone. One thread each: two processes spinning two
+    threads each on a 2-core machine would take three times as long."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    alone = tmp_path / "alone"
+    ok(run(command(sms_file, alone, "prefix_cache.persist=false", epochs=1), env))
+    env["GPT_CLASSIFIER_CACHE_DIR"] = str(tmp_path / "cache")
+    runs = [tmp_path / "a", tmp_path / "b"]
+    processes = [
+        subprocess.Popen(command(sms_file, d, epochs=1), cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for d in runs
+    ]  # fmt: skip
+    for process in processes:
+        output = process.communicate(timeout=600)[0]
+        assert process.returncode == 0, output[-3000:]
+    for run_dir in runs:
+        assert final_metrics(run_dir) == final_metrics(alone)
+    assert len(list((tmp_path / "cache" / "prefix_cache").glob("prefix-*.safetensors"))) == 1
+
+
+# ----------------------------------------------------------------------------- units
+
+
+def test_a_failed_checkpoint_save_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointSaveError, match=r"last.ckpt: No space left on device "
+                       r"\(the previous last.ckpt is intact\).*ckpt_path=last"):  # fmt: skip
+        io.save_checkpoint({"global_step": 2}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary left
+
+
+def test_unwritable_output_folders_fail_before_any_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cfg = OmegaConf.create({"callbacks": {"model_checkpoint": {"dirpath": str(blocker / "ck")}}})
+    with pytest.raises(ConfigError, match=r"callbacks.model_checkpoint.dirpath=.*a-file/ck "
+                       r"cannot be written"):  # fmt: skip
+        check_writable(cfg, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"hydra.run.dir \(the output folder\)=.*cannot"):
+        check_writable(OmegaConf.create({}), blocker / "out")
+    check_writable(OmegaConf.create({}), tmp_path / "fine")
+    assert list((tmp_path / "fine").iterdir()) == []  # the probe is gone
+
+
+def test_ckpt_path_names_what_is_missing(tmp_path):
+    with pytest.raises(ConfigError, match=r"ckpt_path=last: no checkpoint .* hydra.run.dir"):
+        resume_checkpoint("last", tmp_path)
+    with pytest.raises(ConfigError, match=r"ckpt_path=.*nope.ckpt does not exist"):
+        resume_checkpoint(str(tmp_path / "nope.ckpt"), tmp_path)
+
+
+def test_a_resume_keeps_the_runs_config_and_applies_plain_overrides(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    def composed(*overrides: str):
+        with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    try:
+        _check_resume_config(composed, run_dir, checkpoint)
+    finally:
+        HydraConfig.instance().cfg = None  # no Hydra state for later tests
+
+
+def _check_resume_config(composed, run_dir: Path, checkpoint: Path) -> None:
+    from gpt_classifier.tasks.run_config import (
+        ResumeConfigError,
+        config_for_resume,
+        save_run_config,
+    )
+
+    save_run_config(composed("model=gpt2-tiny", "freeze=lora", "optimizer.lr=1e-4"), run_dir)
+
+    resumed = config_for_resume(composed("ckpt_path=last", "trainer.max_epochs=9"), checkpoint)
+    assert resumed.model.name == "gpt2-tiny" and resumed.freeze.rank == 16
+    assert resumed.optimizer.lr == 1e-4 and resumed.trainer.max_epochs == 9
+    assert resumed.ckpt_path == str(checkpoint)
+    with pytest.raises(ResumeConfigError, match="model=gpt2-small: the run in .* was trained "
+                       "with model=gpt2-tiny; a resume keeps it"):  # fmt: skip
+        config_for_resume(composed("ckpt_path=last", "model=gpt2-small"), checkpoint)
