@@ -174,6 +174,47 @@ def test_eval_on_a_labelled_file(run_dir, export_dir, tmp_path):
     assert metrics["acc"] == pytest.approx(trained["val/acc"], abs=1e-6)
 
 
+def test_transformers_export_loads_and_predicts_like_ours(run_dir, tmp_path):
+    """export.py format=hf: transformers' own classes and pipeline, no code of ours,
+    give our probabilities, alone and batched with padding."""
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    from gpt_classifier.tasks.export import export
+
+    out = tmp_path / "hf"
+    export(OmegaConf.create({"ckpt_path": str(run_dir), "out": str(out), "format": "hf"}))
+    with (run_dir / "splits" / "test.csv").open(encoding="utf-8", newline="") as f:
+        texts = [row["Text"] for row in csv.DictReader(f)][:64] + [SPAM * 40]  # one truncated
+    ours = TextClassifier.load(run_dir).probabilities(texts)
+
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.id2label == {0: "ham", 1: "spam"} and model.config.pad_token_id == 50256
+    assert tokenizer(HAM)["input_ids"] == TextClassifier.load(run_dir).encode([HAM])[0][0]
+    classify = pipeline("text-classification", model=model, tokenizer=tokenizer, top_k=None,
+                        truncation=True, device="cpu")  # fmt: skip
+    for batch_size in (1, 8):
+        results = classify(texts, batch_size=batch_size)
+        theirs = torch.tensor([[next(r["score"] for r in rs if r["label"] == name)
+                                for name in ("ham", "spam")] for rs in results])  # fmt: skip
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    # And back: our loader reads the transformers folder too.
+    again = TextClassifier.load(out).probabilities(texts)
+    torch.testing.assert_close(again, ours, atol=1e-5, rtol=0)
+
+
+def test_transformers_export_refuses_what_it_would_compute_differently(run_dir, tmp_path):
+    from gpt_classifier.inference.transformers_export import TransformersExportError
+
+    clf = TextClassifier.load(run_dir)
+    clf.settings.pooling = "final_position"
+    message = "pooling=final_position: GPT2ForSequenceClassification reads the last non-padding"
+    with pytest.raises(TransformersExportError, match=message):
+        clf.export(tmp_path / "hf", format="hf")
+    assert not (tmp_path / "hf").exists()
+
+
 # ----------------------------------------------------------------------------- errors
 
 

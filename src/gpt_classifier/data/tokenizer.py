@@ -40,3 +40,26 @@ def get_tokenizer(folder: str | Path | None = None) -> tiktoken.Encoding:
             "holding its cached files, or pass an OpenAI checkpoint folder with encoder.json "
             "and vocab.bpe."
         ) from err
+
+
+# Where tiktoken gets GPT-2's BPE files (tiktoken_ext.openai_public.gpt2), with its hashes.
+_BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+
+
+def gpt2_bpe_files() -> tuple[bytes, bytes]:
+    """GPT-2's ``encoder.json`` and ``vocab.bpe`` (transformers' ``vocab.json`` and
+    ``merges.txt``), from tiktoken's cache or downloaded once into it."""
+    from tiktoken.load import read_file_cached
+
+    try:
+        return (
+            read_file_cached(_BPE_URL + "encoder.json", _ENCODER_JSON_SHA256),
+            read_file_cached(_BPE_URL + "vocab.bpe", _VOCAB_BPE_SHA256),
+        )
+    except Exception as err:  # tiktoken raises requests' errors when offline
+        raise RuntimeError(
+            f"could not read GPT-2's BPE files ({type(err).__name__}: {err}). Offline, set "
+            "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached files."
+        ) from err

@@ -152,8 +152,10 @@ class TextClassifier:
 
     # ------------------------------------------------------------------ export
 
-    def export(self, folder: str | Path) -> Path:
-        """Write ``model.safetensors``, ``config.json`` and a README into ``folder``.
+    def export(self, folder: str | Path, format: str = "native") -> Path:
+        """Write ``model.safetensors``, ``config.json`` and a README into ``folder``;
+        ``format="hf"``: a ``GPT2ForSequenceClassification`` folder for 🤗 transformers
+        (see :mod:`gpt_classifier.inference.transformers_export`).
 
         LoRA adapters are merged into the weights they adapt: the export is a plain
         model that loads without any LoRA code.
@@ -161,6 +163,14 @@ class TextClassifier:
         from safetensors.torch import save_file
 
         folder = Path(folder)
+        if format == "hf":
+            from gpt_classifier.inference.transformers_export import export_for_transformers
+
+            return export_for_transformers(
+                self.model, self.model.cfg.to_dict(), asdict(self.settings), folder
+            )
+        if format != "native":
+            raise ValueError(f"format={format!r}; choose native or hf")
         folder.mkdir(parents=True, exist_ok=True)
         merged = merged_state_dict(self.model)
         state = {k: v.detach().cpu().contiguous() for k, v in merged.items()}
@@ -253,6 +263,8 @@ def _load_export(folder: Path) -> tuple[SequenceClassifier, InferenceSettings]:
         config = json.loads(config_path.read_text())
     except ValueError as err:
         raise ModelLoadError(f"{config_path} is not valid JSON: {err}") from err
+    if "gpt_classifier" in config and config.get("model_type") == "gpt2":
+        return _load_transformers_export(folder, config)
     if config.get("format") != EXPORT_FORMAT:
         raise ModelLoadError(f"{config_path} is not a {EXPORT_FORMAT} export (format key)")
     if int(config.get("format_version", 1)) > EXPORT_VERSION:
@@ -271,6 +283,28 @@ def _load_export(folder: Path) -> tuple[SequenceClassifier, InferenceSettings]:
     settings = InferenceSettings(**fields)
     model = _build(config["architecture"], config["num_classes"], settings.pooling, state,
                    weights_path)  # fmt: skip
+    return model, settings
+
+
+def _load_transformers_export(
+    folder: Path, config: dict[str, Any]
+) -> tuple[SequenceClassifier, InferenceSettings]:
+    """A folder written by ``export.py format=hf``, read back without transformers."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from gpt_classifier.inference.transformers_export import from_hf_state_dict
+
+    ours = dict(config["gpt_classifier"])
+    arch = ours.pop("architecture")
+    weights_path = folder / "model.safetensors"
+    try:
+        state = from_hf_state_dict(load_file(str(weights_path)), arch["n_layers"])
+    except (SafetensorError, OSError, KeyError) as err:
+        raise ModelLoadError(f"{weights_path} could not be read ({err}); export it again") from err
+    fields = {k: ours[k] for k in InferenceSettings.__dataclass_fields__ if k in ours}
+    settings = InferenceSettings(**fields)
+    model = _build(arch, len(settings.label_names), settings.pooling, state, weights_path)
     return model, settings
 
 

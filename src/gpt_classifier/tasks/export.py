@@ -13,7 +13,17 @@ log = logging.getLogger(__name__)
 
 
 def export(cfg: DictConfig) -> Path:
-    """Write ``model.safetensors``, ``config.json`` and ``README.md`` into ``cfg.out``."""
-    folder = TextClassifier.load(cfg.ckpt_path).export(cfg.out)
-    log.info("Exported %s to %s", cfg.ckpt_path, folder)
+    """Write the export folder ``cfg.out`` (``cfg.format``: native or hf) and, with
+    ``cfg.hub_repo``, upload it to the Hugging Face Hub."""
+    fmt = cfg.get("format", "native")
+    folder = TextClassifier.load(cfg.ckpt_path).export(cfg.out, format=fmt)
+    log.info("Exported %s to %s (format=%s)", cfg.ckpt_path, folder, fmt)
+    if cfg.get("hub_repo"):
+        from huggingface_hub import HfApi
+
+        # Needs a token (huggingface-cli login or HF_TOKEN) and the network.
+        api = HfApi()
+        api.create_repo(cfg.hub_repo, exist_ok=True)
+        url = api.upload_folder(folder_path=str(folder), repo_id=cfg.hub_repo)
+        log.info("Uploaded %s to %s", folder, url)
     return folder
