@@ -204,6 +204,27 @@ def test_transformers_export_loads_and_predicts_like_ours(run_dir, tmp_path):
     torch.testing.assert_close(again, ours, atol=1e-5, rtol=0)
 
 
+def test_a_transformers_classifier_starts_training_with_its_head(tmp_path):
+    """model.weights=<a GPT2ForSequenceClassification folder>: its score layer becomes our
+    head, checked against transformers' own forward on a checkpoint it wrote."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, num_labels=3,
+                        pad_token_id=50256)  # fmt: skip
+    reference = GPT2ForSequenceClassification(config).eval()
+    reference.save_pretrained(tmp_path / "hf")
+    ids = torch.tensor([[464, 3290, 318, 257], [40, 588, 50256, 50256]])
+    lengths = torch.tensor([4, 2])
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=(ids != 50256).long()).logits
+        ours = SequenceClassifier(GPT.from_pretrained(str(tmp_path / "hf")), 3)(ids, lengths)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"a classifier with 3 classes .*num_classes=2: set "
+                       r"classifier.num_classes=3"):  # fmt: skip
+        SequenceClassifier(GPT.from_pretrained(str(tmp_path / "hf")), 2)
+
+
 def test_transformers_export_refuses_what_it_would_compute_differently(run_dir, tmp_path):
     from gpt_classifier.inference.transformers_export import TransformersExportError
 

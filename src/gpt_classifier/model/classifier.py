@@ -51,6 +51,17 @@ class SequenceClassifier(nn.Module):
             if head_seed is not None:
                 torch.manual_seed(head_seed)
             backbone.out_head = nn.Linear(backbone.cfg.emb_dim, num_classes, device=device)
+        head = getattr(backbone, "pretrained_head", None)
+        if head is not None:  # weights of a fine-tuned GPT2ForSequenceClassification
+            if head.shape != backbone.out_head.weight.shape:
+                raise ValueError(
+                    f"the pretrained weights are a classifier with {head.shape[0]} classes "
+                    f"(its score layer), but classifier.num_classes={num_classes}: set "
+                    f"classifier.num_classes={head.shape[0]} (and data.labels to match)"
+                )
+            with torch.no_grad():
+                backbone.out_head.weight.copy_(head)
+                backbone.out_head.bias.zero_()  # GPT-2's score layer has no bias
 
     @property
     def cfg(self) -> GPTConfig:

@@ -83,7 +83,13 @@ def load_pretrained(source: str | Path, **overrides: Any) -> GPT:
     else:
         state, cfg, origin = _read_hub(str(source))
     cfg = GPTConfig.from_dict({**cfg.to_dict(), **overrides})
+    # A GPT2ForSequenceClassification checkpoint: its score layer can start our head.
+    head = state.pop("score.weight", None)
     model = _build(cfg, _to_book_names(state, cfg, origin), origin)
+    if head is not None:
+        model.pretrained_head = head.to(torch.float32)
+        log.info("%s is a classifier with %d classes: its score layer starts the head",
+                 origin, head.shape[0])  # fmt: skip
     log.info("Loaded GPT-2 weights (%d layers, %d dims) from %s", cfg.n_layers, cfg.emb_dim, origin)
     return model
 

@@ -22,8 +22,11 @@ from gpt_classifier.model.gpt import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
 
-# key -> (config, tensors by name, the torch RNG state right after building)
-_HELD: dict[tuple[Any, ...], tuple[GPTConfig, dict[str, torch.Tensor], torch.Tensor]] = {}
+# key -> (config, tensors by name, the torch RNG state right after building, the
+# pretrained classifier head if the weights had one)
+_HELD: dict[
+    tuple[Any, ...], tuple[GPTConfig, dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]
+] = {}
 
 
 def source_signature(source: str | Path) -> tuple[Any, ...]:
@@ -53,12 +56,16 @@ def shared_backbone(key: tuple[Any, ...], build: Callable[[], GPT]) -> GPT:
         _HELD.clear()  # one backbone at a time: memory stays that of one model
         model = build()
         state = {name: t.detach() for name, t in model.state_dict(keep_vars=True).items()}
-        _HELD[key] = (model.cfg, state, torch.random.get_rng_state())
+        head = getattr(model, "pretrained_head", None)
+        _HELD[key] = (model.cfg, state, torch.random.get_rng_state(), head)
         return model
-    cfg, state, rng_after = held
+    cfg, state, rng_after, head = held
     torch.random.set_rng_state(rng_after)
     log.info("Backbone weights reused from this process's previous job")
-    return GPT.from_state_dict(cfg, state)
+    model = GPT.from_state_dict(cfg, state)
+    if head is not None:
+        model.pretrained_head = head
+    return model
 
 
 def clear() -> None:
