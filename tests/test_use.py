@@ -482,3 +482,38 @@ def test_exports_and_checkpoints_of_format_1_still_load(run_dir, export_dir, tmp
     torch.testing.assert_close(
         TextClassifier.load(tmp_path / "legacy.ckpt").probabilities(texts), want
     )
+
+
+def _landed_report(labels: list[int], preds: list[int], n: int) -> dict[str, float]:
+    """The hand-written per-class numbers eval.py computed before torchmetrics."""
+    matrix = [[0] * n for _ in range(n)]
+    for y, p in zip(labels, preds):
+        matrix[y][p] += 1
+    out: dict[str, float] = {"acc": sum(matrix[i][i] for i in range(n)) / len(labels)}
+    f1s = []
+    for i in range(n):
+        tp, predicted, actual = matrix[i][i], sum(row[i] for row in matrix), sum(matrix[i])
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        f1s.append(f1)
+        out |= {f"{i}/precision": precision, f"{i}/recall": recall, f"{i}/f1": f1,
+                f"{i}/support": actual}  # fmt: skip
+    out["macro/f1"] = sum(f1s) / n
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_eval_report_from_torchmetrics_equals_the_landed_numbers(n):
+    from gpt_classifier.tasks.evaluate import classification_report
+
+    generator = torch.Generator().manual_seed(n)
+    labels = torch.randint(0, n, (301,), generator=generator).tolist()
+    probs = torch.softmax(torch.randn(301, n, generator=generator), dim=1)
+    if n == 3:
+        probs[:, 2] = 0.0  # a class never predicted: its precision is 0, not NaN
+    metrics, matrix = classification_report(labels, probs, [str(i) for i in range(n)])
+    landed = _landed_report(labels, probs.argmax(dim=1).tolist(), n)
+    for key, value in landed.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-6), key
+    assert sum(map(sum, matrix)) == 301

@@ -26,34 +26,34 @@ SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
 def classification_report(
     labels: list[int], probs: torch.Tensor, names: list[str]
 ) -> tuple[dict[str, Any], list[list[int]]]:
-    """Accuracy, loss, per-class precision/recall/F1 and the confusion matrix."""
-    preds = probs.argmax(dim=1).tolist()
+    """Accuracy, loss, per-class precision/recall/F1 (torchmetrics; 0 where a class is
+    never predicted) and the confusion matrix (rows: true class, columns: predicted)."""
+    from torchmetrics.functional.classification import (
+        multiclass_confusion_matrix,
+        multiclass_f1_score,
+        multiclass_precision,
+        multiclass_recall,
+    )
+
     n = len(names)
-    matrix = [[0] * n for _ in range(n)]
-    for y, p in zip(labels, preds):
-        matrix[y][p] += 1
-    total = len(labels)
-    picked = probs[torch.arange(total), torch.tensor(labels)]
+    target = torch.tensor(labels)
+    preds = probs.argmax(dim=1)
+    per_class = {"precision": multiclass_precision, "recall": multiclass_recall,
+                 "f1": multiclass_f1_score}  # fmt: skip
+    scores = {name: fn(preds, target, n, average=None) for name, fn in per_class.items()}
+    matrix = multiclass_confusion_matrix(preds, target, n)
+    picked = probs[torch.arange(len(labels)), target]
     metrics: dict[str, Any] = {
-        "examples": total,
-        "acc": sum(matrix[i][i] for i in range(n)) / total,
+        "examples": len(labels),
+        "acc": float((preds == target).float().mean()),
         "loss": float(-picked.clamp_min(1e-12).log().mean()),
     }
-    f1s = []
     for i, name in enumerate(names):
-        tp = matrix[i][i]
-        predicted = sum(matrix[r][i] for r in range(n))
-        actual = sum(matrix[i])
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / actual if actual else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        f1s.append(f1)
-        metrics[f"{name}/precision"] = precision
-        metrics[f"{name}/recall"] = recall
-        metrics[f"{name}/f1"] = f1
-        metrics[f"{name}/support"] = actual
-    metrics["macro/f1"] = sum(f1s) / n
-    return metrics, matrix
+        for kind, values in scores.items():
+            metrics[f"{name}/{kind}"] = float(values[i])
+        metrics[f"{name}/support"] = int(matrix[i].sum())
+    metrics["macro/f1"] = float(scores["f1"].mean())
+    return metrics, matrix.tolist()
 
 
 def read_labelled_file(path: Path, names: list[str]) -> tuple[list[str], list[int]]:
