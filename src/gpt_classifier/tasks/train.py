@@ -172,8 +172,10 @@ def check_writable(cfg: DictConfig, output_dir: Path) -> None:
 def finished_run(cfg: DictConfig, output_dir: Path, header: dict[str, Any]) -> float | None:
     """The final metric of a run that ``header``'s checkpoint shows complete, else None."""
     metrics_file = output_dir / "metrics.json"
-    done = header.get("epochs_done")
-    if done is None or done < cfg.trainer.max_epochs or not metrics_file.is_file():
+    done, wanted = header.get("epochs_done"), cfg.trainer.get("max_epochs")
+    if done is None or wanted is None or wanted < 0:  # no epoch limit: never finished
+        return None
+    if done < wanted or not metrics_file.is_file():
         return None
     metrics = json.loads(metrics_file.read_text())
     log.info(
