@@ -76,17 +76,21 @@ def interrupt_at(args: list[str], run_dir: Path, step: int, how: int) -> subproc
     pytest.fail(f"no step checkpoint past step {step} within 300 s")
 
 
+# LoRA on the last block: adapters and the prefix cache (the frozen blocks below) at once.
+LORA = ("freeze=lora", "freeze.blocks=1")
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, sms_file) -> Path:
     """The uninterrupted run the interrupted ones must equal."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    ok(run(command(sms_file, run_dir)))
+    ok(run(command(sms_file, run_dir, *LORA)))
     return run_dir
 
 
 def test_sigterm_and_ctrl_c_write_a_checkpoint_and_say_how_to_resume(reference, sms_file, tmp_path):
     run_dir = tmp_path / "run"
-    args = command(sms_file, run_dir)
+    args = command(sms_file, run_dir, *LORA)
     resume = [sys.executable, "train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"]
     process = interrupt_at(args, run_dir, 20, signal.SIGTERM)  # in the first epoch
     output = process.communicate(timeout=120)[0]
@@ -106,25 +110,20 @@ def test_sigterm_and_ctrl_c_write_a_checkpoint_and_say_how_to_resume(reference, 
     assert curves(run_dir) == curves(reference)  # every epoch's loss and accuracy, exactly
     # TensorBoard continued in its folder rather than starting a second one.
     assert [p.name for p in (run_dir / "tensorboard").iterdir() if p.is_dir()] == []
-
-    again = ok(run(resume))
-    assert "already finished" in again.stdout
+    assert "Prefix cache: reused" in (run_dir / "train.log").read_text()
 
 
-def test_kill_9_then_resume_equals_the_uninterrupted_run_with_lora(sms_file, tmp_path):
+def test_kill_9_then_resume_equals_the_uninterrupted_run(reference, sms_file, tmp_path):
     """kill -9 in the second epoch; the resume starts from the step checkpoint, mid-epoch."""
-    extra = ("freeze=lora", "callbacks.step_checkpoint.every_n_train_steps=10")
-    alone = tmp_path / "alone"
-    ok(run(command(sms_file, alone, *extra)))
     run_dir = tmp_path / "run"
-    process = interrupt_at(command(sms_file, run_dir, *extra), run_dir, STEPS_PER_EPOCH + 20,
+    process = interrupt_at(command(sms_file, run_dir, *LORA), run_dir, STEPS_PER_EPOCH + 20,
                            signal.SIGKILL)  # fmt: skip
     assert process.wait(timeout=60) == -signal.SIGKILL
     assert not (run_dir / "metrics.json").exists()
     # Only the run folder: the run's own config comes from run_config.yaml.
     ok(run([sys.executable, "train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"]))
-    assert final_metrics(run_dir) == final_metrics(alone)
-    assert curves(run_dir) == curves(alone)
+    assert final_metrics(run_dir) == final_metrics(reference)
+    assert curves(run_dir) == curves(reference)
     assert final_metrics(run_dir)["params/trainable"] < 50_000  # LoRA's adapters and head
 
 
@@ -182,6 +181,21 @@ def test_unwritable_output_folders_fail_before_any_work(tmp_path):
         check_writable(OmegaConf.create({}), blocker / "out")
     check_writable(OmegaConf.create({}), tmp_path / "fine")
     assert list((tmp_path / "fine").iterdir()) == []  # the probe is gone
+
+
+def test_a_finished_run_is_not_trained_again(tmp_path):
+    from gpt_classifier.tasks.train import finished_run
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"val/acc": 0.9}))
+
+    def cfg(max_epochs):
+        return OmegaConf.create({"trainer": {"max_epochs": max_epochs},
+                                 "optimize_metric": "val/acc"})  # fmt: skip
+
+    assert finished_run(cfg(2), tmp_path, {"epochs_done": 2}) == 0.9
+    assert finished_run(cfg(3), tmp_path, {"epochs_done": 2}) is None  # train further
+    assert finished_run(cfg(-1), tmp_path, {"epochs_done": 2}) is None  # no epoch limit
+    assert finished_run(cfg(2), tmp_path / "other", {"epochs_done": 2}) is None  # no metrics
 
 
 def test_ckpt_path_names_what_is_missing(tmp_path):
