@@ -118,13 +118,16 @@ def build_trainer(
     skip_tensorflow_import()
     loggers = []
     for logger_cfg in (cfg.get("logger") or {}).values():
+        if not logger_cfg:
+            continue
         extra = {}
         if resume_step is not None and str(logger_cfg.get("_target_", "")).endswith(
             "TensorBoardLogger"
         ):
             extra["purge_step"] = resume_step
         loggers.append(instantiate(logger_cfg, **extra))
-    configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    # A callback set to null (e.g. callbacks.step_checkpoint=null) is turned off.
+    configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
     return L.Trainer(
         accelerator=cfg.accelerator.accelerator,
