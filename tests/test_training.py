@@ -83,19 +83,24 @@ def test_short_run_learns_and_reports_consistently(tmp_path, sms_file):
 
 
 def test_tensorboard_logging_does_not_import_tensorflow(tmp_path):
-    # The dev extra installs TensorFlow (it writes the test checkpoints); a run must
-    # still write its event files through TensorBoard's stub, without importing it.
+    # Where TensorFlow is installed, TensorBoard's compat layer imports all of it (seconds
+    # of every run's start-up); a run writes its event files through TensorBoard's stub
+    # instead. A stand-in `tensorflow` package on the path shows whether it is imported.
+    fake = tmp_path / "site" / "tensorflow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
     script = (
         "import sys\n"
+        f"sys.path.insert(0, {str(fake.parent)!r})\n"
         "from gpt_classifier.reporting.tensorboard import skip_tensorflow_import\n"
         "skip_tensorflow_import()\n"
         "from torch.utils.tensorboard import SummaryWriter\n"
-        f"with SummaryWriter({str(tmp_path)!r}) as w:\n"
+        f"with SummaryWriter({str(tmp_path / 'tb')!r}) as w:\n"
         "    w.add_scalar('a/b', 0.5, 3)\n"
         "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n"
     )
     ok(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True))
-    (events,) = tmp_path.glob("events.out.tfevents.*")
+    (events,) = (tmp_path / "tb").glob("events.out.tfevents.*")
     acc = EventAccumulator(str(events))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("a/b")] == [(3, 0.5)]

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -60,54 +57,18 @@ def hub_style_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def openai_name(key: str) -> str:
-    """Hugging Face's tensor name to OpenAI's TensorFlow variable name."""
-    if key in ("wte.weight", "wpe.weight"):
-        return "model/" + key.split(".")[0]
-    parts = re.sub(r"^h\.(\d+)\.", r"h\1.", key).split(".")
-    module, leaf = parts[-2], parts[-1]
-    suffix = "b" if leaf == "bias" else ("g" if module.startswith("ln_") else "w")
-    return "model/" + "/".join([*parts[:-1], suffix])
+# Small OpenAI-format checkpoints written by TensorFlow itself (scripts/make_tf_fixtures.py),
+# each beside the same weights saved by transformers: our reader needs no TensorFlow, and
+# neither do the tests.
+TF_FIXTURES = Path(__file__).parent / "fixtures" / "openai_tf"
+TF_FIXTURE_NAMES = sorted(p.name for p in TF_FIXTURES.iterdir())
 
 
-def import_tensorflow():
-    """TensorFlow writes the checkpoints; CI installs it, elsewhere its absence skips."""
-    if os.environ.get("CI"):
-        import tensorflow
-
-        return tensorflow
-    return pytest.importorskip("tensorflow")
-
-
-def write_openai_checkpoint(model: torch.nn.Module, folder: Path) -> Path:
-    """A real TensorFlow checkpoint with OpenAI's variable names, written by TensorFlow."""
-    tf = import_tensorflow()
-    base = model.transformer if hasattr(model, "transformer") else model
-    arrays: dict[str, np.ndarray] = {}
-    for key, tensor in base.state_dict().items():
-        if re.search(r"\.attn\.(bias|masked_bias)$", key):
-            continue
-        array = tensor.numpy()
-        name = openai_name(key)
-        if name.endswith("/w"):
-            array = array[None]  # OpenAI's conv1d weights are (1, in, out)
-        arrays[name] = np.ascontiguousarray(array)
-    folder.mkdir(parents=True)
-    names = sorted(arrays)
-    tf.raw_ops.SaveV2(
-        prefix=str(folder / "model.ckpt"),
-        tensor_names=names,
-        shape_and_slices=[""] * len(names),
-        tensors=[arrays[n] for n in names],
-    )
-    cfg = base.config
-    hparams = {"n_vocab": cfg.vocab_size, "n_ctx": cfg.n_positions, "n_embd": cfg.n_embd,
-               "n_head": cfg.n_head, "n_layer": cfg.n_layer}  # fmt: skip
-    (folder / "hparams.json").write_text(json.dumps(hparams))
-    (folder / "checkpoint").write_text(
-        'model_checkpoint_path: "model.ckpt"\nall_model_checkpoint_paths: "model.ckpt"\n'
-    )
-    return folder
+def openai_checkpoint(name: str, tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    """A copy of a TensorFlow-written checkpoint folder, and its weights in transformers."""
+    folder = shutil.copytree(TF_FIXTURES / name / "openai", tmp_path / "124M")
+    ref = transformers.GPT2Model.from_pretrained(TF_FIXTURES / name / "reference").eval()
+    return folder, ref
 
 
 def assert_same_logits(ours: GPT, ref: torch.nn.Module, vocab: int, ctx: int) -> None:
@@ -152,12 +113,20 @@ def test_prefixed_bin_with_tied_lm_head(tmp_path):
     assert_same_logits(GPT.from_pretrained(tmp_path), ref, SHAPES[1][4], SHAPES[1][3])
 
 
-@pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
-def test_openai_tensorflow_checkpoint_matches_reference(tmp_path, shape):
-    ref = reference_model(shape, lm_head=False, seed=5)
-    folder = write_openai_checkpoint(ref, tmp_path / "124M")
-    ours = GPT.from_pretrained(folder)
-    assert_same_logits(ours, ref, shape[4], shape[3])
+def test_tf_fixtures_are_tensorflow_checkpoints():
+    # What TensorFlow's SaveV2 writes: a sharded data file and a table-format index.
+    assert len(TF_FIXTURE_NAMES) >= 2, TF_FIXTURE_NAMES
+    for name in TF_FIXTURE_NAMES:
+        files = sorted(p.name for p in (TF_FIXTURES / name / "openai").iterdir())
+        assert files == ["checkpoint", "hparams.json", "model.ckpt.data-00000-of-00001",
+                         "model.ckpt.index"], files  # fmt: skip
+
+
+@pytest.mark.parametrize("name", TF_FIXTURE_NAMES)
+def test_openai_tensorflow_checkpoint_matches_reference(tmp_path, name):
+    folder, ref = openai_checkpoint(name, tmp_path)
+    cfg = ref.config
+    assert_same_logits(GPT.from_pretrained(folder), ref, cfg.vocab_size, cfg.n_positions)
 
 
 def test_openai_folder_tokenizer_needs_no_download(tmp_path, tiktoken_files):
@@ -241,7 +210,7 @@ def test_bin_with_pickled_code_is_refused(tmp_path):
 
 
 def test_truncated_tensorflow_data_is_an_error(tmp_path):
-    folder = write_openai_checkpoint(reference_model(SHAPES[0], False), tmp_path / "124M")
+    folder, _ = openai_checkpoint(TF_FIXTURE_NAMES[0], tmp_path)
     data = folder / "model.ckpt.data-00000-of-00001"
     data.write_bytes(data.read_bytes()[:1000])
     with pytest.raises(WeightLoadError, match=r"model.ckpt.data-00000-of-00001 is truncated"):
@@ -249,7 +218,7 @@ def test_truncated_tensorflow_data_is_an_error(tmp_path):
 
 
 def test_corrupt_tensorflow_index_is_an_error(tmp_path):
-    folder = write_openai_checkpoint(reference_model(SHAPES[0], False), tmp_path / "124M")
+    folder, _ = openai_checkpoint(TF_FIXTURE_NAMES[0], tmp_path)
     (folder / "model.ckpt.index").write_bytes(b"\0" * 100)
     with pytest.raises(WeightLoadError, match="model.ckpt.index is not a readable"):
         GPT.from_pretrained(folder)
