@@ -6,8 +6,12 @@ import csv
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -50,6 +54,61 @@ def scalars(run: Path) -> dict[str, list[float]]:
         for tag in acc.Tags()["scalars"]:
             values.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
     return values
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hparams_sessions(logdir: Path, timeout: float = 120) -> dict[str, tuple[dict, dict]]:
+    """What TensorBoard's HParams dashboard shows for ``logdir``: per run (session), its
+    hyperparameters and metrics, from a real ``tensorboard`` server on a loopback port."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", f"--logdir={logdir}", "--host=127.0.0.1",
+         f"--port={port}", "--reload_interval=1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/data/plugin/hparams/"
+    headers = {"Content-Type": "application/json", "X-XSRF-Protected": "1"}
+
+    def ask(endpoint: str, body: dict) -> dict:
+        request = urllib.request.Request(url + endpoint, json.dumps(body).encode(), headers)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                experiment = ask("experiment", {"experimentName": ""})
+                names = [h["name"] for h in experiment.get("hparamInfos", [])]
+                metric_names = [m["name"] for m in experiment.get("metricInfos", [])]
+                groups = ask("session_groups", {
+                    "experimentName": "",
+                    "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"],
+                    "colParams": [{"hparam": n} for n in names]
+                    + [{"metric": m} for m in metric_names],
+                    "startIndex": 0, "sliceSize": 100,
+                })  # fmt: skip
+                if names and groups.get("sessionGroups"):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "TensorBoard's HParams plugin listed no sessions"
+            time.sleep(0.5)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    sessions = {}
+    for group in groups["sessionGroups"]:
+        for session in group["sessions"]:
+            metrics = {v["name"]["tag"]: v["value"] for v in session["metricValues"]}
+            sessions[session["name"]] = (group["hparams"], metrics)
+    return sessions
 
 
 def test_short_run_learns_and_reports_consistently(tmp_path, sms_file):
@@ -117,6 +176,17 @@ def test_two_job_multirun_applies_each_jobs_freeze_and_writes_its_summary(tmp_pa
     assert all(0 <= float(r["val/acc"]) <= 1 for r in rows)
     table = (sweep / "summary.md").read_text()
     assert "freeze=last_layer" in table and "val/acc" in table
+    # TensorBoard's HParams dashboard, asked by a real TensorBoard server over the sweep:
+    # one session per job, with its choices, its settings and its final metrics.
+    sessions = hparams_sessions(sweep)
+    assert sorted(sessions) == ["0/tensorboard", "1/tensorboard"], sessions
+    for job, row in zip(("0/tensorboard", "1/tensorboard"), rows):
+        hparams, metrics = sessions[job]
+        assert hparams["choice/freeze"] == row["overrides"].removeprefix("freeze=")
+        assert hparams["choice/model"] == "gpt2-tiny" and hparams["optimizer/lr"] == 5e-5
+        assert not any(k.startswith(("paths/", "callbacks/")) for k in hparams), sorted(hparams)
+        assert metrics["hparams/val/acc"] == pytest.approx(float(row["val/acc"]), abs=1e-6)
+        assert metrics["hparams/params/trainable"] == int(row["params/trainable"])
 
 
 @pytest.mark.parametrize(

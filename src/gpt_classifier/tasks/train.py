@@ -21,10 +21,14 @@ from gpt_classifier.finetuning.methods import FineTuningMethod, count_parameters
 from gpt_classifier.model.classifier import SequenceClassifier
 from gpt_classifier.model.gpt import GPT, PRESETS
 from gpt_classifier.model.pooling import pooling_rule
-from gpt_classifier.reporting.reports import flatten, write_json
-from gpt_classifier.reporting.tensorboard import skip_tensorflow_import
+from gpt_classifier.reporting.reports import write_json
+from gpt_classifier.reporting.tensorboard import (
+    hparams_for_dashboard,
+    log_final_hparams,
+    skip_tensorflow_import,
+)
 from gpt_classifier.tasks import reuse
-from gpt_classifier.tasks.run_config import config_for_resume, save_run_config
+from gpt_classifier.tasks.run_config import config_for_resume, run_choices, save_run_config
 from gpt_classifier.training.module import ClassifierModule
 from gpt_classifier.training.precision import resolve_precision
 from gpt_classifier.training.prefix_cache import PrefixCacheCallback
@@ -271,8 +275,9 @@ def train(cfg: DictConfig) -> float:
     log.info("Final metrics: %s", {k: v for k, v in metrics.items() if k.endswith("acc")})
     for logger in trainer.loggers:
         if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
-            numbers = {f"hparams/{k}": v for k, v in metrics.items() if isinstance(v, float | int)}
-            logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)), numbers)
+            config = OmegaConf.to_container(cfg, resolve=True)
+            log_final_hparams(logger, hparams_for_dashboard(config, run_choices(output_dir)),
+                              metrics)  # fmt: skip
     if cfg.optimize_metric not in metrics:
         raise ConfigError(
             f"optimize_metric={cfg.optimize_metric!r} is not among the final metrics "
