@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,18 @@ def _private_cache_dir(tmp_path_factory) -> None:
     """Runs persist their prefix cache (the default): into a folder of this session,
     not the repository's .cache, unless a test names its own."""
     os.environ["GPT_CLASSIFIER_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, sms_file) -> Path:
+    """A briefly trained gpt2-tiny run (two epochs), shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    result = subprocess.run(
+        [sys.executable, "train.py", "model=gpt2-tiny", "accelerator=cpu",
+         f"data.path={sms_file}", "trainer.max_epochs=2", f"hydra.run.dir={out}",
+         "callbacks.progress_bar.refresh_rate=0"],
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return out

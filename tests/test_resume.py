@@ -129,8 +129,9 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(reference, sms_file, tm
 
 def test_two_runs_sharing_a_cold_prefix_cache_get_their_results_alone(sms_file, tmp_path):
     """Started together on one empty cache folder (both compute the prefix, both save
-    it), each ends with what it gets alone: three processes, one seed, the same numbers. One thread each: two processes spinning two
-    threads each on a 2-core machine would take three times as long."""
+    it), each ends with what it gets alone: three processes, one seed, the same numbers.
+    One thread each: two processes spinning two threads each on a 2-core machine would
+    take three times as long."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     alone = tmp_path / "alone"
     ok(run(command(sms_file, alone, "prefix_cache.persist=false", epochs=1), env))

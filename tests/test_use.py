@@ -34,13 +34,8 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, sms_file) -> Path:
-    """A briefly trained gpt2-tiny run."""
-    out = tmp_path_factory.mktemp("trained") / "run"
-    ok(app("train.py", "model=gpt2-tiny", "accelerator=cpu", f"data.path={sms_file}",
-           "trainer.max_epochs=2", f"hydra.run.dir={out}",
-           "callbacks.progress_bar.refresh_rate=0"))  # fmt: skip
-    return out
+def run_dir(trained_run) -> Path:
+    return trained_run
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,16 @@
+"""Serve a trained classifier over HTTP: ``python serve.py ckpt_path=<run or export>``."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="serve")
+def main(cfg: DictConfig) -> None:
+    """Hand the composed config to the task."""
+    from gpt_classifier.tasks.serve import serve
+
+    serve(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The task behind ``python serve.py``: a LitServe server for one trained classifier."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from gpt_classifier.inference import TextClassifier
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def build_server(cfg: DictConfig):
+    """The LitServer for ``cfg``; the model is loaded here once, so that a bad
+    ``ckpt_path`` fails now with its own message instead of inside a worker process."""
+    import litserve as ls
+
+    from gpt_classifier.inference.server import ClassifierAPI, Page, RequestCheck, model_info
+
+    if cfg.device not in DEVICES:
+        raise ValueError(f"device={cfg.device!r} is not one of {list(DEVICES)}")
+    for key in ("max_batch_size", "batch_size", "workers", "max_request_bytes", "max_texts"):
+        if int(cfg[key]) < 1:
+            raise ValueError(f"{key}={cfg[key]} must be at least 1")
+    path = Path(cfg.ckpt_path).expanduser()
+    info = model_info(TextClassifier.load(path, device="cpu"), path)
+    api = ClassifierAPI(str(path), batch_size=int(cfg.batch_size),
+                        max_batch_size=int(cfg.max_batch_size),
+                        batch_timeout=float(cfg.batch_timeout))  # fmt: skip
+    return ls.LitServer(
+        api,
+        accelerator=cfg.device,
+        workers_per_device=int(cfg.workers),
+        timeout=float(cfg.timeout),
+        model_metadata=info,
+        middlewares=[
+            (
+                RequestCheck,
+                {"max_request_bytes": int(cfg.max_request_bytes), "max_texts": int(cfg.max_texts)},
+            ),
+            Page,
+        ],  # fmt: skip
+    )
+
+
+def serve(cfg: DictConfig) -> None:
+    """Run the server until Ctrl-C."""
+    server = build_server(cfg)
+    log.info("Serving %s on http://%s:%d/ (POST /predict, GET /health, GET /info)",
+             cfg.ckpt_path, cfg.host, cfg.port)  # fmt: skip
+    server.run(host=cfg.host, port=int(cfg.port), log_level=cfg.log_level,
+               generate_client_file=False, num_api_servers=1)  # fmt: skip

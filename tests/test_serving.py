@@ -1,0 +1,261 @@
+"""``python serve.py`` as a user starts it: a real server on a loopback port, a browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from gpt_classifier.data.sms import parse_messages
+from gpt_classifier.inference import TextClassifier
+
+pytest.importorskip("litserve")
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(
+    os.environ.get("GPT_CLASSIFIER_TEST_ARTIFACTS", REPO / "outputs" / "test-artifacts")
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(url: str, body: bytes | None = None, content_type: str = "application/json"):
+    """(status, parsed JSON or text) of a GET, or of a POST when ``body`` is given."""
+    headers = {"Content-Type": content_type} if body is not None else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=60) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode()
+
+
+def predict(url: str, payload) -> tuple[int, object]:
+    return request(f"{url}/predict", json.dumps(payload).encode())
+
+
+@pytest.fixture(scope="module")
+def server(trained_run, tmp_path_factory):
+    """``python serve.py`` on a free loopback port, ready (``/health`` says ok)."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "serve.py", f"ckpt_path={trained_run}", f"port={port}",
+         "max_texts=8", "max_request_bytes=4096", "max_batch_size=8",
+         f"hydra.run.dir={Path(log.name).parent}"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    try:
+        while request_ok(f"{url}/health") != 200:
+            assert process.poll() is None, Path(log.name).read_text()[-3000:]
+            assert time.monotonic() < deadline, "the server was not ready within 180 s"
+            time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # LitServe's workers are in its group
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+def request_ok(url: str) -> int:
+    try:
+        return request(url)[0]
+    except (urllib.error.URLError, ConnectionError):
+        return 0
+
+
+@pytest.fixture(scope="module")
+def messages(sms_file) -> list[str]:
+    texts = [m.text for m in parse_messages(sms_file, {"ham": 0, "spam": 1})[:40]]
+    return [*texts, "a long message " * 100]  # over gpt2-tiny's context: truncated
+
+
+def as_answer(prediction) -> dict:
+    return {"label": prediction.label, "probabilities": prediction.probabilities,
+            "truncated": prediction.truncated}  # fmt: skip
+
+
+def assert_same(answer: dict, want: dict) -> None:
+    assert answer["label"] == want["label"] and answer["truncated"] == want["truncated"]
+    assert answer["probabilities"].keys() == want["probabilities"].keys()
+    for name, p in want["probabilities"].items():
+        assert answer["probabilities"][name] == pytest.approx(p, abs=1e-6)
+
+
+def test_health_info_and_predictions_equal_predict_py(server, trained_run, messages):
+    assert request(f"{server}/health") == (200, "ok")
+    status, info = request(f"{server}/info")
+    assert status == 200
+    model = info["model"]
+    assert model["labels"] == ["ham", "spam"] and model["pooling"] == "last_token"
+    assert model["max_length"] == 256 and model["n_layer"] == 2 and model["version"]
+    # What predict.py computes for the same texts (it calls TextClassifier.classify).
+    want = [as_answer(p) for p in TextClassifier.load(trained_run).classify(messages)]
+    assert want[-1]["truncated"] and not want[0]["truncated"]
+    status, answer = predict(server, {"text": messages[0]})
+    assert status == 200
+    assert_same(answer, want[0])
+    for start in range(0, len(messages), 8):  # the server's max_texts is 8
+        status, answer = predict(server, {"texts": messages[start : start + 8]})
+        assert status == 200, answer
+        assert len(answer["predictions"]) == len(messages[start : start + 8])
+        for got, expected in zip(answer["predictions"], want[start : start + 8]):
+            assert_same(got, expected)
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, trained_run,
+                                                                      messages):  # fmt: skip
+    want = [as_answer(p) for p in TextClassifier.load(trained_run).classify(messages)]
+    payloads = [{"text": t} if i % 3 else {"texts": [t, messages[0]]}
+                for i, t in enumerate(messages)]  # fmt: skip
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda p: predict(server, p), payloads))
+    for i, (status, answer) in enumerate(answers):
+        assert status == 200, answer
+        if i % 3:
+            assert_same(answer, want[i])
+        else:
+            assert_same(answer["predictions"][0], want[i])
+            assert_same(answer["predictions"][1], want[0])
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        (b"not json", 400, "not JSON"),
+        (b'["a list"]', 422, "must be an object"),
+        (b"{}", 422, "this request has neither"),
+        (b'{"text": "a", "texts": ["b"]}', 422, "this request has both"),
+        (b'{"text": ""}', 422, '"text" is empty'),
+        (b'{"text": "   "}', 422, '"text" is empty'),
+        (b'{"text": 42}', 422, '"text" must be a string, not int'),
+        (b'{"texts": "one"}', 422, '"texts" must be a list'),
+        (b'{"texts": []}', 422, "empty list"),
+        (b'{"texts": ["ok", null]}', 422, '"texts"[1] must be a string, not NoneType'),
+        (b'{"texts": ["a","b","c","d","e","f","g","h","i"]}', 413, "at most 8"),
+        (json.dumps({"text": "x" * 5000}).encode(), 413, "over 4096 bytes"),
+        (b'{"text": "a", "lang": "en"}', 422, "unknown field(s) ['lang']"),
+    ],
+)
+def test_bad_requests_get_a_4xx_saying_what_is_wrong(server, body, status, says):
+    got, answer = request(f"{server}/predict", body)
+    assert (got, says in answer["detail"]) == (status, True), answer
+    # ... and the server keeps serving.
+    assert predict(server, {"text": "still there?"})[0] == 200
+
+
+def test_form_encoded_json_is_read_as_json(server):
+    # curl -d '{"text": ...}' declares form data; the body is JSON all the same.
+    status, answer = request(f"{server}/predict", b'{"text": "hello"}',
+                             "application/x-www-form-urlencoded")  # fmt: skip
+    assert status == 200 and answer["label"] in ("ham", "spam")
+
+
+def test_a_bad_checkpoint_path_fails_before_serving(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "serve.py", f"ckpt_path={tmp_path / 'missing'}", f"port={free_port()}",
+         f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert str(tmp_path / "missing") in result.stderr
+
+
+def test_load_test_script_reports_each_level(server, trained_run, sms_file):
+    result = subprocess.run(
+        [sys.executable, "scripts/load_test.py", "--url", server, "--concurrency", "1,4",
+         "--requests", "8", "--max-seconds", "20", "--data", str(sms_file), "--gflops", "50",
+         "--ckpt", str(trained_run)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [r[0].strip() for r in rows[1:]] == ["1", "4"], result.stdout
+    for row in rows[1:]:
+        assert row[1].strip() == "8" and row[2].strip() == "0", result.stdout  # sent, errors
+        assert float(row[4]) > 0 and row[-1].strip().endswith("%")
+    assert "server p50 at concurrency 1 / bare =" in result.stdout
+    refused = subprocess.run(
+        [sys.executable, "scripts/load_test.py", "--url", "http://example.com:8000"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "only loopback" in refused.stderr
+
+
+def chromium() -> tuple[str, str]:
+    """Debian's chromium and chromedriver; in CI their absence is a failure."""
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if browser and driver:
+        return browser, driver
+    message = "chromium and chromedriver not found (apt-get install chromium chromium-driver)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def test_page_classifies_a_typed_message_in_a_real_browser(server):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=900,800"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(driver_path), options=options)
+    text = "WINNER!! Claim your free prize now, call 09061701461"
+    try:
+        driver.get(f"{server}/")
+        box = driver.find_element(By.ID, "text")
+        box.send_keys(text)
+        driver.find_element(By.ID, "classify").click()
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: d.find_element(By.ID, "label").text.strip())
+        label = driver.find_element(By.ID, "label").text
+        bars = driver.find_elements(By.CSS_SELECTOR, "#bars .row")
+        shown = {b.get_attribute("data-label"): b.find_element(By.CLASS_NAME, "value").text
+                 for b in bars}  # fmt: skip
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "serve-page.png"))
+        # An example message: a click classifies it.
+        driver.find_elements(By.CSS_SELECTOR, "button.example")[1].click()
+        wait.until(lambda d: d.find_element(By.ID, "text").get_attribute("value") != text)
+        example = driver.find_element(By.ID, "text").get_attribute("value")
+        wait.until(lambda d: d.find_element(By.ID, "label").text.strip() != "" and
+                   d.find_element(By.ID, "classify").is_enabled())  # fmt: skip
+        example_label = driver.find_element(By.ID, "label").text
+        info_line = driver.find_element(By.ID, "model").text
+    finally:
+        driver.quit()
+    _, answer = predict(server, {"text": text})
+    assert label == answer["label"]
+    assert shown == {n: f"{100 * p:.1f}%" for n, p in answer["probabilities"].items()}
+    assert example_label == predict(server, {"text": example})[1]["label"]
+    assert "labels: ham, spam" in info_line
+    assert (ARTIFACTS / "serve-page.png").read_bytes()[:4] == b"\x89PNG"
