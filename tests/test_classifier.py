@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import pytest
 import torch
 
 from gpt_classifier import GPT, SequenceClassifier
-from gpt_classifier.data.batching import Collator
+from gpt_classifier.data.batching import Collator, plan_batches
 from gpt_classifier.model.classifier import CachedPrefix
 from gpt_classifier.model.pooling import POOLING_RULES, positions_read
 
@@ -125,3 +128,41 @@ def test_bad_pooling_and_class_count_are_named():
 
 def _args(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input_ids": b["input_ids"], "lengths": b["lengths"]}
+
+
+def padded_cost(lengths, batches, per_batch_cost):
+    return sum(max(lengths[i] for i in b) * len(b) + per_batch_cost for b in batches)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_inference_batches_pad_least_within_their_limits(seed):
+    rng = random.Random(seed)
+    lengths = [
+        rng.choice([1, 3, 5, 8, 20, 40, 90]) + rng.randrange(5) for _ in range(rng.randrange(1, 9))
+    ]
+    batches = plan_batches(lengths, max_size=3, max_tokens=100, per_batch_cost=10)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(fits(lengths, b) for b in batches)
+    # No other cut of the longest-first order into batches within the limits costs less.
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    cuts = itertools.product([False, True], repeat=len(order) - 1)
+    plans = [split_at(order, c) for c in cuts]
+    within = [parts for parts in plans if all(fits(lengths, part) for part in parts)]
+    best = min(padded_cost(lengths, parts, 10) for parts in within)
+    assert padded_cost(lengths, batches, 10) == best
+
+
+def fits(lengths, batch) -> bool:
+    return len(batch) <= 3 and (
+        len(batch) == 1 or max(lengths[i] for i in batch) * len(batch) <= 100
+    )
+
+
+def split_at(order, cuts):
+    parts, current = [], [order[0]]
+    for index, cut in zip(order[1:], cuts):
+        if cut:
+            parts.append(current)
+            current = []
+        current.append(index)
+    return [*parts, current]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from gpt_classifier.checkpoints import complete_state_dict, upgrade_names
-from gpt_classifier.data.batching import Collator, truncate
+from gpt_classifier.data.batching import Collator, plan_batches, truncate
 from gpt_classifier.data.tokenizer import PAD_TOKEN_ID, get_tokenizer
 from gpt_classifier.finetuning.methods import method_from_config
 from gpt_classifier.model.classifier import SequenceClassifier
@@ -110,18 +110,13 @@ class TextClassifier:
         """Class probabilities of already tokenized (and truncated) texts, in their order.
 
         Batches hold at most ``batch_size`` texts and about ``MAX_BATCH_TOKENS`` padded
-        tokens: on a CPU, matrices that stay in cache beat bigger batches.
+        tokens (on a CPU, matrices that stay in cache beat bigger batches), grouped by
+        length so that they pad little; results go back to input order.
         """
-        # Longest first, so each batch pads little; results go back to input order.
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         collate = Collator(self.settings.pad_to, self.settings.pad_token_id)
         out = torch.empty(len(ids), len(self.settings.label_names))
-        chunks, start = [], 0
-        while start < len(order):
-            width = self.settings.pad_to or len(ids[order[start]])
-            size = max(1, min(batch_size, MAX_BATCH_TOKENS // width))
-            chunks.append(order[start : start + size])
-            start += size
+        widths = [self.settings.pad_to or len(x) for x in ids]
+        chunks = plan_batches(widths, batch_size, MAX_BATCH_TOKENS)
         if progress and len(chunks) > 10:
             from tqdm.auto import tqdm
 
