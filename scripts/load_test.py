@@ -10,9 +10,9 @@ latency percentiles. With ``--gflops`` (this CPU's float32 matmul rate, from
 ``python scripts/precision_check.py``) it also reports the fraction of the arithmetic
 limit reached: a message costs about 24·d²·layers FLOPs per token (the weight products;
 attention over ~30 tokens adds little). With ``--ckpt`` (the served model) it times bare
-``TextClassifier.classify`` calls on one message, in this process, for comparison with
-the server's latency at concurrency 1. Only loopback addresses are accepted: this is a
-tool for your own machine, not for someone else's server.
+``TextClassifier.classify`` calls on one message, in this process, over the texts that
+concurrency 1 sent, for comparison with the server's latency there. Only loopback
+addresses are accepted: this is a tool for your own machine, not for someone else's server.
 """
 
 from __future__ import annotations
@@ -105,14 +105,17 @@ def run_level(url: str, texts: list[str], concurrency: int, requests: int,
             "latencies": latencies, "indices": [i for _, ok, i in results if ok]}  # fmt: skip
 
 
-def bare_classify_seconds(ckpt: str, texts: list[str], repeats: int) -> float:
-    """Median seconds of one ``TextClassifier.classify([text])`` call in this process."""
+def bare_classify_seconds(ckpt: str, texts: list[str], count: int, max_seconds: float) -> float:
+    """Median seconds of one ``TextClassifier.classify([text])`` call in this process, over
+    the texts that concurrency 1 sent (the first ``count``), or as many as fit the time."""
     from gpt_classifier.inference import TextClassifier
 
     classifier = TextClassifier.load(ckpt, device="cpu")
     classifier.classify(texts[:1])  # warm-up
-    times = []
-    for i in range(repeats):
+    times, deadline = [], time.monotonic() + max_seconds
+    for i in range(count):
+        if time.monotonic() > deadline:
+            break
         start = time.perf_counter()
         classifier.classify([texts[i % len(texts)]])
         times.append(time.perf_counter() - start)
@@ -161,9 +164,12 @@ def main() -> None:
               f"{rate:.2f} | {ms[0]:.0f} | {ms[1]:.0f} | {ms[2]:.0f} | {flops / 1e9:.1f} | "
               f"{limit} |")  # fmt: skip
     if args.ckpt:
-        bare = 1000 * bare_classify_seconds(args.ckpt, texts, repeats=20)
+        bare = 1000 * bare_classify_seconds(args.ckpt, texts, args.requests, args.max_seconds)
         ratio = f", server p50 at concurrency 1 / bare = {p50_at_1 / bare:.2f}" if p50_at_1 else ""
-        print(f"bare TextClassifier.classify of one message: {bare:.0f} ms (median){ratio}")
+        print(
+            f"bare TextClassifier.classify of one message (the same texts): {bare:.0f} ms "
+            f"(median){ratio}"
+        )
     sys.stdout.flush()
 
 

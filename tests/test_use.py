@@ -512,3 +512,31 @@ def test_eval_report_from_torchmetrics_equals_the_landed_numbers(n):
     for key, value in landed.items():
         assert metrics[key] == pytest.approx(value, abs=1e-6), key
     assert sum(map(sum, matrix)) == 301
+
+
+@pytest.mark.parametrize("which", ["last_block", "lora"])
+def test_onnx_export_runs_in_onnx_runtime_like_ours(which, request, tmp_path):
+    pytest.importorskip("onnxruntime")
+    run = request.getfixturevalue("run_dir" if which == "last_block" else "lora_run_dir")
+    ours = TextClassifier.load(run)
+    out = ours.export(tmp_path / "onnx", format="onnx")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "config.json", "model.onnx", "model.onnx.data"
+    ]  # fmt: skip
+    with (run / "splits" / "test.csv").open(encoding="utf-8", newline="") as f:
+        texts = [row["Text"] for row in csv.DictReader(f)][:64]
+    texts.append("a long message " * 100)  # over gpt2-tiny's context: truncated alike
+    onnx = TextClassifier.load(out)
+    assert not isinstance(onnx.model, torch.nn.Module)  # ONNX Runtime, not torch
+    # Any batch size and length (dynamic axes), LoRA merged: our probabilities to 1e-5.
+    for batch_size in (1, 7, 32):
+        torch.testing.assert_close(
+            onnx.probabilities(texts, batch_size), ours.probabilities(texts), atol=1e-5, rtol=0
+        )
+    assert [p.label for p in onnx.classify(texts)] == [p.label for p in ours.classify(texts)]
+    assert onnx.num_parameters() == ours.num_parameters() - (
+        0 if which == "last_block" else sum(p.numel() for n, p in ours.model.named_parameters()
+                                            if "lora" in n)
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="runs on the CPU here"):
+        TextClassifier.load(out, device="cuda")

@@ -68,7 +68,14 @@ class TextClassifier:
 
     @property
     def device(self) -> torch.device:
+        if not isinstance(self.model, torch.nn.Module):  # an ONNX export: ONNX Runtime, CPU
+            return torch.device("cpu")
         return self.model.backbone.pos_emb.weight.device
+
+    def num_parameters(self) -> int:
+        if not isinstance(self.model, torch.nn.Module):
+            return self.model.num_parameters
+        return sum(p.numel() for p in self.model.parameters())
 
     # ------------------------------------------------------------------ loading
 
@@ -158,6 +165,12 @@ class TextClassifier:
         from safetensors.torch import save_file
 
         folder = Path(folder)
+        if not isinstance(self.model, torch.nn.Module):
+            raise ValueError("this model was loaded from an ONNX export; export its checkpoint")
+        if format == "onnx":
+            from gpt_classifier.inference.onnx_runtime import export_onnx
+
+            return export_onnx(self, folder)
         if format == "hf":
             from gpt_classifier.inference.transformers_export import export_for_transformers
 
@@ -165,7 +178,7 @@ class TextClassifier:
                 self.model, self.model.cfg.to_dict(), asdict(self.settings), folder
             )
         if format != "native":
-            raise ValueError(f"format={format!r}; choose native or hf")
+            raise ValueError(f"format={format!r}; choose native, hf or onnx")
         folder.mkdir(parents=True, exist_ok=True)
         merged = merged_state_dict(self.model)
         state = {k: v.detach().cpu().contiguous() for k, v in merged.items()}
@@ -251,6 +264,8 @@ def _load_checkpoint(path: Path) -> tuple[SequenceClassifier, InferenceSettings]
 
 def _load_export(folder: Path) -> tuple[SequenceClassifier, InferenceSettings]:
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    if (folder / "model.onnx").is_file():
+        return _load_onnx_export(folder, config_path)
     for required in (config_path, weights_path):
         if not required.is_file():
             raise ModelLoadError(f"export folder {folder} lacks {required.name}; export it again")
@@ -279,6 +294,28 @@ def _load_export(folder: Path) -> tuple[SequenceClassifier, InferenceSettings]:
     model = _build(config["architecture"], config["num_classes"], settings.pooling, state,
                    weights_path)  # fmt: skip
     return model, settings
+
+
+def _load_onnx_export(folder: Path, config_path: Path) -> tuple[Any, InferenceSettings]:
+    """A folder written by ``export.py format=onnx``, run by ONNX Runtime."""
+    from gpt_classifier.inference.onnx_runtime import OnnxClassifier
+
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{config_path} could not be read ({err}); export it again") from err
+    if config.get("format") != EXPORT_FORMAT or config.get("runtime") != "onnx":
+        raise ModelLoadError(f"{config_path} is not a {EXPORT_FORMAT} ONNX export")
+    fields = {k: config[k] for k in InferenceSettings.__dataclass_fields__ if k in config}
+    cfg = GPTConfig.from_dict(dict(config["architecture"]))
+    try:
+        model = OnnxClassifier(folder / "model.onnx", cfg, int(config.get("parameters", 0)))
+    except ImportError:
+        raise
+    except Exception as err:  # noqa: BLE001 - ONNX Runtime's own errors say what broke
+        raise ModelLoadError(f"{folder / 'model.onnx'} could not be loaded ({err}); export "
+                             "it again") from err  # fmt: skip
+    return model, InferenceSettings(**fields)
 
 
 def _load_transformers_export(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import litserve as ls
+import torch
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -199,6 +200,7 @@ def model_info(classifier: TextClassifier, path: Path) -> dict[str, Any]:
         "truncation_side": settings.truncation_side,
         "n_layer": cfg.n_layers,
         "n_embd": cfg.emb_dim,
-        "parameters": sum(p.numel() for p in classifier.model.parameters()),
+        "parameters": classifier.num_parameters(),
+        "runtime": "onnxruntime" if not isinstance(classifier.model, torch.nn.Module) else "torch",
         "version": _version(),
     }
