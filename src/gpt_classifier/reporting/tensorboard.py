@@ -5,12 +5,9 @@ from __future__ import annotations
 import sys
 import types
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gpt_classifier.reporting.reports import flatten
-
-if TYPE_CHECKING:
-    from lightning.pytorch.loggers import TensorBoardLogger
 
 # TensorBoard's own switch: when a module of this name exists, tensorboard.compat.tf
 # resolves to TensorBoard's TensorFlow stub instead of importing TensorFlow.
@@ -52,10 +49,11 @@ def hparams_for_dashboard(config: Mapping[str, Any], choices: Mapping[str, Any])
     return params
 
 
-def log_final_hparams(logger: TensorBoardLogger, params: Mapping[str, Any],
+def log_final_hparams(logger: Any, params: Mapping[str, Any],
                       metrics: Mapping[str, Any]) -> None:  # fmt: skip
-    """Write the run's HParams session (its hyperparameters and final metrics) and close
-    the event file, so TensorBoard's HParams dashboard lists the run.
+    """Write the run's HParams session (its hyperparameters and final metrics) through
+    Lightning's ``TensorBoardLogger`` and close the event file, so that TensorBoard's
+    HParams dashboard lists the run.
 
     Lightning closes its writer when ``trainer.test`` ends; logging after that opens a new
     event file, which nothing would flush or close before a sweep's next job.
