@@ -10,6 +10,15 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Under pytest-xdist (pyproject's addopts: one worker per core), each worker and the
+# train.py processes it starts use one thread: workers with a thread per core each would
+# oversubscribe the cores (OpenMP threads spin while waiting for each other).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 SHARED = REPO_ROOT.parent / "shared"
 SMS_ENV = "GPT_CLASSIFIER_SMS_FILE"
 
