@@ -31,7 +31,9 @@ class OnnxClassifier:
         except ImportError as err:
             raise ImportError(f"{path} is an ONNX export; running it needs onnxruntime "
                               f"({INSTALL})") from err  # fmt: skip
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # as PyTorch would use
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.cfg = cfg
         self.num_parameters = num_parameters
 

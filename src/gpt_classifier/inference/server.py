@@ -10,6 +10,7 @@ lists of texts, batches them across requests and answers each request in its ord
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from importlib import metadata, resources
 from pathlib import Path
@@ -146,14 +147,19 @@ class ClassifierAPI(ls.LitAPI):
     """One model worker: loads the classifier once, classifies the texts of a batch of
     requests in one call, and answers each request with its own predictions."""
 
-    def __init__(self, path: str, batch_size: int = 32, **kwargs: Any) -> None:
+    def __init__(self, path: str, batch_size: int = 32, workers: int = 1, **kwargs: Any) -> None:
         super().__init__(api_path=PREDICT_PATH, **kwargs)
         self.path = path
         self.batch_size = batch_size
+        self.workers = workers
 
     def setup(self, device: str) -> None:
+        if device.startswith("cpu") and self.workers > 1:
+            # Workers share the cores: each with a thread per core would oversubscribe them.
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+            torch.set_num_threads(max(1, (cores or os.cpu_count() or 1) // self.workers))
         self.classifier = TextClassifier.load(self.path, device=device)
-        log.info("Loaded %s on %s", self.path, device)
+        log.info("Loaded %s on %s (%d threads)", self.path, device, torch.get_num_threads())
 
     def decode_request(self, request):  # LitServe passes the parsed JSON: no annotation
         """(single, texts) of one request."""

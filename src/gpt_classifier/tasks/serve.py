@@ -28,7 +28,7 @@ def build_server(cfg: DictConfig):
             raise ValueError(f"{key}={cfg[key]} must be at least 1")
     path = Path(cfg.ckpt_path).expanduser()
     info = model_info(TextClassifier.load(path, device="cpu"), path)
-    api = ClassifierAPI(str(path), batch_size=int(cfg.batch_size),
+    api = ClassifierAPI(str(path), batch_size=int(cfg.batch_size), workers=int(cfg.workers),
                         max_batch_size=int(cfg.max_batch_size),
                         batch_timeout=float(cfg.batch_timeout))  # fmt: skip
     return ls.LitServer(
