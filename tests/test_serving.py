@@ -259,3 +259,23 @@ def test_page_classifies_a_typed_message_in_a_real_browser(server):
     assert example_label == predict(server, {"text": example})[1]["label"]
     assert "labels: ham, spam" in info_line
     assert (ARTIFACTS / "serve-page.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_api_answers_alone_and_batched(trained_run):
+    # max_batch_size=1: LitServe hands predict one decoded request, without batch/unbatch.
+    from gpt_classifier.inference.server import ClassifierAPI
+
+    api = ClassifierAPI(str(trained_run), max_batch_size=1)
+    api.setup("cpu")
+    alone = api.predict(api.decode_request({"text": "see you at 5"}))
+    batched = api.unbatch(api.predict(api.batch([
+        api.decode_request({"texts": ["win a prize", "see you at 5"]}),
+        api.decode_request({"text": "see you at 5"}),
+    ])))  # fmt: skip
+    assert batched[1] == alone or all(
+        batched[1]["probabilities"][k] == pytest.approx(v, abs=1e-6)
+        for k, v in alone["probabilities"].items()
+    )
+    assert [p["label"] for p in batched[0]["predictions"]] == [
+        api.predict((True, [t]))["label"] for t in ("win a prize", "see you at 5")
+    ]

@@ -6,7 +6,8 @@ a batch would fail every request in it. The model worker then only sees well-for
 lists of texts, batches them across requests and answers each request in its order.
 """
 
-# No ``from __future__ import annotations``: LitServe reads decode_request's annotation.
+# No ``from __future__ import annotations``: LitServe hands the methods' annotations to
+# FastAPI as the endpoint's request and response types, which must be real types.
 
 import json
 import logging
@@ -172,6 +173,8 @@ class ClassifierAPI(ls.LitAPI):
         return list(inputs)
 
     def predict(self, requests: list[tuple[bool, list[str]]]) -> list[dict[str, Any]]:
+        if isinstance(requests, tuple):  # max_batch_size=1: LitServe skips batch/unbatch
+            return self.predict([requests])[0]
         texts = [text for _, group in requests for text in group]
         predictions = iter(self.classifier.classify(texts, batch_size=self.batch_size))
         answers = []
