@@ -99,6 +99,6 @@ def run_choices(output_dir: Path) -> dict[str, Any]:
     """The config groups' choices the run in ``output_dir`` was composed with (its first
     start's, which a resume keeps), or this process's when it kept none."""
     path = output_dir / RUN_CONFIG_FILE
-    if path.is_file():
-        return dict(OmegaConf.to_container(OmegaConf.load(path).choices))
+    if path.is_file() and (choices := OmegaConf.load(path).get("choices")):
+        return dict(OmegaConf.to_container(choices))
     return {k: v for k, v in _hydra_state()[1].items() if not k.startswith("hydra")}
