@@ -1,7 +1,13 @@
 """Fine-tune GPT-2 as an SMS spam classifier: ``python train.py [overrides]``."""
 
+import warnings
+
 import hydra
 from omegaconf import DictConfig
+
+# Our hydra/launcher/submitit_*.yaml carry all of the submitit plugin's keys and are
+# checked against its schema of the same name, which Hydra 1.3 still does but warns of.
+warnings.filterwarnings("ignore", message=".*validated against ConfigStore schema with the same")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -166,8 +166,11 @@ def test_tensorboard_logging_does_not_import_tensorflow(tmp_path):
 
 
 def test_two_job_multirun_applies_each_jobs_freeze_and_writes_its_summary(tmp_path, sms_file):
-    ok(run_train(tmp_path, sms_file, "freeze=last_block,last_layer", multirun=True))
+    # Through submitit's local executor: each job in its own process, as on SLURM.
+    ok(run_train(tmp_path, sms_file, "freeze=last_block,last_layer",
+                 "hydra/launcher=submitit_local", multirun=True))  # fmt: skip
     sweep = tmp_path / "sweep"
+    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2  # submitit ran both
     with (sweep / "summary.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["overrides"] for r in rows] == ["freeze=last_block", "freeze=last_layer"]

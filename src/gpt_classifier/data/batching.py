@@ -112,10 +112,19 @@ class Collator:
 
 
 class LengthSortedSampler(Sampler[int]):
-    """Longest first, so evaluation batches are dense and memory peaks at the start."""
+    """Longest first, so evaluation batches are dense and memory peaks at the start.
 
-    def __init__(self, lengths: Sequence[int]) -> None:
-        self.order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    With ``world_size`` processes, process ``rank`` gets every ``world_size``-th example
+    of that order: each example is evaluated exactly once (no padding of the split to a
+    multiple of the processes, unlike ``DistributedSampler``), and all processes get
+    batches of about the same lengths.
+    """
+
+    def __init__(self, lengths: Sequence[int], rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of {world_size} processes")
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        self.order = order[rank::world_size]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.order)
@@ -173,6 +182,61 @@ class BucketBatchSampler(Sampler[list[int]]):
         if not self.drop_last:
             return sum(-(-min(self.pool, n - s) // self.batch_size) for s in range(0, n, self.pool))
         return sum(min(self.pool, n - s) // self.batch_size for s in range(0, n, self.pool))
+
+
+class RankBatches(Sampler[list[int]]):
+    """This process's share of each global batch of ``global_batches``.
+
+    Under data parallelism with ``world_size`` processes of ``batch_size`` examples each,
+    ``global_batches`` yields batches of ``batch_size * world_size`` in the order one
+    process would train on them, and process ``rank`` takes the ``rank``-th slice of
+    each. All processes draw the same global order (same seed, same generator), so the
+    run sees what a one-process run with the global batch sees, and every process gets
+    the same number of batches (DDP needs that). A last global batch shorter than
+    ``world_size`` (``drop_last=false``) gives each process one example, repeating some:
+    no process may get an empty batch.
+
+    The order's state (``set_epoch``, ``order_state``, ``replay``) is the wrapped
+    sampler's, so resuming mid-epoch works as with one process.
+    """
+
+    def __init__(self, global_batches: Any, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of {world_size} processes")
+        self.global_batches = global_batches
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.global_batches:
+            n = len(batch)
+            if n < self.world_size:
+                yield [batch[self.rank % n]]
+            else:  # contiguous slices whose sizes differ by at most one
+                rank, world = self.rank, self.world_size
+                yield batch[rank * n // world : (rank + 1) * n // world]
+
+    def __len__(self) -> int:
+        return len(self.global_batches)
+
+    def _order(self) -> Any:
+        for candidate in (self.global_batches, getattr(self.global_batches, "sampler", None)):
+            if hasattr(candidate, "order_state"):
+                return candidate
+        return None
+
+    def set_epoch(self, epoch: int) -> None:
+        for candidate in (self.global_batches, getattr(self.global_batches, "sampler", None)):
+            if hasattr(candidate, "set_epoch"):
+                candidate.set_epoch(epoch)
+
+    def order_state(self) -> Any:
+        order = self._order()
+        return order.order_state() if order is not None else None
+
+    def replay(self, state: Any) -> None:
+        order = self._order()
+        if order is not None and state is not None:
+            order.replay(state)
 
 
 class ReplayableRandomSampler(RandomSampler):

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from gpt_classifier.data.batching import (
     PADDING_MODES,
     BucketBatchSampler,
     Collator,
     LengthSortedSampler,
+    RankBatches,
     ReplayableRandomSampler,
     ResumableLoader,
     TokenizedTexts,
@@ -221,17 +222,40 @@ class SMSSpamDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
 
+    def _processes(self) -> tuple[int, int]:
+        """(rank, world size) of the data-parallel run this module feeds; (0, 1) alone.
+
+        The module shards the data itself (the trainer runs with
+        ``use_distributed_sampler=False``): a length-bucketing batch sampler cannot take
+        Lightning's ``DistributedSampler``, and that one pads the evaluation splits with
+        repeated messages (a 300-message test split would count 302).
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
     def _loader(self, dataset: TokenizedTexts, train: bool) -> DataLoader:
         hp = self.hparams
+        rank, world_size = self._processes()
         collate = Collator(dataset.pad_to)
         common = {"collate_fn": collate, "num_workers": hp.num_workers,
                   "persistent_workers": hp.num_workers > 0}  # fmt: skip
-        if train and hp.bucket_by_length:
-            sampler = BucketBatchSampler(
-                [len(ids) for ids in dataset.token_ids], hp.batch_size, hp.drop_last,
-                seed=hp.seed,
-            )  # fmt: skip
-            return ResumableLoader(dataset, batch_sampler=sampler, **common)
+        if train and (hp.bucket_by_length or world_size > 1):
+            # data.batch_size per process: the global batch is batch_size x processes.
+            global_size = hp.batch_size * world_size
+            if hp.bucket_by_length:
+                batches = BucketBatchSampler(
+                    [len(ids) for ids in dataset.token_ids], global_size, hp.drop_last,
+                    seed=hp.seed,
+                )  # fmt: skip
+            else:
+                order = ReplayableRandomSampler(dataset) if hp.shuffle else None
+                batches = BatchSampler(order or SequentialSampler(dataset), global_size,
+                                       hp.drop_last)  # fmt: skip
+            if world_size > 1:
+                batches = RankBatches(batches, rank, world_size)
+            return ResumableLoader(dataset, batch_sampler=batches, **common)
         if train:
             # Resumable: a run resumed mid-epoch sees the rest of that epoch's order.
             return ResumableLoader(
@@ -241,7 +265,7 @@ class SMSSpamDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=hp.eval_batch_size or hp.batch_size,
-            sampler=LengthSortedSampler([len(ids) for ids in dataset.token_ids]),
+            sampler=LengthSortedSampler([len(ids) for ids in dataset.token_ids], rank, world_size),
             **common,
         )
 

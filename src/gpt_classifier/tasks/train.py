@@ -29,6 +29,12 @@ from gpt_classifier.reporting.tensorboard import (
 )
 from gpt_classifier.tasks import reuse
 from gpt_classifier.tasks.run_config import config_for_resume, run_choices, save_run_config
+from gpt_classifier.tasks.sweep_job import run_in_own_process
+from gpt_classifier.training.distributed import (
+    KeepRandomState,
+    is_rank_zero_process,
+    starts_processes_by_script,
+)
 from gpt_classifier.training.module import ClassifierModule
 from gpt_classifier.training.precision import resolve_precision
 from gpt_classifier.training.prefix_cache import PrefixCacheCallback
@@ -50,9 +56,10 @@ class ConfigError(ValueError):
 
 
 def build(cfg: DictConfig, key: str) -> Any:
-    """``instantiate(cfg[key])``, with the constructor's own message on bad values."""
+    """``instantiate`` the node at ``key`` (dotted), with the constructor's own message on
+    bad values."""
     try:
-        return instantiate(cfg[key], _convert_="all")
+        return instantiate(OmegaConf.select(cfg, key), _convert_="all")
     except InstantiationException as err:
         raise ConfigError(f"{key}: {err.__cause__ or err}") from err
 
@@ -111,10 +118,43 @@ def build_datamodule(
     )
 
 
+def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The Trainer's arguments: the accelerator group's device and precision, then the
+    trainer group's (devices, num_nodes, strategy, loop settings)."""
+    settings: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if isinstance(settings.get("strategy"), dict):
+        settings["strategy"] = build(cfg, "trainer.strategy")
+    return {
+        "accelerator": cfg.accelerator.accelerator,
+        "precision": resolve_precision(cfg.accelerator.accelerator, cfg.accelerator.precision),
+        **settings,
+        # The data module gives each process its share itself (data.datamodule).
+        "use_distributed_sampler": False,
+    }
+
+
+def needs_own_process(cfg: DictConfig) -> bool:
+    """Whether this sweep job's strategy would start its processes by re-running the
+    script (see training.distributed)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    settings = trainer_settings(cfg)
+    probe = L.Trainer(
+        **{k: settings[k] for k in ("accelerator", "devices", "num_nodes", "strategy")
+           if k in settings},
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    return starts_processes_by_script(probe)
+
+
 def build_trainer(
     cfg: DictConfig, output_dir: Path, callbacks: list[L.Callback], resume_step: int | None = None
 ) -> L.Trainer:
-    """A Lightning Trainer with the configured accelerator, loggers and callbacks.
+    """A Lightning Trainer with the configured accelerator, strategy, loggers and callbacks.
 
     ``resume_step``: the logging step a resumed run continues from; TensorBoard hides what
     the interrupted run logged from there on, so no step appears twice.
@@ -132,16 +172,12 @@ def build_trainer(
         loggers.append(instantiate(logger_cfg, **extra))
     # A callback set to null (e.g. callbacks.step_checkpoint=null) is turned off.
     configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
     return L.Trainer(
-        accelerator=cfg.accelerator.accelerator,
-        devices=cfg.accelerator.devices,
-        precision=resolve_precision(cfg.accelerator.accelerator, cfg.accelerator.precision),
         logger=loggers or False,
         callbacks=[*configured, *callbacks],
         default_root_dir=str(output_dir),
         plugins=[AtomicCheckpointIO()],
-        **trainer_kwargs,
+        **trainer_settings(cfg),
     )
 
 
@@ -155,6 +191,18 @@ def resume_checkpoint(ckpt_path: str, output_dir: Path) -> Path:
         return find_checkpoint(where)
     except FileNotFoundError as err:
         raise ConfigError(f"ckpt_path={ckpt_path}: {err}") from err
+
+
+def requeued_run(output_dir: Path) -> str | None:
+    """``last`` when SLURM has requeued this job (preempted or timed out, then started
+    again with the same command) and its folder holds checkpoints: it continues from
+    them, as ``ckpt_path=last`` would."""
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if restarts == 0 or not any((output_dir / "checkpoints").glob("*.ckpt")):
+        return None
+    log.info("SLURM requeued this job (restart %d): resuming from its last checkpoint in %s",
+             restarts, output_dir)  # fmt: skip
+    return "last"
 
 
 def check_writable(cfg: DictConfig, output_dir: Path) -> None:
@@ -193,6 +241,17 @@ def finished_run(cfg: DictConfig, output_dir: Path, header: dict[str, Any]) -> f
     return float(metrics.get(cfg.optimize_metric, float("nan")))
 
 
+def job_metric(cfg: DictConfig, output_dir: Path) -> float:
+    """``optimize_metric`` from the ``metrics.json`` a finished run wrote."""
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    if cfg.optimize_metric not in metrics:
+        raise ConfigError(
+            f"optimize_metric={cfg.optimize_metric!r} is not among the final metrics "
+            f"{sorted(k for k in metrics if '/' in k)}"
+        )
+    return float(metrics[cfg.optimize_metric])
+
+
 def train(cfg: DictConfig) -> float:
     """Fine-tune, evaluate the best checkpoint on every split, write ``metrics.json``.
 
@@ -200,10 +259,17 @@ def train(cfg: DictConfig) -> float:
     """
     timer = StartupTimer()
     output_dir = Path(cfg.paths.output_dir)
+    if needs_own_process(cfg):
+        run_in_own_process(cfg)
+        return job_metric(cfg, output_dir)
+    # Only the first process writes the run's files (the others are started by the
+    # strategy inside fit, or by the cluster, and run this function too).
+    rank_zero = is_rank_zero_process()
     checkpoint: Path | None = None
     resume_step = None
-    if cfg.get("ckpt_path"):
-        checkpoint = resume_checkpoint(str(cfg.ckpt_path), output_dir)
+    ckpt_path = cfg.get("ckpt_path") or requeued_run(output_dir)
+    if ckpt_path:
+        checkpoint = resume_checkpoint(str(ckpt_path), output_dir)
         cfg = config_for_resume(cfg, checkpoint)
         header = checkpoint_header(checkpoint)
         if (metric := finished_run(cfg, output_dir, header)) is not None:
@@ -212,7 +278,8 @@ def train(cfg: DictConfig) -> float:
         log.info("Resuming from %s (epoch %d, step %d)", checkpoint, header["epoch"],
                  header["global_step"])  # fmt: skip
     check_writable(cfg, output_dir)
-    save_run_config(cfg, output_dir)
+    if rank_zero:
+        save_run_config(cfg, output_dir)
     # Everything a user can get wrong fails here, before any weights or data are read.
     method = build_method(cfg)
     pooling_rule(cfg.classifier.pooling)
@@ -224,7 +291,8 @@ def train(cfg: DictConfig) -> float:
     L.seed_everything(cfg.seed, workers=True)
     backbone = build_backbone(cfg.model)
     method.check(backbone.cfg)
-    datamodule = build_datamodule(cfg, backbone.cfg.context_length, output_dir / "splits")
+    splits_dir = output_dir / "splits" if rank_zero else None
+    datamodule = build_datamodule(cfg, backbone.cfg.context_length, splits_dir)
     datamodule.setup("fit")  # data errors (too few messages, one label) before the Trainer
     model = SequenceClassifier(
         backbone, cfg.classifier.num_classes, cfg.classifier.pooling, cfg.classifier.head_seed
@@ -232,7 +300,7 @@ def train(cfg: DictConfig) -> float:
     module = ClassifierModule(
         model, method, optimizer, scheduler, label_names=datamodule.label_names
     )
-    callbacks = [timer, prefix_cache, ResumeState(), GracefulStop()]
+    callbacks = [timer, prefix_cache, ResumeState(), GracefulStop(), KeepRandomState()]
     trainer = build_trainer(cfg, output_dir, callbacks, resume_step)
 
     start = time.perf_counter()
@@ -245,6 +313,8 @@ def train(cfg: DictConfig) -> float:
             signal.Signals(stop.signum).name, trainer.current_epoch, trainer.global_step,
             stop.checkpoint, output_dir,
         )  # fmt: skip
+        if stop.then is not None:  # submitit: requeue this job (it resumes from there)
+            stop.then(stop.signum, None)
         # What a shell reports for a process ended by that signal (130 for Ctrl-C).
         raise SystemExit(128 + stop.signum) from None
     fit_seconds = time.perf_counter() - start
@@ -271,13 +341,14 @@ def train(cfg: DictConfig) -> float:
         "time/startup_s": round(timer.seconds, 3) if timer.seconds is not None else None,
         "best_checkpoint": checkpoint,
     })  # fmt: skip
-    write_json(output_dir / "metrics.json", metrics)
     log.info("Final metrics: %s", {k: v for k, v in metrics.items() if k.endswith("acc")})
-    for logger in trainer.loggers:
-        if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
-            config = OmegaConf.to_container(cfg, resolve=True)
-            log_final_hparams(logger, hparams_for_dashboard(config, run_choices(output_dir)),
-                              metrics)  # fmt: skip
+    if trainer.is_global_zero:
+        write_json(output_dir / "metrics.json", metrics)
+        for logger in trainer.loggers:
+            if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
+                config = OmegaConf.to_container(cfg, resolve=True)
+                log_final_hparams(logger, hparams_for_dashboard(config,
+                                  run_choices(output_dir)), metrics)  # fmt: skip
     if cfg.optimize_metric not in metrics:
         raise ConfigError(
             f"optimize_metric={cfg.optimize_metric!r} is not among the final metrics "

@@ -23,7 +23,8 @@ class TrainingCurves(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
         batch_idx: int,
     ) -> None:  # fmt: skip
-        self.examples_seen += len(batch["labels"])
+        # Every process trains on as many examples as this one (data.datamodule).
+        self.examples_seen += len(batch["labels"]) * trainer.world_size
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Validation has run by now; the epoch's metrics are in callback_metrics.

@@ -47,6 +47,7 @@ class FrozenWeightsFile(L.Callback):
             save_file({k: t.detach().cpu().contiguous() for k, t in frozen.items()}, str(tmp))
             os.replace(tmp, path)
             log.info("Frozen weights (%d tensors) written once to %s", len(frozen), path)
+        trainer.strategy.barrier("frozen_weights")  # other processes read it on resume
         self.path = path
 
     def on_save_checkpoint(

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric, Metric
+from torchmetrics import MeanMetric, Metric, SumMetric
 from torchmetrics.classification import (
     BinaryF1Score,
     BinaryPrecision,
@@ -43,7 +43,7 @@ LOG_PREFIX = {"train": "train", "val": "val", "test": "test",
 
 
 class SplitMetrics(nn.Module):
-    """Accuracy, mean loss, and precision/recall/F1 of one split.
+    """Accuracy, mean loss, precision/recall/F1 and the number of examples of one split.
 
     Precision, recall and F1 are the positive class's for two classes (spam, by
     default), macro averages otherwise.
@@ -65,6 +65,8 @@ class SplitMetrics(nn.Module):
             self.recall = MulticlassRecall(num_classes, average="macro")
             self.f1 = MulticlassF1Score(num_classes, average="macro")
         self.loss = MeanMetric()
+        # How many examples were evaluated, over all processes: each exactly once.
+        self.examples = SumMetric()
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
         preds = logits.argmax(dim=-1)
@@ -77,6 +79,7 @@ class SplitMetrics(nn.Module):
         for metric in (self.precision, self.recall, self.f1):
             metric.update(preds, labels)
         self.loss.update(loss.detach(), weight=len(labels))
+        self.examples.update(len(labels))
 
     def reset(self) -> None:
         for metric in self.named().values():
@@ -84,11 +87,24 @@ class SplitMetrics(nn.Module):
 
     def named(self) -> dict[str, Metric]:
         return {"acc": self.acc, "precision": self.precision, "recall": self.recall,
-                "f1": self.f1, "loss": self.loss}  # fmt: skip
+                "f1": self.f1, "loss": self.loss, "examples": self.examples}  # fmt: skip
+
+    def updated(self) -> bool:
+        """Whether any process has updated these metrics. Under data parallelism every
+        process must take the same decision: ``compute`` gathers from all of them, and a
+        process with no examples of a small split would otherwise skip it and hang the
+        others."""
+        updated = self.acc.update_called
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([int(updated)], device=self.acc.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            updated = bool(flag.item())
+        return updated
 
     def values(self, names: Iterable[str]) -> dict[str, float]:
-        """The named metrics over everything updated so far (nothing is reset)."""
-        if not self.acc.update_called:
+        """The named metrics over everything updated so far, in every process (nothing
+        is reset)."""
+        if not self.updated():
             return {}
         return {name: float(self.named()[name].compute()) for name in names}
 
@@ -185,8 +201,7 @@ class ClassifierModule(L.LightningModule):
         self.metrics[f"split_{split}"].update(logits, batch["labels"], loss)
         return loss, logits
 
-    def _log_split(self, split: str, names: tuple[str, ...] = ("acc", "precision", "recall",
-                                                               "f1", "loss")) -> None:  # fmt: skip
+    def _log_split(self, split: str) -> None:
         """Log a split's metrics over all its batches, and start it afresh.
 
         Computed once per epoch: logging torchmetrics objects on every step makes
@@ -194,12 +209,14 @@ class ClassifierModule(L.LightningModule):
         gpt2-small training step on a CPU).
         """
         metrics = self.metrics[f"split_{split}"]
-        if not metrics.acc.update_called:
+        if not metrics.updated():
             return
+        # compute() gathers every process's counts; the values are then the same in all
+        # processes, and sync_dist only tells Lightning so (the mean of equal values).
+        distributed = self.trainer.world_size > 1
         for name, metric in metrics.named().items():
-            if name in names:
-                self.log(f"{LOG_PREFIX[split]}/{name}", metric.compute(), prog_bar=name == "acc",
-                         add_dataloader_idx=False)  # fmt: skip
+            self.log(f"{LOG_PREFIX[split]}/{name}", metric.compute(), prog_bar=name == "acc",
+                     add_dataloader_idx=False, sync_dist=distributed)  # fmt: skip
         metrics.reset()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

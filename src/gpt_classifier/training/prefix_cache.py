@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from gpt_classifier.data.tokenizer import PAD_TOKEN_ID
 from gpt_classifier.model.classifier import CachedPrefix, SequenceClassifier
 from gpt_classifier.model.pooling import positions_read
+from gpt_classifier.training.distributed import all_gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +411,14 @@ class PrefixCacheCallback(L.Callback):
                 asked - len(todo), asked, self._reused_from,
             )  # fmt: skip
             self._reused_from = ""  # said once per run
-        if not todo:
+        # Under data parallelism each process computes a share of the messages, every
+        # process then gets the others' (the data order reshuffles each epoch, so each
+        # process needs them all); the work of all processes adds up to one pass.
+        rank, world_size = trainer.global_rank, trainer.world_size
+        if world_size > 1:
+            ordered = sorted(todo.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+            todo = dict(ordered[rank::world_size])
+        elif not todo:
             return
         device = module.device
         batch_tokens = self.batch_tokens["cpu" if device.type == "cpu" else "accelerator"]
@@ -433,14 +441,43 @@ class PrefixCacheCallback(L.Callback):
                 bar.close()
         seconds = time.perf_counter() - start
         self.seconds += seconds
-        log.info(
-            "Prefix cache: computed %d of %d distinct messages in %.1f s (%s tokens/s); "
-            "%.1f MiB in host memory (%s)",
-            len(todo), asked, seconds, f"{tokens / seconds:,.0f}" if seconds else "-",
-            self.cache.nbytes / 2**20, self.cache.dtype,
-        )  # fmt: skip
+        if world_size > 1:
+            received = self._exchange(trainer, list(todo))
+            if not todo and not received:
+                return
+            log.info(
+                "Prefix cache, process %d of %d: computed %d of %d distinct messages in %.1f s "
+                "(%s tokens/s), received %d from the other processes; %.1f MiB in host "
+                "memory (%s)",
+                rank, world_size, len(todo), asked, seconds,
+                f"{tokens / seconds:,.0f}" if seconds else "-", received,
+                self.cache.nbytes / 2**20, self.cache.dtype,
+            )  # fmt: skip
+        else:
+            log.info(
+                "Prefix cache: computed %d of %d distinct messages in %.1f s (%s tokens/s); "
+                "%.1f MiB in host memory (%s)",
+                len(todo), asked, seconds, f"{tokens / seconds:,.0f}" if seconds else "-",
+                self.cache.nbytes / 2**20, self.cache.dtype,
+            )  # fmt: skip
         if cache_file is not None and trainer.is_global_zero:
             self._save(cache_file)
+
+    def _exchange(self, trainer: L.Trainer, computed: list[bytes]) -> int:
+        """Send the entries this process computed to every other process and take
+        theirs; returns how many entries arrived."""
+        assert self.cache is not None
+        entries = self.cache.entries
+        shares = all_gather_objects(trainer, {key: entries[key] for key in computed})
+        received = 0
+        for rank, share in enumerate(shares):
+            if rank == trainer.global_rank:
+                continue
+            for key, hidden in share.items():
+                if key not in entries or len(entries[key]) < len(hidden):
+                    entries[key] = hidden.to(self.cache.dtype)
+                    received += 1
+        return received
 
     def _load_persisted(self, trainer: L.Trainer) -> Path | None:
         """The cache's file; the first time, take the entries an earlier job of this

@@ -37,6 +37,17 @@ log = logging.getLogger(__name__)
 INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
 
 
+def _preemption_signals() -> tuple[int, ...]:
+    """submitit's preemption signal (``SUBMITIT_PREEMPT_SIGNAL``, USR2 by default); none
+    where the platform lacks it (Windows)."""
+    name = "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper().removeprefix("SIG")
+    found = getattr(signal, name, None)
+    return (found,) if found is not None else ()
+
+
+PREEMPTION_SIGNALS = _preemption_signals()
+
+
 class CheckpointSaveError(OSError):
     """A checkpoint could not be written; the message names it and what is left."""
 
@@ -44,8 +55,11 @@ class CheckpointSaveError(OSError):
 class TrainingInterrupted(Exception):
     """Training stopped on a signal after writing ``checkpoint``."""
 
-    def __init__(self, signum: int, checkpoint: Path | None) -> None:
+    def __init__(self, signum: int, checkpoint: Path | None, then: Any = None) -> None:
         self.signum, self.checkpoint = signum, checkpoint
+        # The handler the signal had before training (submitit's requeue for SIGUSR2):
+        # called once the checkpoint is written and Lightning has let go.
+        self.then = then if callable(then) else None
         super().__init__(f"{signal.Signals(signum).name}; checkpoint {checkpoint}")
 
 
@@ -205,14 +219,18 @@ class ResumeState(L.Callback):
 
 
 class GracefulStop(L.Callback):
-    """SIGINT (Ctrl-C) or SIGTERM during training: finish the optimizer step, write
-    ``interrupted.ckpt`` beside the other checkpoints and raise :class:`TrainingInterrupted`.
+    """SIGINT (Ctrl-C), SIGTERM or SIGUSR2 during training: finish the optimizer step,
+    write ``interrupted.ckpt`` beside the other checkpoints and raise
+    :class:`TrainingInterrupted`.
 
+    SIGUSR2 is what SLURM sends ahead of a time limit or preemption when jobs are
+    submitted through submitit (``--signal=USR2@signal_delay_s``); submitit's own handler
+    (requeue the job) is handed on in the exception, to run after the checkpoint.
     A second Ctrl-C stops at once, without a checkpoint. Lightning's own SIGTERM handler
     still runs (it stops DDP's child processes); its flag is honoured the same way.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, *PREEMPTION_SIGNALS)
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -255,7 +273,8 @@ class GracefulStop(L.Callback):
         dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
         path = Path(dirpath or trainer.default_root_dir) / INTERRUPTED_CHECKPOINT
         trainer.save_checkpoint(path)
-        raise TrainingInterrupted(signum, path)
+        then = self._previous.get(signum) if signum in PREEMPTION_SIGNALS else None
+        raise TrainingInterrupted(signum, path, then)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
