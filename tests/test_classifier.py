@@ -166,3 +166,28 @@ def split_at(order, cuts):
             current = []
         current.append(index)
     return [*parts, current]
+
+
+@pytest.mark.parametrize("rule", ["last_token", "mean"])
+def test_activation_checkpointing_recomputes_blocks_and_changes_no_number(rule):
+    b = batch([[5, 6, 7, 8, 9], [3, 4]])
+    results = []
+    for on in (False, True):
+        model = classifier(rule).train()
+        model.activation_checkpointing = on
+        calls = []
+        for block in model.backbone.trf_blocks:
+            block.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        loss = model(b["input_ids"], b["lengths"]).logsumexp(-1).sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, len(calls)))
+    (loss_off, grads_off, calls_off), (loss_on, grads_on, calls_on) = results
+    torch.testing.assert_close(loss_on, loss_off, rtol=0, atol=0)
+    assert grads_on.keys() == grads_off.keys() and len(grads_on) > 0
+    for name, grad in grads_off.items():
+        torch.testing.assert_close(grads_on[name], grad, rtol=0, atol=0)
+    # Each block ran again in the backward pass: its activations were not kept.
+    assert (calls_off, calls_on) == (3, 6)
+    with torch.no_grad():  # nothing to recompute for: the plain forward
+        model(b["input_ids"], b["lengths"])

@@ -129,3 +129,29 @@ def test_ddp_sim_sweep_is_one_sweep_and_matches_one_process_runs(tmp_path, sms_f
         counts.append((int(found[1]), int(found[2])))
     (mine, total), (theirs, total_1) = counts
     assert total == total_1 and mine + theirs == total and abs(mine - theirs) <= 1
+
+
+def test_trainer_fsdp_is_lightnings_strategy_per_block_and_needs_gpus():
+    """What FSDP is on this CPU-only machine: its config builds Lightning's strategy with
+    one unit per block (activation checkpointing by the same rule), sharded checkpoints
+    (read back in test_use.py), and a run on the CPU is refused before any work."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from gpt_classifier.model.gpt import TransformerBlock
+    from gpt_classifier.tasks.train import ConfigError, probe_trainer
+
+    with initialize_config_dir(str(Path(__file__).parents[1] / "configs"), version_base="1.3"):
+        overrides = ["trainer=fsdp", "model=gpt2-tiny", "accelerator=cpu", "trainer.devices=2",
+                     "model.activation_checkpointing=true"]  # fmt: skip
+        cfg = compose("train", overrides)
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {TransformerBlock}
+    assert strategy.kwargs["use_orig_params"] is True
+    checkpointed = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]
+    assert checkpointed._module_classes == {TransformerBlock}
+    assert strategy._state_dict_type == "sharded"
+    with pytest.raises(ConfigError, match="accelerator=cpu, trainer.devices=2: .*requires a GPU"):
+        probe_trainer(cfg)

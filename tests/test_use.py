@@ -540,3 +540,33 @@ def test_onnx_export_runs_in_onnx_runtime_like_ours(which, request, tmp_path):
     )  # fmt: skip
     with pytest.raises(ValueError, match="runs on the CPU here"):
         TextClassifier.load(out, device="cuda")
+
+
+def test_a_sharded_checkpoint_folder_loads_and_exports_as_one_model(run_dir, tmp_path):
+    """`trainer=fsdp` writes each checkpoint as a folder (torch.distributed.checkpoint's
+    shard files + Lightning's meta.pt); inference and export.py read it as one model.
+    Written here by torch.distributed.checkpoint in one process, in the layout
+    Lightning's FSDPStrategy.save_checkpoint uses (FSDP itself needs GPUs)."""
+    import torch.distributed.checkpoint as dcp
+
+    from gpt_classifier.inference.classifier import resolve_checkpoint
+
+    source = resolve_checkpoint(run_dir)
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    folder = tmp_path / "checkpoints" / source.name
+    folder.parent.mkdir()
+    shutil.copy(source.parent / "frozen.safetensors", folder.parent)
+    state = {"model": checkpoint.pop("state_dict")}
+    state.update({f"optimizer_{i}": o for i, o in enumerate(checkpoint.pop("optimizer_states"))})
+    dcp.save(state, checkpoint_id=folder, no_dist=True)
+    torch.save(checkpoint, folder / "meta.pt")
+    assert any(folder.glob("*.distcp"))
+
+    texts = [SPAM, HAM, "see you at 5", "URGENT! call 09061701461 to claim your reward"]
+    expected = TextClassifier.load(source).probabilities(texts)
+    torch.testing.assert_close(TextClassifier.load(folder).probabilities(texts), expected,
+                               atol=0, rtol=0)  # fmt: skip
+    exported = TextClassifier.load(folder).export(tmp_path / "export")
+    assert (exported / "model.safetensors").is_file()
+    torch.testing.assert_close(TextClassifier.load(exported).probabilities(texts), expected,
+                               atol=1e-6, rtol=0)  # fmt: skip

@@ -16,6 +16,36 @@ import torch
 from gpt_classifier.model.gpt import split_fused_qkv
 
 FROZEN_WEIGHTS_FILE = "frozen.safetensors"
+# In a sharded checkpoint folder (FSDP with state_dict_type=sharded, as Lightning writes
+# it): everything but the tensors, beside torch.distributed.checkpoint's shard files.
+SHARDED_METADATA_FILE = "meta.pt"
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint folder of shards (``trainer=fsdp``)."""
+    return path.is_dir() and (path / SHARDED_METADATA_FILE).is_file()
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint as one dict, from one file or from a sharded checkpoint folder.
+
+    A sharded folder's model shards are put back together in this process (its
+    optimizer states are left on disk): the state dict is whole, as in a file.
+    """
+    if not is_sharded_checkpoint(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    # What torch.distributed.checkpoint.format_utils.dcp_to_torch_save does, in memory
+    # and for the model alone.
+    shards: dict[str, Any] = {}
+    _load_state_dict(shards, storage_reader=FileSystemReader(path),
+                     planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)  # fmt: skip
+    checkpoint = torch.load(path / SHARDED_METADATA_FILE, map_location="cpu", weights_only=True)
+    checkpoint["state_dict"] = shards["model"]
+    return checkpoint
 
 
 def read_frozen_weights(path: Path) -> dict[str, torch.Tensor]:

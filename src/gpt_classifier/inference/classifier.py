@@ -15,7 +15,12 @@ from typing import Any
 
 import torch
 
-from gpt_classifier.checkpoints import complete_state_dict, upgrade_names
+from gpt_classifier.checkpoints import (
+    complete_state_dict,
+    is_sharded_checkpoint,
+    read_checkpoint,
+    upgrade_names,
+)
 from gpt_classifier.data.batching import Collator, plan_batches, truncate
 from gpt_classifier.data.tokenizer import PAD_TOKEN_ID, get_tokenizer
 from gpt_classifier.finetuning.methods import method_from_config
@@ -209,8 +214,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint file, or the best (else last) checkpoint of a training run folder."""
-    if path.is_file():
+    """A checkpoint file or sharded checkpoint folder, or the best (else last) checkpoint
+    of a training run folder."""
+    if path.is_file() or is_sharded_checkpoint(path):
         return path
     if path.is_dir():
         metrics = path / "metrics.json"
@@ -218,7 +224,7 @@ def resolve_checkpoint(path: Path) -> Path:
             best = json.loads(metrics.read_text()).get("best_checkpoint")
             # In this folder first: it may have been moved or copied since training.
             for candidate in (path / "checkpoints" / Path(best).name, Path(best)) if best else ():
-                if candidate.is_file():
+                if candidate.is_file() or is_sharded_checkpoint(candidate):
                     return candidate
         last = path / "checkpoints" / "last.ckpt"
         if last.exists():
@@ -232,8 +238,8 @@ def resolve_checkpoint(path: Path) -> Path:
 
 def _load_checkpoint(path: Path) -> tuple[SequenceClassifier, InferenceSettings]:
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # zip, pickle and unpickler errors
+        checkpoint = read_checkpoint(path)
+    except Exception as err:  # zip, pickle, unpickler and shard-reading errors
         raise ModelLoadError(
             f"{path} is not a readable checkpoint ({type(err).__name__}: {err}); it may be "
             "truncated or corrupt, or need code to load: use a checkpoint written by train.py."

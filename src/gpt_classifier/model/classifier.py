@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from gpt_classifier.model.gpt import GPT, GPTConfig
 from gpt_classifier.model.pooling import pooling_rule
@@ -45,6 +46,9 @@ class SequenceClassifier(nn.Module):
         self.pooling = pooling
         self.num_classes = num_classes
         self.backbone = backbone
+        # Training may trade compute for memory: each block's activations are recomputed
+        # in the backward pass instead of kept (model.activation_checkpointing).
+        self.activation_checkpointing = False
         device = backbone.tok_emb.weight.device
         # The book seeds the head's initialisation; fork so the global RNG is untouched.
         with torch.random.fork_rng(devices=[], enabled=head_seed is not None):
@@ -99,15 +103,22 @@ class SequenceClassifier(nn.Module):
         selection = self.pool(lengths, t)
         last = len(blocks) - 1
         for block in blocks[start:last]:
-            x = block(x)  # (B, T, D)
+            x = self._run(block, x)  # (B, T, D)
         if not selection.is_floating_point():  # one position per sequence
             if start <= last:
-                h = blocks[last](x, positions=selection)  # computes those positions only
+                h = self._run(blocks[last], x, positions=selection)  # those positions only
             else:
                 h = x[torch.arange(b, device=x.device), selection]
             return gpt.out_head(gpt.final_norm(h))  # (B, num_classes)
         if start <= last:
-            x = blocks[last](x)
+            x = self._run(blocks[last], x)
         # Averaging before the (linear) head equals averaging the positions' logits.
         h = torch.einsum("bt,btd->bd", selection.to(x.dtype), gpt.final_norm(x))
         return gpt.out_head(h)
+
+    def _run(self, block: nn.Module, x: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        """``block(x)``, through activation checkpointing when it is on and a backward
+        pass will follow."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False, **kwargs)
+        return block(x, **kwargs)

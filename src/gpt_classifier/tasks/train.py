@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from gpt_classifier.data.datamodule import SMSSpamDataModule
@@ -133,31 +134,58 @@ def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def needs_own_process(cfg: DictConfig) -> bool:
-    """Whether this sweep job's strategy would start its processes by re-running the
-    script (see training.distributed)."""
+def probe_trainer(cfg: DictConfig) -> L.Trainer:
+    """A Trainer with the run's accelerator, precision, devices and strategy alone: it
+    checks them before any weights or data are read, and tells how the run's processes
+    start."""
+    settings = trainer_settings(cfg)
+    keys = ("accelerator", "precision", "devices", "num_nodes", "strategy")
+    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the real Trainer reports the devices
+    try:
+        return L.Trainer(**{k: settings[k] for k in keys if k in settings}, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)  # fmt: skip
+    except (ValueError, RuntimeError, TypeError) as err:
+        trainer = run_choices_now().get("trainer", "?")
+        raise ConfigError(
+            f"trainer={trainer} with accelerator={cfg.accelerator.accelerator}, "
+            f"trainer.devices={cfg.trainer.devices}: {err}"
+        ) from err
+    finally:
+        quiet.setLevel(level)
+
+
+def run_choices_now() -> dict[str, str]:
+    """This process's config group choices (empty outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    return dict(HydraConfig.get().runtime.choices)
+
+
+def in_multirun() -> bool:
+    """Whether this is a job of a Hydra sweep (``-m``)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return False
-    settings = trainer_settings(cfg)
-    probe = L.Trainer(
-        **{k: settings[k] for k in ("accelerator", "devices", "num_nodes", "strategy")
-           if k in settings},
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
-    )  # fmt: skip
-    return starts_processes_by_script(probe)
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def build_trainer(
-    cfg: DictConfig, output_dir: Path, callbacks: list[L.Callback], resume_step: int | None = None
+    cfg: DictConfig,
+    output_dir: Path,
+    callbacks: list[L.Callback],
+    resume_step: int | None = None,
+    atomic_saves: bool = True,
 ) -> L.Trainer:
     """A Lightning Trainer with the configured accelerator, strategy, loggers and callbacks.
 
     ``resume_step``: the logging step a resumed run continues from; TensorBoard hides what
-    the interrupted run logged from there on, so no step appears twice.
+    the interrupted run logged from there on, so no step appears twice. ``atomic_saves``:
+    checkpoints through :class:`AtomicCheckpointIO` (FSDP writes its own, without one).
     """
     skip_tensorflow_import()
     loggers = []
@@ -176,7 +204,7 @@ def build_trainer(
         logger=loggers or False,
         callbacks=[*configured, *callbacks],
         default_root_dir=str(output_dir),
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO()] if atomic_saves else None,
         **trainer_settings(cfg),
     )
 
@@ -259,9 +287,12 @@ def train(cfg: DictConfig) -> float:
     """
     timer = StartupTimer()
     output_dir = Path(cfg.paths.output_dir)
-    if needs_own_process(cfg):
+    probe = probe_trainer(cfg)
+    if in_multirun() and starts_processes_by_script(probe):
         run_in_own_process(cfg)
         return job_metric(cfg, output_dir)
+    # FSDP shards the blocks itself, and checkpoints them by its own rules (below).
+    fsdp = isinstance(probe.strategy, FSDPStrategy)
     # Only the first process writes the run's files (the others are started by the
     # strategy inside fit, or by the cluster, and run this function too).
     rank_zero = is_rank_zero_process()
@@ -297,11 +328,13 @@ def train(cfg: DictConfig) -> float:
     model = SequenceClassifier(
         backbone, cfg.classifier.num_classes, cfg.classifier.pooling, cfg.classifier.head_seed
     )
+    # Under FSDP the strategy wraps the blocks for it (trainer.strategy.activation_checkpointing).
+    model.activation_checkpointing = bool(cfg.model.get("activation_checkpointing")) and not fsdp
     module = ClassifierModule(
         model, method, optimizer, scheduler, label_names=datamodule.label_names
     )
     callbacks = [timer, prefix_cache, ResumeState(), GracefulStop(), KeepRandomState()]
-    trainer = build_trainer(cfg, output_dir, callbacks, resume_step)
+    trainer = build_trainer(cfg, output_dir, callbacks, resume_step, atomic_saves=not fsdp)
 
     start = time.perf_counter()
     try:

@@ -74,3 +74,33 @@ class KeepRandomState(L.Callback):
             random.setstate(python_state)
             np.random.set_state(numpy_state)
             torch.set_rng_state(torch_state)
+
+
+def fsdp_strategy(
+    sharding_strategy: str = "FULL_SHARD",
+    state_dict_type: str = "sharded",
+    activation_checkpointing: bool = False,
+    cpu_offload: bool = False,
+    process_group_backend: str | None = None,
+) -> L.pytorch.strategies.FSDPStrategy:
+    """Lightning's FSDP with one shard unit per transformer block.
+
+    ``use_orig_params``: the fine-tuning method may leave some parameters of a unit
+    frozen (``freeze=last_block``: the embeddings sit in the root unit beside the
+    trainable final LayerNorm), which FSDP's flat parameters allow only this way.
+    ``activation_checkpointing`` recomputes each block's activations in the backward
+    pass instead of keeping them (``model.activation_checkpointing``).
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from gpt_classifier.model.gpt import TransformerBlock
+
+    return FSDPStrategy(
+        auto_wrap_policy={TransformerBlock},
+        activation_checkpointing_policy={TransformerBlock} if activation_checkpointing else None,
+        sharding_strategy=sharding_strategy,
+        state_dict_type=state_dict_type,
+        cpu_offload=cpu_offload,
+        process_group_backend=process_group_backend,
+        use_orig_params=True,
+    )
