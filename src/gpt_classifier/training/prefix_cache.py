@@ -23,6 +23,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader
 
@@ -347,6 +348,8 @@ class PrefixCacheCallback(L.Callback):
             reasons.append(f"{module.method!r} leaves no frozen prefix")
         if model.cfg.drop_rate > 0:
             reasons.append(f"dropout {model.cfg.drop_rate} makes the prefix random")
+        if isinstance(trainer.strategy, FSDPStrategy):
+            reasons.append("FSDP shards the frozen blocks; they run inside its wrapped model")
         if self.enabled == "False" or reasons:
             if self.enabled == "True":
                 raise ValueError(
