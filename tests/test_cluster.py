@@ -72,3 +72,42 @@ def test_a_requeued_slurm_job_resumes_from_its_checkpoints(tmp_path, monkeypatch
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
     assert requeued_run(tmp_path) == "last"
     assert requeued_run(tmp_path / "elsewhere") is None  # nothing to resume from
+
+
+def test_sigusr2_checkpoints_then_hands_over_to_submitits_requeue(tmp_path):
+    """SLURM (through submitit) warns with SIGUSR2: training stops after the step with a
+    checkpoint, and submitit's handler (requeue the job) comes after it, not before."""
+    import signal
+    from types import SimpleNamespace
+
+    from gpt_classifier.training.resume import GracefulStop, TrainingInterrupted
+
+    requeued = []
+
+    def submitit_handler(signum, frame):
+        requeued.append(signum)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    saved = []
+    trainer = SimpleNamespace(
+        received_sigterm=False, accumulate_grad_batches=1,
+        strategy=SimpleNamespace(reduce_boolean_decision=lambda asked, all: asked),
+        checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path)), default_root_dir=str(tmp_path),
+        save_checkpoint=saved.append,
+    )  # fmt: skip
+    stop = GracefulStop()
+    try:
+        stop.on_fit_start(trainer, None)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert requeued == []  # not yet: no checkpoint so far
+        with pytest.raises(TrainingInterrupted) as raised:
+            stop.on_train_batch_end(trainer, None, None, None, 0)
+    finally:
+        stop.teardown(trainer, None, "fit")
+        restored = signal.getsignal(signal.SIGUSR2)
+        signal.signal(signal.SIGUSR2, previous)
+    assert saved == [tmp_path / "interrupted.ckpt"]
+    assert raised.value.signum == signal.SIGUSR2
+    raised.value.then(signal.SIGUSR2, None)  # what train() does once Lightning let go
+    assert requeued == [signal.SIGUSR2]
+    assert restored is submitit_handler  # back in place after training
