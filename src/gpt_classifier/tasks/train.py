@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
@@ -200,11 +201,16 @@ def build_trainer(
         loggers.append(instantiate(logger_cfg, **extra))
     # A callback set to null (e.g. callbacks.step_checkpoint=null) is turned off.
     configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    plugins: list[Any] = [AtomicCheckpointIO()] if atomic_saves else []
+    if SLURMEnvironment.detect():
+        # One preemption mechanism: submitit's (SIGUSR2, then requeue; GracefulStop and
+        # requeued_run), not also Lightning's own SIGUSR1 requeue.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(
         logger=loggers or False,
         callbacks=[*configured, *callbacks],
         default_root_dir=str(output_dir),
-        plugins=[AtomicCheckpointIO()] if atomic_saves else None,
+        plugins=plugins or None,
         **trainer_settings(cfg),
     )
 

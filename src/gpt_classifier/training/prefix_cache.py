@@ -348,7 +348,7 @@ class PrefixCacheCallback(L.Callback):
             reasons.append(f"{module.method!r} leaves no frozen prefix")
         if model.cfg.drop_rate > 0:
             reasons.append(f"dropout {model.cfg.drop_rate} makes the prefix random")
-        if isinstance(trainer.strategy, FSDPStrategy):
+        if trainer is not None and isinstance(trainer.strategy, FSDPStrategy):
             reasons.append("FSDP shards the frozen blocks; they run inside its wrapped model")
         if self.enabled == "False" or reasons:
             if self.enabled == "True":
