@@ -17,7 +17,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric, Metric, SumMetric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import (
     BinaryF1Score,
     BinaryPrecision,
@@ -65,8 +65,6 @@ class SplitMetrics(nn.Module):
             self.recall = MulticlassRecall(num_classes, average="macro")
             self.f1 = MulticlassF1Score(num_classes, average="macro")
         self.loss = MeanMetric()
-        # How many examples were evaluated, over all processes: each exactly once.
-        self.examples = SumMetric()
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
         preds = logits.argmax(dim=-1)
@@ -78,8 +76,7 @@ class SplitMetrics(nn.Module):
             )
         for metric in (self.precision, self.recall, self.f1):
             metric.update(preds, labels)
-        self.loss.update(loss.detach(), weight=len(labels))
-        self.examples.update(len(labels))
+        self.loss.update(loss.detach(), weight=len(labels))  # its weight counts the examples
 
     def reset(self) -> None:
         for metric in self.named().values():
@@ -87,24 +84,22 @@ class SplitMetrics(nn.Module):
 
     def named(self) -> dict[str, Metric]:
         return {"acc": self.acc, "precision": self.precision, "recall": self.recall,
-                "f1": self.f1, "loss": self.loss, "examples": self.examples}  # fmt: skip
+                "f1": self.f1, "loss": self.loss}  # fmt: skip
 
-    def updated(self) -> bool:
-        """Whether any process has updated these metrics. Under data parallelism every
-        process must take the same decision: ``compute`` gathers from all of them, and a
-        process with no examples of a small split would otherwise skip it and hang the
-        others."""
-        updated = self.acc.update_called
+    def examples(self) -> int:
+        """How many examples all processes have updated these metrics with (the loss's
+        weights), each counted once. Under data parallelism every process gets the same
+        number: ``compute`` gathers from all of them, so a process with no examples of a
+        small split must not skip it and hang the others."""
+        count = self.loss.weight.detach().reshape(1).round().to(torch.int64)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            flag = torch.tensor([int(updated)], device=self.acc.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            updated = bool(flag.item())
-        return updated
+            torch.distributed.all_reduce(count)
+        return int(count.item())
 
     def values(self, names: Iterable[str]) -> dict[str, float]:
         """The named metrics over everything updated so far, in every process (nothing
         is reset)."""
-        if not self.updated():
+        if not self.examples():
             return {}
         return {name: float(self.named()[name].compute()) for name in names}
 
@@ -209,7 +204,8 @@ class ClassifierModule(L.LightningModule):
         gpt2-small training step on a CPU).
         """
         metrics = self.metrics[f"split_{split}"]
-        if not metrics.updated():
+        examples = metrics.examples()
+        if not examples:
             return
         # compute() gathers every process's counts; the values are then the same in all
         # processes, and sync_dist only tells Lightning so (the mean of equal values).
@@ -217,6 +213,9 @@ class ClassifierModule(L.LightningModule):
         for name, metric in metrics.named().items():
             self.log(f"{LOG_PREFIX[split]}/{name}", metric.compute(), prog_bar=name == "acc",
                      add_dataloader_idx=False, sync_dist=distributed)  # fmt: skip
+        # Each example once, whatever the processes (a check on the data's sharding).
+        self.log(f"{LOG_PREFIX[split]}/examples", float(examples), add_dataloader_idx=False,
+                 sync_dist=distributed)  # fmt: skip
         metrics.reset()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
