@@ -18,8 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
 from gpt_classifier.training.distributed import RANK_VARIABLES
 
 log = logging.getLogger(__name__)
@@ -40,7 +38,7 @@ def entry_script() -> Path:
     )
 
 
-def run_in_own_process(cfg: DictConfig) -> None:
+def run_in_own_process() -> None:
     """Run this sweep job as ``python train.py <the job's overrides>`` in its own
     folder and wait for it; the job's processes are then started by Lightning as in
     any single run. Raises when the job fails."""
@@ -55,8 +53,8 @@ def run_in_own_process(cfg: DictConfig) -> None:
         "hydra.output_subdir=null",
         f"hydra.job.name={hydra_cfg.job.name}",
     ]  # fmt: skip
-    log.info("Sweep job %s runs in its own process (its strategy starts %s): %s",
-             hydra_cfg.job.num, "more processes", " ".join(command))  # fmt: skip
+    log.info("Sweep job %s runs in its own process (its strategy starts more processes): %s",
+             hydra_cfg.job.num, " ".join(command))  # fmt: skip
     # Outside this sweep's process: no rank variables of any launcher.
     env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
     process = subprocess.Popen(command, cwd=hydra_cfg.runtime.cwd, env=env)

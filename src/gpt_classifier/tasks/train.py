@@ -295,7 +295,7 @@ def train(cfg: DictConfig) -> float:
     output_dir = Path(cfg.paths.output_dir)
     probe = probe_trainer(cfg)
     if in_multirun() and starts_processes_by_script(probe):
-        run_in_own_process(cfg)
+        run_in_own_process()
         return job_metric(cfg, output_dir)
     # FSDP shards the blocks itself, and checkpoints them by its own rules (below).
     fsdp = isinstance(probe.strategy, FSDPStrategy)
