@@ -250,9 +250,10 @@ class SMSSpamDataModule(L.LightningDataModule):
                     seed=hp.seed,
                 )  # fmt: skip
             else:
-                order = ReplayableRandomSampler(dataset) if hp.shuffle else None
-                batches = BatchSampler(order or SequentialSampler(dataset), global_size,
-                                       hp.drop_last)  # fmt: skip
+                order = (
+                    ReplayableRandomSampler(dataset) if hp.shuffle else SequentialSampler(dataset)
+                )
+                batches = BatchSampler(order, global_size, hp.drop_last)
             if world_size > 1:
                 batches = RankBatches(batches, rank, world_size)
             return ResumableLoader(dataset, batch_sampler=batches, **common)

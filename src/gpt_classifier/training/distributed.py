@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 from typing import Any
@@ -17,8 +16,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-
-log = logging.getLogger(__name__)
 
 # Set by the launchers: torchrun and Lightning's own children (RANK / LOCAL_RANK,
 # NODE_RANK) and SLURM (SLURM_PROCID).
