@@ -18,6 +18,7 @@ ALLOWED = {
     "finetuning": {"finetuning", "model"},
     "data": {"data", "lightning"},
     "checkpoints.py": {"model"},
+    "host_memory.py": set(),
     "inference": {"inference", "model", "finetuning", "data", "checkpoints"},
     "training": {"training", "model", "finetuning", "data", "checkpoints", "reporting",
                  "lightning"},

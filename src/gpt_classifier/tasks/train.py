@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt_classifier.data.datamodule import SMSSpamDataModule
 from gpt_classifier.finetuning.methods import FineTuningMethod, count_parameters
+from gpt_classifier.host_memory import keep_freed_memory
 from gpt_classifier.model.classifier import SequenceClassifier
 from gpt_classifier.model.gpt import GPT, PRESETS
 from gpt_classifier.model.pooling import pooling_rule
@@ -286,6 +287,19 @@ def job_metric(cfg: DictConfig, output_dir: Path) -> float:
     return float(metrics[cfg.optimize_metric])
 
 
+def tune_host_memory(keep_gb: float | None) -> None:
+    """``keep_freed_memory_gb``: how much freed host memory malloc keeps (null: its own
+    policy)."""
+    if keep_gb is None:
+        return
+    if keep_gb <= 0:
+        raise ConfigError(
+            f"keep_freed_memory_gb={keep_gb}; give a positive size in GB, or null for glibc's "
+            "own policy"
+        )
+    keep_freed_memory(int(keep_gb * 1e9))
+
+
 def train(cfg: DictConfig) -> float:
     """Fine-tune, evaluate the best checkpoint on every split, write ``metrics.json``.
 
@@ -293,6 +307,7 @@ def train(cfg: DictConfig) -> float:
     """
     timer = StartupTimer()
     output_dir = Path(cfg.paths.output_dir)
+    tune_host_memory(cfg.get("keep_freed_memory_gb"))
     probe = probe_trainer(cfg)
     if in_multirun() and starts_processes_by_script(probe):
         run_in_own_process()
