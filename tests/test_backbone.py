@@ -83,6 +83,35 @@ def test_pooled_block_equals_full_block_output_and_gradients():
     assert pooled_x_grad[0, 1:].abs().sum() == 0  # nothing after a position reaches it
 
 
+def test_pooled_block_under_cpu_bfloat16_rounds_its_row_count_and_changes_no_result(monkeypatch):
+    # oneDNN builds a kernel per new shape: the packed tokens are padded to a multiple of
+    # 64 rows under reduced precision on a CPU, and the padding reaches no output or grad.
+    import gpt_classifier.model.gpt as gpt
+
+    torch.manual_seed(0)
+    model = GPT.from_preset("gpt2-tiny").eval()
+    x = model.embed(torch.randint(0, 50257, (4, 11))).detach()
+    positions = torch.tensor([0, 4, 10, 7])  # 1 + 5 + 11 + 8 = 25 visible tokens
+    block = model.trf_blocks[-1]
+    rows_seen: list[int] = []
+    block.att.W_key.register_forward_hook(lambda m, args, out: rows_seen.append(len(args[0])))
+
+    def output_and_grads(bf16: bool):
+        block.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = block(x, positions=positions)
+        out.float().sum().backward()
+        return out.detach().float(), {n: p.grad.clone() for n, p in block.named_parameters()}
+
+    output_and_grads(False)
+    padded, padded_grads = output_and_grads(True)
+    monkeypatch.setattr(gpt, "CPU_ROW_MULTIPLE", 1)
+    exact, exact_grads = output_and_grads(True)
+    assert rows_seen == [25, 64, 25]
+    torch.testing.assert_close(padded, exact, atol=1e-6, rtol=0)
+    torch.testing.assert_close(padded_grads, exact_grads, atol=1e-6, rtol=1e-5)
+
+
 def test_too_long_input_is_a_clear_error():
     model = GPT.from_preset("gpt2-tiny")
     with pytest.raises(ValueError, match="longer than the model's context length 256"):
