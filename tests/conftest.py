@@ -86,8 +86,11 @@ def trained_run(tmp_path_factory, sms_file) -> Path:
     """A briefly trained gpt2-tiny run (two epochs), shared by the tests that only read it."""
     out = tmp_path_factory.mktemp("trained") / "run"
     result = subprocess.run(
+        # float32, as inference runs: the tests compare eval.py with the run's metrics,
+        # and precision=auto picks bf16-mixed on CPUs where bfloat16 is fast.
         [sys.executable, "train.py", "model=gpt2-tiny", "accelerator=cpu",
-         f"data.path={sms_file}", "trainer.max_epochs=2", f"hydra.run.dir={out}",
+         "accelerator.precision=32-true", f"data.path={sms_file}", "trainer.max_epochs=2",
+         f"hydra.run.dir={out}",
          "callbacks.progress_bar.refresh_rate=0"],
         cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         capture_output=True, text=True, timeout=600,

@@ -92,7 +92,8 @@ def test_ddp_sim_sweep_is_one_sweep_and_matches_one_process_runs(tmp_path, sms_f
     """`-m trainer=ddp_sim` over two fine-tuning methods: one sweep, one folder and one
     metrics.json per job, every message evaluated once, and the same results as
     one-process runs with the global batch (2 processes x 8 = 16)."""
-    jobs = ("freeze=last_block,lora", "trainer.max_epochs=1")
+    # float32 whatever the CPU (precision=auto picks bf16-mixed where bfloat16 is fast).
+    jobs = ("freeze=last_block,lora", "trainer.max_epochs=1", "accelerator.precision=32-true")
     ok(run_train(tmp_path / "ref", sms_file, *jobs, "data.batch_size=16", multirun=True))
     ddp = ok(run_train(tmp_path / "ddp", sms_file, *jobs, "trainer=ddp_sim", multirun=True))
     sweep, ref_sweep = tmp_path / "ddp" / "sweep", tmp_path / "ref" / "sweep"
