@@ -325,8 +325,8 @@ def lora_run_dir(tmp_path_factory, sms_file) -> Path:
     """A briefly trained gpt2-tiny run with adapters on every linear layer and the head."""
     out = tmp_path_factory.mktemp("lora") / "run"
     ok(app("train.py", "model=gpt2-tiny", "accelerator=cpu", "accelerator.precision=32-true",
-           f"data.path={sms_file}", "freeze=lora", "freeze.head=both", "freeze.alpha=32", "optimizer.lr=1e-3",
-           "trainer.max_epochs=1", f"hydra.run.dir={out}",
+           f"data.path={sms_file}", "freeze=lora", "freeze.head=both", "freeze.alpha=32",
+           "optimizer.lr=1e-3", "trainer.max_epochs=1", f"hydra.run.dir={out}",
            "callbacks.progress_bar.refresh_rate=0"))  # fmt: skip
     return out
 
