@@ -101,6 +101,11 @@ def test_sweep_jobs_reuse_what_is_unchanged_and_match_separate_runs(tmp_path, sm
     assert re.search(r"computed (\d+) of \1 distinct messages", third)
     assert "Backbone weights reused" in fourth and "SMS data reused" in fourth
     assert "reused" in fourth and "computed" not in fourth
+    # The same frozen tensors: job 1's frozen.safetensors is job 0's file, hard-linked;
+    # job 2's weights are others, written anew.
+    frozen = [(sweep / str(n) / "checkpoints" / "frozen.safetensors").stat() for n in range(4)]
+    assert "a hard link to" in second and "written once" in third
+    assert frozen[1].st_ino == frozen[0].st_ino != frozen[2].st_ino == frozen[3].st_ino
     # A reusing job's results are those of the same job run alone, to the last bit.
     ok(run_train(tmp_path / "alone", sms_file, *short, "seed=5", "optimizer.lr=2e-3"))
     alone = json.loads((tmp_path / "alone" / "run" / "metrics.json").read_text())

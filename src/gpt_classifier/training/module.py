@@ -28,9 +28,10 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from gpt_classifier.checkpoints import complete_state_dict
+from gpt_classifier.checkpoints import complete_state_dict, locate_frozen_weights
 from gpt_classifier.finetuning.methods import FineTuningMethod, TrainLastBlocks, count_parameters
 from gpt_classifier.model.classifier import SequenceClassifier
+from gpt_classifier.training.frozen_weights import held_unchanged
 
 log = logging.getLogger(__name__)
 
@@ -272,9 +273,33 @@ class ClassifierModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Frozen weights live beside the checkpoint (see training.frozen_weights).
         path = self._trainer.ckpt_path if self._trainer is not None else None
-        complete_state_dict(checkpoint, path)
+        self.strict_loading = True
+        if not self._frozen_weights_in_memory(checkpoint, path):
+            complete_state_dict(checkpoint, path)
         if "train_metrics" in checkpoint:
             self.metrics["split_train"].restore(checkpoint["train_metrics"])
+
+    def _frozen_weights_in_memory(self, checkpoint: dict[str, Any], path: Any) -> bool:
+        """Whether the checkpoint's frozen weights are this module's own, unchanged since
+        this process wrote them to the file it names (the final test of a run): then
+        only what trained is loaded, and the frozen tensors are neither read again nor
+        overwritten with themselves (which would also make a sweep's next job hash them
+        again for the prefix cache)."""
+        recorded = checkpoint.get("frozen_weights")
+        if not recorded:
+            return False
+        try:
+            file = locate_frozen_weights(path, str(recorded))
+        except FileNotFoundError:
+            return False  # complete_state_dict says what is missing
+        current = {f"model.{name}": t for name, t in self.model.state_dict().items()}
+        held = held_unchanged(file, current)
+        stored = set(checkpoint["state_dict"])
+        # Everything else the module holds is in the checkpoint, and nothing foreign.
+        if not held or stored & held or stored | held != set(self.state_dict()):
+            return False
+        self.strict_loading = False  # the held names are left out on purpose
+        return True
 
     # ------------------------------------------------------------------ optimizer
 
