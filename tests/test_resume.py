@@ -19,7 +19,11 @@ from gpt_classifier.tasks.train import ConfigError, check_writable, resume_check
 from gpt_classifier.training.resume import AtomicCheckpointIO, CheckpointSaveError
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS_PER_EPOCH = 60  # trainer.limit_train_batches of the runs below
+# trainer.limit_train_batches of the runs below: each signal comes 20 steps into an epoch,
+# and the 100 steps after it (about a second of gpt2-tiny) keep it inside training even
+# when the test's own process is slow to send it (with 60, a signal once landed in the
+# epoch's validation).
+STEPS_PER_EPOCH = 120
 
 
 def command(sms_file: Path, run_dir: Path, *extra: str, epochs: int = 2) -> list[str]:

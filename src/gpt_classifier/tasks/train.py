@@ -16,6 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from gpt_classifier.data.datamodule import SMSSpamDataModule
@@ -371,15 +372,33 @@ def train(cfg: DictConfig) -> float:
             stop.then(stop.signum, None)
         # What a shell reports for a process ended by that signal (130 for Ctrl-C).
         raise SystemExit(128 + stop.signum) from None
+    except SIGTERMException:
+        # Lightning's own SIGTERM check came first: the signal arrived outside a training
+        # step (during validation), so there is no checkpoint of this moment; resuming
+        # continues from the furthest one. Its exception would exit with status 0.
+        log.warning(
+            "Training stopped by SIGTERM during validation at epoch %d, step %d. Resume "
+            "from the last checkpoint with:\n  python train.py ckpt_path=last hydra.run.dir=%s",
+            trainer.current_epoch, trainer.global_step, output_dir,
+        )  # fmt: skip
+        raise SystemExit(128 + signal.SIGTERM) from None
     fit_seconds = time.perf_counter() - start
 
     checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     module.test_split_names = ["train", "val", "test"]
     loaders = [datamodule.eval_dataloader(s) for s in ("train", "validation", "test")]
     start = time.perf_counter()
-    trainer.test(
-        module, dataloaders=loaders, ckpt_path=checkpoint, weights_only=True, verbose=False
-    )
+    try:
+        trainer.test(
+            module, dataloaders=loaders, ckpt_path=checkpoint, weights_only=True, verbose=False
+        )
+    except SIGTERMException:
+        log.warning(
+            "Stopped by SIGTERM during the final evaluation: training is complete, "
+            "metrics.json is not written. Evaluate with:\n  python train.py ckpt_path=last "
+            "hydra.run.dir=%s", output_dir,
+        )  # fmt: skip
+        raise SystemExit(128 + signal.SIGTERM) from None
     test_seconds = time.perf_counter() - start
 
     trainable, total = count_parameters(module.model)
