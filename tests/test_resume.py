@@ -117,6 +117,25 @@ def test_sigterm_and_ctrl_c_write_a_checkpoint_and_say_how_to_resume(reference, 
     assert "Prefix cache: reused" in (run_dir / "train.log").read_text()
 
 
+def test_sigterm_during_validation_exits_143_and_resumes_to_the_same_result(
+    reference, sms_file, tmp_path
+):
+    # Lightning's own SIGTERM check stops a validation with an exit status of 0 unless
+    # train.py turns it into 143. The furthest checkpoint is then the last step checkpoint
+    # before the epoch's end (none is written at its last batch).
+    run_dir = tmp_path / "run"
+    sigterm = ["+callbacks.sigterm._target_=tests.signal_callbacks.SigtermInValidation",
+               f"+callbacks.sigterm.marker={tmp_path / 'sent'}"]  # fmt: skip
+    result = run(command(sms_file, run_dir, *LORA, *sigterm))
+    output = result.stdout + result.stderr
+    assert result.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Training stopped by SIGTERM during validation at epoch 0" in output
+    stored = torch.load(run_dir / "checkpoints" / "step.ckpt", weights_only=True, mmap=True)
+    assert stored["global_step"] == STEPS_PER_EPOCH - 20
+    ok(run([sys.executable, "train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"]))
+    assert final_metrics(run_dir) == final_metrics(reference)
+
+
 def test_kill_9_then_resume_equals_the_uninterrupted_run(reference, sms_file, tmp_path):
     """kill -9 in the second epoch; the resume starts from the step checkpoint, mid-epoch."""
     run_dir = tmp_path / "run"

@@ -142,6 +142,11 @@ class StepCheckpoint(ModelCheckpoint):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
         batch_idx: int,
     ) -> None:  # fmt: skip
+        # Not at the epoch's last batch: a checkpoint there (the batch not yet counted as
+        # completed, the epoch's validation not yet run) resumed to other results, and
+        # last.ckpt follows right after the validation.
+        if batch_idx + 1 >= trainer.num_training_batches:
+            return
         if not mid_accumulation(trainer):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
