@@ -9,16 +9,18 @@ from pathlib import Path
 import lightning as L
 
 
-class SigtermInValidation(L.Callback):
-    """Sends this process SIGTERM at the first batch of a validation, once: a signal
-    that arrives outside a training step. ``marker`` records that it has (a resumed run
-    reads the same config)."""
+class SignalInValidation(L.Callback):
+    """Sends this process ``signum`` (a name: SIGTERM, SIGINT) at the first batch of
+    epoch ``epoch``'s validation, once: a signal that arrives outside a training step.
+    ``marker`` records that it has (a resumed run reads the same config)."""
 
-    def __init__(self, marker: str) -> None:
-        self.marker = Path(marker)
+    def __init__(self, marker: str, signum: str = "SIGTERM", epoch: int = 0) -> None:
+        self.marker, self.signum, self.epoch = Path(marker), signal.Signals[signum], epoch
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        if trainer.sanity_checking or batch_idx or self.marker.exists():
+        if trainer.sanity_checking or batch_idx or trainer.current_epoch != self.epoch:
+            return
+        if self.marker.exists():
             return
         self.marker.write_text("sent\n")
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), self.signum)

@@ -124,7 +124,7 @@ def test_sigterm_during_validation_exits_143_and_resumes_to_the_same_result(
     # train.py turns it into 143. The furthest checkpoint is then the last step checkpoint
     # before the epoch's end (none is written at its last batch).
     run_dir = tmp_path / "run"
-    sigterm = ["+callbacks.sigterm._target_=tests.signal_callbacks.SigtermInValidation",
+    sigterm = ["+callbacks.sigterm._target_=tests.signal_callbacks.SignalInValidation",
                f"+callbacks.sigterm.marker={tmp_path / 'sent'}"]  # fmt: skip
     result = run(command(sms_file, run_dir, *LORA, *sigterm))
     output = result.stdout + result.stderr
@@ -132,6 +132,22 @@ def test_sigterm_during_validation_exits_143_and_resumes_to_the_same_result(
     assert "Training stopped by SIGTERM during validation at epoch 0" in output
     stored = torch.load(run_dir / "checkpoints" / "step.ckpt", weights_only=True, mmap=True)
     assert stored["global_step"] == STEPS_PER_EPOCH - 20
+    ok(run([sys.executable, "train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"]))
+    assert final_metrics(run_dir) == final_metrics(reference)
+
+
+def test_ctrl_c_during_the_last_validation_skips_the_final_test_and_says_how_to_run_it(
+    reference, sms_file, tmp_path
+):
+    run_dir = tmp_path / "run"
+    ctrl_c = ["+callbacks.ctrl_c._target_=tests.signal_callbacks.SignalInValidation",
+              f"+callbacks.ctrl_c.marker={tmp_path / 'sent'}", "+callbacks.ctrl_c.signum=SIGINT",
+              "+callbacks.ctrl_c.epoch=1"]  # fmt: skip
+    result = run(command(sms_file, run_dir, *LORA, *ctrl_c))
+    output = result.stdout + result.stderr
+    assert result.returncode == 128 + signal.SIGINT, output[-3000:]
+    assert "SIGINT received after the last training step" in output
+    assert not (run_dir / "metrics.json").exists()
     ok(run([sys.executable, "train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"]))
     assert final_metrics(run_dir) == final_metrics(reference)
 

@@ -43,6 +43,7 @@ from gpt_classifier.training.module import ClassifierModule
 from gpt_classifier.training.precision import resolve_precision
 from gpt_classifier.training.prefix_cache import PrefixCacheCallback
 from gpt_classifier.training.resume import (
+    PREEMPTION_SIGNALS,
     AtomicCheckpointIO,
     GracefulStop,
     ResumeState,
@@ -355,7 +356,8 @@ def train(cfg: DictConfig) -> float:
     module = ClassifierModule(
         model, method, optimizer, scheduler, label_names=datamodule.label_names
     )
-    callbacks = [timer, prefix_cache, ResumeState(), GracefulStop(), KeepRandomState()]
+    stop = GracefulStop()
+    callbacks = [timer, prefix_cache, ResumeState(), stop, KeepRandomState()]
     trainer = build_trainer(cfg, output_dir, callbacks, resume_step, atomic_saves=not fsdp)
 
     start = time.perf_counter()
@@ -383,6 +385,19 @@ def train(cfg: DictConfig) -> float:
         )  # fmt: skip
         raise SystemExit(128 + signal.SIGTERM) from None
     fit_seconds = time.perf_counter() - start
+    # A signal after the last training step (during the last validation): every process
+    # skips the final test, as one alone would wait for the others there.
+    if trainer.strategy.reduce_boolean_decision(stop.signum is not None, all=False):
+        signum = stop.signum or signal.SIGTERM
+        log.warning(
+            "%s received after the last training step: training is complete, the final "
+            "evaluation is skipped. Run it with:\n  python train.py ckpt_path=last "
+            "hydra.run.dir=%s", signal.Signals(signum).name, output_dir,
+        )  # fmt: skip
+        handler = signal.getsignal(signum)  # restored: submitit's requeue for SIGUSR2
+        if signum in PREEMPTION_SIGNALS and callable(handler):
+            handler(signum, None)
+        raise SystemExit(128 + signum)
 
     checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     module.test_split_names = ["train", "val", "test"]
