@@ -376,11 +376,12 @@ def train(cfg: DictConfig) -> float:
         raise SystemExit(128 + stop.signum) from None
     except SIGTERMException:
         # Lightning's own SIGTERM check came first: the signal arrived outside a training
-        # step (during validation), so there is no checkpoint of this moment; resuming
-        # continues from the furthest one. Its exception would exit with status 0.
+        # step (in a validation or at an epoch's end), so there is no checkpoint of this
+        # moment; resuming continues from the furthest one. Its exception exits with 0.
         log.warning(
-            "Training stopped by SIGTERM during validation at epoch %d, step %d. Resume "
-            "from the last checkpoint with:\n  python train.py ckpt_path=last hydra.run.dir=%s",
+            "Training stopped by SIGTERM outside a training step (in a validation or at an "
+            "epoch's end), at epoch %d, step %d. Resume from the furthest checkpoint with:\n"
+            "  python train.py ckpt_path=last hydra.run.dir=%s",
             trainer.current_epoch, trainer.global_step, output_dir,
         )  # fmt: skip
         raise SystemExit(128 + signal.SIGTERM) from None
