@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt_classifier import GPT, PRESETS, preset_config
 
@@ -59,9 +60,14 @@ def test_causality_later_tokens_do_not_change_earlier_logits():
     torch.testing.assert_close(short, longer[:, :5], atol=1e-5, rtol=1e-5)
 
 
-def test_pooled_block_equals_full_block_output_and_gradients():
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"qkv_bias": False}, {"causal_mask": False}],
+    ids=["gpt2", "no-bias", "no-mask"],
+)
+def test_pooled_block_equals_full_block_output_and_gradients(overrides):
     torch.manual_seed(0)
-    model = GPT.from_preset("gpt2-tiny").eval()
+    model = GPT.from_preset("gpt2-tiny", **overrides).eval()
     x = model.embed(torch.randint(0, 50257, (4, 11))).detach().requires_grad_()
     positions = torch.tensor([0, 4, 10, 7])
     block = model.trf_blocks[-1]
@@ -80,7 +86,86 @@ def test_pooled_block_equals_full_block_output_and_gradients():
     torch.testing.assert_close(pooled, full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pooled_grads, full_grads, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(pooled_x_grad, full_x_grad, atol=1e-5, rtol=1e-4)
-    assert pooled_x_grad[0, 1:].abs().sum() == 0  # nothing after a position reaches it
+    if model.cfg.causal_mask:
+        assert pooled_x_grad[0, 1:].abs().sum() == 0  # nothing after a position reaches it
+
+
+class MatmulRows(TorchDispatchMode):
+    """Records the shapes of the two matrices of every 2-d matrix product (forward and
+    backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            self.shapes.append((*args[-2].shape, *args[-1].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def _pooled_run(block, x, positions, bf16=False):
+    """Output, parameter gradients and the matrix shapes of the 2-d products of one pooled
+    forward and backward pass."""
+    block.zero_grad()
+    with MatmulRows() as products, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = block(x, positions=positions)
+        out.float().square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+    return out.detach().float(), grads, products.shapes
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16-autocast"])
+def test_pooled_block_folds_plain_key_and_value_layers_into_the_query(bf16):
+    # With one query per sequence, the key and value projections are not run on the
+    # 25 visible tokens; a hook on either layer (which must see its calls) turns the
+    # folding off, and both ways give the same numbers.
+    torch.manual_seed(0)
+    model = GPT.from_preset("gpt2-tiny").eval()
+    x = model.embed(torch.randint(0, 50257, (4, 11))).detach()
+    positions = torch.tensor([0, 4, 10, 7])  # 1 + 5 + 11 + 8 = 25 visible tokens
+    block = model.trf_blocks[-1]
+    folded, folded_grads, folded_shapes = _pooled_run(block, x, positions, bf16)
+    seen: list[int] = []
+    handle = block.att.W_value.register_forward_hook(lambda m, a, out: seen.append(len(a[0])))
+    unfolded, unfolded_grads, unfolded_shapes = _pooled_run(block, x, positions, bf16)
+    handle.remove()
+    assert seen == [64 if bf16 else 25]
+    # Two projections fewer in the forward pass, and their input and weight gradients.
+    assert len(folded_shapes) == len(unfolded_shapes) - 6
+    assert {size for shape in folded_shapes for size in shape} <= {4, 64, 256}
+    # Under bf16 autocast the folded products run in float32: closer to exact, not equal.
+    tol = {"atol": 3e-2, "rtol": 3e-2} if bf16 else {"atol": 1e-5, "rtol": 1e-4}
+    torch.testing.assert_close(folded, unfolded, **tol)
+    torch.testing.assert_close(folded_grads, unfolded_grads, **tol)
+    assert folded_grads.keys() == dict(block.named_parameters()).keys()
+
+
+def test_pooled_block_calls_lora_and_globally_hooked_layers():
+    # Adapted layers and global module hooks see every token, as on the full path.
+    from torch.nn.modules.module import register_module_forward_hook
+
+    from gpt_classifier.model.lora import add_lora
+
+    torch.manual_seed(0)
+    model = GPT.from_preset("gpt2-tiny").eval()
+    x = model.embed(torch.randint(0, 50257, (4, 11))).detach()
+    positions = torch.tensor([0, 4, 10, 7])
+    block = model.trf_blocks[-1]
+    calls: list[str] = []
+    handle = register_module_forward_hook(
+        lambda m, a, out: calls.append(type(m).__name__) if m is block.att.W_key else None
+    )
+    _pooled_run(block, x, positions)
+    handle.remove()
+    assert calls == ["Linear"]
+    add_lora(block, "att.W_key", rank=2, alpha=4)
+    with torch.no_grad():
+        block.att.W_key.lora_B.weight.normal_()
+    pooled, _, shapes = _pooled_run(block, x, positions)
+    assert (25, 64, 64, 64) in shapes  # the keys of every visible token
+    full = block(x)[torch.arange(4), positions]
+    torch.testing.assert_close(pooled, full.detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_pooled_block_under_cpu_bfloat16_rounds_its_row_count_and_changes_no_result(monkeypatch):

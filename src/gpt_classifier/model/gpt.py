@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,9 @@ class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with the book's separate query, key and value layers.
 
     Every projection is an ``nn.Linear`` called as a module, so wrappers around them
-    (LoRA adapters, hooks) see all the work, on the full and on the pooled path alike.
+    (LoRA adapters, hooks) see all the work. One exception, where nothing can tell: on
+    the pooled path, plain key and value layers that no hook watches are folded into the
+    one query per sequence (see ``_attend_folded``).
     """
 
     def __init__(self, cfg: GPTConfig) -> None:
@@ -145,21 +148,70 @@ class CausalSelfAttention(nn.Module):
         # only where it is read.
         b, t = packed.visible.shape
         n, d = tokens.shape
-        q = self.W_query(tokens[packed.rows]).view(b, 1, d)  # (B, 1, D)
+        q = self.W_query(tokens[packed.rows])  # (B, D)
 
         def unpack(z: torch.Tensor) -> torch.Tensor:  # (N, D) -> (B, T, D), zeros unseen
             return z.new_zeros(b * t, d).index_copy(0, packed.slots, z[:n]).view(b, t, d)
 
-        rows = few_shapes(tokens)  # (N', D), N' >= N
-        k, v = unpack(self.W_key(rows)), unpack(self.W_value(rows))
-        y = F.scaled_dot_product_attention(
-            self._heads(q),
-            self._heads(k),
-            self._heads(v),
-            attn_mask=packed.visible[:, None, None, :],
-            dropout_p=self.drop_rate if self.training else 0.0,
-        )  # (B, nh, 1, hs)
-        return self.resid_drop(self.out_proj(y.transpose(1, 2).reshape(b, d)))
+        if self._foldable():
+            y = self._attend_folded(q, unpack(tokens), packed.visible)
+        else:
+            rows = few_shapes(tokens)  # (N', D), N' >= N
+            k, v = unpack(self.W_key(rows)), unpack(self.W_value(rows))
+            y = F.scaled_dot_product_attention(
+                self._heads(q.view(b, 1, d)),
+                self._heads(k),
+                self._heads(v),
+                attn_mask=packed.visible[:, None, None, :],
+                dropout_p=self.drop_rate if self.training else 0.0,
+            )  # (B, nh, 1, hs)
+            y = y.transpose(1, 2).reshape(b, d)
+        return self.resid_drop(self.out_proj(y))
+
+    def _foldable(self) -> bool:
+        """Whether the key and value layers are plain linear layers that no hook watches,
+        so that skipping their calls changes nothing anyone can observe."""
+        # Hooks registered for every module (torch.nn.modules.module.register_module_*).
+        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+            return False
+        return all(
+            type(layer) is nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks)
+            for layer in (self.W_key, self.W_value)
+        )
+
+    def _attend_folded(
+        self, q: torch.Tensor, x: torch.Tensor, visible: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention of one query per sequence without projecting every token.
+
+        With one query ``q`` per head, its score for token ``x`` is
+        ``q . (W_k x + b_k) = (W_k^T q) . x + q . b_k``, and the mixed values are
+        ``sum_t a_t (W_v x_t + b_v) = W_v (sum_t a_t x_t) + b_v sum_t a_t``: products with
+        the (nh, hs, D) weights once per sequence instead of once per token (the key and
+        value projections were ~60% of a cached last-block training step). The same
+        numbers up to rounding; in float32 with autocast off, since these products are
+        small and reduced precision would only lose digits.
+        q (B, D) and x (B, T, D) -> (B, D).
+        """
+        b, t, d = x.shape
+        nh, hs = self.n_heads, self.head_dim
+        with torch.autocast(x.device.type, enabled=False):
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            qh = q.to(dtype).view(b, nh, hs)
+            x = x.to(dtype)
+            w_key = self.W_key.weight.to(dtype).view(nh, hs, d)
+            w_value = self.W_value.weight.to(dtype).view(nh, hs, d)
+            scores = torch.einsum("bhd,btd->bht", torch.einsum("bhs,hsd->bhd", qh, w_key), x)
+            if self.W_key.bias is not None:  # the same for every token: kept for its grads
+                bias = self.W_key.bias.to(dtype).view(nh, hs)
+                scores = scores + torch.einsum("bhs,hs->bh", qh, bias)[..., None]
+            scores = (scores / math.sqrt(hs)).masked_fill(~visible[:, None, :], float("-inf"))
+            weights = F.dropout(torch.softmax(scores, dim=-1), self.drop_rate, self.training)
+            mixed = torch.einsum("bht,btd->bhd", weights, x)  # (B, nh, D)
+            y = torch.einsum("bhd,hsd->bhs", mixed, w_value)  # (B, nh, hs)
+            if self.W_value.bias is not None:  # sum_t a_t is 1, or less after dropout
+                y = y + weights.sum(dim=-1, keepdim=True) * self.W_value.bias.to(dtype).view(nh, hs)
+        return y.reshape(b, d).to(q.dtype)
 
 
 class FeedForward(nn.Module):
