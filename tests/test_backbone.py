@@ -97,22 +97,25 @@ class MatmulRows(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.shapes: list[tuple[int, ...]] = []
+        self.dtypes: set[tuple[int, torch.dtype]] = set()  # (rows, dtype)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
             self.shapes.append((*args[-2].shape, *args[-1].shape))
+            self.dtypes.add((args[-2].shape[0], args[-2].dtype))
         return func(*args, **(kwargs or {}))
 
 
 def _pooled_run(block, x, positions, bf16=False):
-    """Output, parameter gradients and the matrix shapes of the 2-d products of one pooled
-    forward and backward pass."""
+    """Output, parameter gradients and the 2-d matrix products of one pooled forward and
+    backward pass."""
     block.zero_grad()
-    with MatmulRows() as products, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        out = block(x, positions=positions)
-        out.float().square().sum().backward()
+    with MatmulRows() as products:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = block(x, positions=positions)
+        out.float().square().sum().backward()  # outside autocast, as Lightning runs it
     grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
-    return out.detach().float(), grads, products.shapes
+    return out.detach().float(), grads, products
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16-autocast"])
@@ -125,15 +128,20 @@ def test_pooled_block_folds_plain_key_and_value_layers_into_the_query(bf16):
     x = model.embed(torch.randint(0, 50257, (4, 11))).detach()
     positions = torch.tensor([0, 4, 10, 7])  # 1 + 5 + 11 + 8 = 25 visible tokens
     block = model.trf_blocks[-1]
-    folded, folded_grads, folded_shapes = _pooled_run(block, x, positions, bf16)
+    folded, folded_grads, folded_products = _pooled_run(block, x, positions, bf16)
     seen: list[int] = []
     handle = block.att.W_value.register_forward_hook(lambda m, a, out: seen.append(len(a[0])))
-    unfolded, unfolded_grads, unfolded_shapes = _pooled_run(block, x, positions, bf16)
+    unfolded, unfolded_grads, unfolded_products = _pooled_run(block, x, positions, bf16)
     handle.remove()
     assert seen == [64 if bf16 else 25]
     # Two projections fewer in the forward pass, and their input and weight gradients.
+    folded_shapes, unfolded_shapes = folded_products.shapes, unfolded_products.shapes
     assert len(folded_shapes) == len(unfolded_shapes) - 6
     assert {size for shape in folded_shapes for size in shape} <= {4, 64, 256}
+    # One row per sequence: float32 even under autocast (reading the weights is the cost).
+    assert (4, torch.float32) in folded_products.dtypes
+    assert (4, torch.bfloat16) not in folded_products.dtypes | unfolded_products.dtypes
+    assert ((64, torch.bfloat16) in unfolded_products.dtypes) is bf16  # the keys, unfolded
     # Under bf16 autocast the folded products run in float32: closer to exact, not equal.
     tol = {"atol": 3e-2, "rtol": 3e-2} if bf16 else {"atol": 1e-5, "rtol": 1e-4}
     torch.testing.assert_close(folded, unfolded, **tol)
@@ -162,8 +170,8 @@ def test_pooled_block_calls_lora_and_globally_hooked_layers():
     add_lora(block, "att.W_key", rank=2, alpha=4)
     with torch.no_grad():
         block.att.W_key.lora_B.weight.normal_()
-    pooled, _, shapes = _pooled_run(block, x, positions)
-    assert (25, 64, 64, 64) in shapes  # the keys of every visible token
+    pooled, _, products = _pooled_run(block, x, positions)
+    assert (25, 64, 64, 64) in products.shapes  # the keys of every visible token
     full = block(x)[torch.arange(4), positions]
     torch.testing.assert_close(pooled, full.detach(), atol=1e-5, rtol=1e-5)
 

@@ -6,6 +6,7 @@ Attribute names follow "Build a Large Language Model (From Scratch)": ``tok_emb`
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -90,6 +91,19 @@ def few_shapes(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, -x.shape[0] % CPU_ROW_MULTIPLE))
 
 
+def few_rows(x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off, on a CPU, for products of one row per sequence (``x``'s device).
+
+    Their time goes into reading the weights, so reduced precision only adds work: the
+    casts of the weights and of their gradients (a cached gpt2-small last-block step
+    under bf16 autocast: 17.3 ms, with this 14.6 ms; float32: 14.5 ms). Inputs must be
+    brought to the weights' dtype inside.
+    """
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return torch.autocast("cpu", enabled=False)
+    return contextlib.nullcontext()
+
+
 class PackedQueries(NamedTuple):
     """One query per sequence over packed tokens (see ``TransformerBlock.forward``).
 
@@ -148,7 +162,8 @@ class CausalSelfAttention(nn.Module):
         # only where it is read.
         b, t = packed.visible.shape
         n, d = tokens.shape
-        q = self.W_query(tokens[packed.rows])  # (B, D)
+        with few_rows(tokens):
+            q = self.W_query(tokens[packed.rows].to(self.W_query.weight.dtype))  # (B, D)
 
         def unpack(z: torch.Tensor) -> torch.Tensor:  # (N, D) -> (B, T, D), zeros unseen
             return z.new_zeros(b * t, d).index_copy(0, packed.slots, z[:n]).view(b, t, d)
@@ -166,7 +181,8 @@ class CausalSelfAttention(nn.Module):
                 dropout_p=self.drop_rate if self.training else 0.0,
             )  # (B, nh, 1, hs)
             y = y.transpose(1, 2).reshape(b, d)
-        return self.resid_drop(self.out_proj(y))
+        with few_rows(tokens):
+            return self.resid_drop(self.out_proj(y.to(self.out_proj.weight.dtype)))
 
     def _foldable(self) -> bool:
         """Whether the key and value layers are plain linear layers that no hook watches,
@@ -260,7 +276,8 @@ class TransformerBlock(nn.Module):
         # (B,): each position's row in tokens (visible tokens start each sequence's run).
         rows = counts.cumsum(dim=0) - counts + positions
         h = tokens[rows] + self.att(self.norm1(tokens), PackedQueries(visible, slots, rows))
-        return h + self.ff(self.norm2(h))
+        with few_rows(h):
+            return h + self.ff(self.norm2(h).to(self.ff.fc.weight.dtype))
 
 
 class GPT(nn.Module):

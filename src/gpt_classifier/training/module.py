@@ -54,17 +54,20 @@ class SplitMetrics(nn.Module):
         super().__init__()
         self.positive_class = positive_class
         self.binary = num_classes == 2
-        self.acc = MulticlassAccuracy(num_classes, average="micro")
+        # Predictions are argmaxes and labels passed cross-entropy's bounds check first:
+        # torchmetrics' own checks (torch.unique per update) would only cost time.
+        check = {"validate_args": False}
+        self.acc = MulticlassAccuracy(num_classes, average="micro", **check)
         if self.binary:
             self.precision, self.recall, self.f1 = (
-                BinaryPrecision(),
-                BinaryRecall(),
-                BinaryF1Score(),
+                BinaryPrecision(**check),
+                BinaryRecall(**check),
+                BinaryF1Score(**check),
             )
         else:
-            self.precision = MulticlassPrecision(num_classes, average="macro")
-            self.recall = MulticlassRecall(num_classes, average="macro")
-            self.f1 = MulticlassF1Score(num_classes, average="macro")
+            self.precision = MulticlassPrecision(num_classes, average="macro", **check)
+            self.recall = MulticlassRecall(num_classes, average="macro", **check)
+            self.f1 = MulticlassF1Score(num_classes, average="macro", **check)
         self.loss = MeanMetric()
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
