@@ -168,23 +168,36 @@ class CausalSelfAttention(nn.Module):
         def unpack(z: torch.Tensor) -> torch.Tensor:  # (N, D) -> (B, T, D), zeros unseen
             return z.new_zeros(b * t, d).index_copy(0, packed.slots, z[:n]).view(b, t, d)
 
-        if self._foldable():
-            y = self._attend_folded(q, unpack(tokens), packed.visible)
-        else:
-            rows = few_shapes(tokens)  # (N', D), N' >= N
-            k, v = unpack(self.W_key(rows)), unpack(self.W_value(rows))
-            y = F.scaled_dot_product_attention(
-                self._heads(q.view(b, 1, d)),
-                self._heads(k),
-                self._heads(v),
-                attn_mask=packed.visible[:, None, None, :],
-                dropout_p=self.drop_rate if self.training else 0.0,
-            )  # (B, nh, 1, hs)
-            y = y.transpose(1, 2).reshape(b, d)
-        with few_rows(tokens):
+        rows = few_shapes(tokens)  # (N', D), N' >= N
+        k, v = unpack(self.W_key(rows)), unpack(self.W_value(rows))
+        y = F.scaled_dot_product_attention(
+            self._heads(q.view(b, 1, d)),
+            self._heads(k),
+            self._heads(v),
+            attn_mask=packed.visible[:, None, None, :],
+            dropout_p=self.drop_rate if self.training else 0.0,
+        )  # (B, nh, 1, hs)
+        return self._project(y.transpose(1, 2).reshape(b, d))
+
+    def attend_from(
+        self, x: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor
+    ) -> torch.Tensor:
+        """The attention output at one position per sequence, keys and values folded into
+        its query (see ``_attend_folded``); only where ``foldable()``.
+
+        x (B, T, D), positions (B,), visible (B, T): what each position sees -> (B, D).
+        """
+        with few_rows(x):
+            rows = x[torch.arange(len(x), device=x.device), positions]
+            q = self.W_query(rows.to(self.W_query.weight.dtype))  # (B, D)
+        return self._project(self._attend_folded(q, x, visible))
+
+    def _project(self, y: torch.Tensor) -> torch.Tensor:
+        """The output projection of one row per sequence (B, D)."""
+        with few_rows(y):
             return self.resid_drop(self.out_proj(y.to(self.out_proj.weight.dtype)))
 
-    def _foldable(self) -> bool:
+    def foldable(self) -> bool:
         """Whether the key and value layers are plain linear layers that no hook watches,
         so that skipping their calls changes nothing anyone can observe."""
         # Hooks registered for every module (torch.nn.modules.module.register_module_*).
@@ -256,9 +269,10 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, D) -> (B, T, D); with ``positions`` (B,), the output there only: (B, D).
 
-        The pooled form equals ``block(x)[rows, positions]`` but does no work for tokens
-        after each sequence's position (padding, with last-token pooling) and runs the
-        MLP and the output projection only at the position itself: most of a block's work.
+        The pooled form equals ``block(x)[rows, positions]`` but runs the query, the
+        output projection and the MLP only at the position itself, and folds the keys and
+        values into its query; where the key or value layer is adapted or hooked, it
+        projects only the tokens the position sees (not the padding after it).
         """
         if positions is None:
             x = x + self.att(self.norm1(x))
@@ -268,14 +282,18 @@ class TransformerBlock(nn.Module):
             visible = torch.arange(t, device=x.device)[None, :] <= positions[:, None]  # (B, T)
         else:  # every position sees the whole row
             visible = torch.ones(b, t, dtype=torch.bool, device=x.device)
-        # Pack what each position can attend to: (N, D), row by row; index_select and
-        # index_copy have cheap backward passes (boolean masks do not).
-        slots = visible.flatten().nonzero().squeeze(1)  # (N,)
-        tokens = x.flatten(0, 1).index_select(0, slots)  # (N, D)
-        counts = visible.sum(dim=1)
-        # (B,): each position's row in tokens (visible tokens start each sequence's run).
-        rows = counts.cumsum(dim=0) - counts + positions
-        h = tokens[rows] + self.att(self.norm1(tokens), PackedQueries(visible, slots, rows))
+        if self.att.foldable():  # no per-token products: the padded rows, masked, will do
+            h = x[torch.arange(b, device=x.device), positions]
+            h = h + self.att.attend_from(self.norm1(x), positions, visible)
+        else:
+            # Pack what each position can attend to: (N, D), row by row; index_select and
+            # index_copy have cheap backward passes (boolean masks do not).
+            slots = visible.flatten().nonzero().squeeze(1)  # (N,)
+            tokens = x.flatten(0, 1).index_select(0, slots)  # (N, D)
+            counts = visible.sum(dim=1)
+            # (B,): each position's row in tokens (visible tokens start each sequence's run)
+            rows = counts.cumsum(dim=0) - counts + positions
+            h = tokens[rows] + self.att(self.norm1(tokens), PackedQueries(visible, slots, rows))
         with few_rows(h):
             return h + self.ff(self.norm2(h).to(self.ff.fc.weight.dtype))
 
