@@ -10,8 +10,10 @@ Example::
 
     python scripts/step_speed.py --data ../shared/data/sms_spam_collection/SMSSpamCollection
 
-Variants: float32 or bf16-mixed (autocast), ``keep_freed_memory`` on or off, and the
-pooled path's row rounding (``CPU_ROW_MULTIPLE``) on or off (1 row).
+Variants: float32 or bf16-mixed (autocast), ``keep_freed_memory`` on or off, the
+pooled path's row rounding (``CPU_ROW_MULTIPLE``) on or off (1 row), and the folding of
+the key and value layers into the query on or off (off: a no-op forward hook on the key
+layer, which is what turns it off for LoRA and hooks too).
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = [  # (precision, keep freed memory, row multiple)
-    ("32-true", False, 1),
-    ("32-true", True, 64),
-    ("bf16-mixed", False, 1),
-    ("bf16-mixed", True, 1),
-    ("bf16-mixed", False, 64),
-    ("bf16-mixed", True, 64),
+VARIANTS = [  # (precision, keep freed memory, row multiple, fold keys and values)
+    ("32-true", False, 1, False),
+    ("32-true", True, 64, False),
+    ("32-true", True, 64, True),
+    ("bf16-mixed", False, 1, False),
+    ("bf16-mixed", True, 1, False),
+    ("bf16-mixed", False, 64, False),
+    ("bf16-mixed", True, 64, False),
+    ("bf16-mixed", True, 64, True),
 ]
 
 
@@ -56,6 +60,8 @@ def measure(args: argparse.Namespace) -> dict:
     model = SequenceClassifier(gpt.GPT.from_preset(args.model))
     TrainLastBlocks(1).apply(model)
     model.train()
+    if not args.fold:  # a hook on the key layer must see its calls: no folding
+        model.backbone.trf_blocks[-1].att.W_key.register_forward_hook(lambda *_: None)
     batches = []
     for batch in dm.train_dataloader():
         # Stand-ins for the cached hidden states: the step's cost does not depend on them.
@@ -84,7 +90,8 @@ def measure(args: argparse.Namespace) -> dict:
     first_ms, first_faults = one_pass()
     second_ms, _ = one_pass()
     return {"precision": args.precision, "keep_freed_memory": args.keep_freed,
-            "row_multiple": args.row_multiple, "first_pass_ms": round(first_ms, 1),
+            "row_multiple": args.row_multiple, "fold": args.fold,
+            "first_pass_ms": round(first_ms, 1),
             "second_pass_ms": round(second_ms, 1),
             "faults_per_step": round(first_faults)}  # fmt: skip
 
@@ -99,22 +106,23 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", help=argparse.SUPPRESS)
     parser.add_argument("--keep-freed", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--row-multiple", type=int, default=64, help=argparse.SUPPRESS)
+    parser.add_argument("--fold", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args)))
         return
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     print(f"# {args.model}, {args.steps} batches of 8, last block; {os.cpu_count()} cores")
-    columns = ["precision", "keep_freed_memory", "row_multiple", "first_pass_ms",
+    columns = ["precision", "keep_freed_memory", "row_multiple", "fold", "first_pass_ms",
                "second_pass_ms", "faults_per_step"]  # fmt: skip
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for _ in range(args.repeats):
-        for precision, keep, multiple in VARIANTS:
+        for precision, keep, multiple, fold in VARIANTS:
             command = [sys.executable, __file__, "--one", "--data", args.data, "--model",
                        args.model, "--steps", str(args.steps), "--precision", precision,
-                       "--row-multiple", str(multiple),
-                       *(["--keep-freed"] if keep else [])]  # fmt: skip
+                       "--row-multiple", str(multiple), *(["--keep-freed"] if keep else []),
+                       *(["--fold"] if fold else [])]  # fmt: skip
             out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
             print("| " + " | ".join(str(row[c]) for c in columns) + " |", flush=True)
