@@ -188,7 +188,7 @@ class CausalSelfAttention(nn.Module):
         x (B, T, D), positions (B,), visible (B, T): what each position sees -> (B, D).
         """
         with few_rows(x):
-            rows = x[torch.arange(len(x), device=x.device), positions]
+            rows = x[torch.arange(x.shape[0], device=x.device), positions]
             q = self.W_query(rows.to(self.W_query.weight.dtype))  # (B, D)
         return self._project(self._attend_folded(q, x, visible))
 
