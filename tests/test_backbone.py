@@ -106,6 +106,15 @@ class MatmulRows(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _tiny_last_block() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """gpt2-tiny's last block, a batch of 4 embedded sequences of 11 tokens, and one
+    position per sequence: 1 + 5 + 11 + 8 = 25 visible tokens."""
+    torch.manual_seed(0)
+    model = GPT.from_preset("gpt2-tiny").eval()
+    x = model.embed(torch.randint(0, 50257, (4, 11))).detach()
+    return model.trf_blocks[-1], x, torch.tensor([0, 4, 10, 7])
+
+
 def _pooled_run(block, x, positions, bf16=False):
     """Output, parameter gradients and the 2-d matrix products of one pooled forward and
     backward pass."""
@@ -123,11 +132,7 @@ def test_pooled_block_folds_plain_key_and_value_layers_into_the_query(bf16):
     # With one query per sequence, the key and value projections are not run on the
     # 25 visible tokens; a hook on either layer (which must see its calls) turns the
     # folding off, and both ways give the same numbers.
-    torch.manual_seed(0)
-    model = GPT.from_preset("gpt2-tiny").eval()
-    x = model.embed(torch.randint(0, 50257, (4, 11))).detach()
-    positions = torch.tensor([0, 4, 10, 7])  # 1 + 5 + 11 + 8 = 25 visible tokens
-    block = model.trf_blocks[-1]
+    block, x, positions = _tiny_last_block()
     folded, folded_grads, folded_products = _pooled_run(block, x, positions, bf16)
     seen: list[int] = []
     handle = block.att.W_value.register_forward_hook(lambda m, a, out: seen.append(len(a[0])))
@@ -155,11 +160,7 @@ def test_pooled_block_calls_lora_and_globally_hooked_layers():
 
     from gpt_classifier.model.lora import add_lora
 
-    torch.manual_seed(0)
-    model = GPT.from_preset("gpt2-tiny").eval()
-    x = model.embed(torch.randint(0, 50257, (4, 11))).detach()
-    positions = torch.tensor([0, 4, 10, 7])
-    block = model.trf_blocks[-1]
+    block, x, positions = _tiny_last_block()
     calls: list[str] = []
     handle = register_module_forward_hook(
         lambda m, a, out: calls.append(type(m).__name__) if m is block.att.W_key else None
@@ -181,11 +182,7 @@ def test_pooled_block_under_cpu_bfloat16_rounds_its_row_count_and_changes_no_res
     # 64 rows under reduced precision on a CPU, and the padding reaches no output or grad.
     import gpt_classifier.model.gpt as gpt
 
-    torch.manual_seed(0)
-    model = GPT.from_preset("gpt2-tiny").eval()
-    x = model.embed(torch.randint(0, 50257, (4, 11))).detach()
-    positions = torch.tensor([0, 4, 10, 7])  # 1 + 5 + 11 + 8 = 25 visible tokens
-    block = model.trf_blocks[-1]
+    block, x, positions = _tiny_last_block()
     rows_seen: list[int] = []
     block.att.W_key.register_forward_hook(lambda m, args, out: rows_seen.append(len(args[0])))
 
