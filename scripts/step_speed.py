@@ -10,6 +10,9 @@ Example::
 
     python scripts/step_speed.py --data ../shared/data/sms_spam_collection/SMSSpamCollection
 
+``--compare-repo DIR`` instead times the default step (row rounding, ``keep_freed_memory``,
+folding) of this checkout and another one in turn, ``--repeats`` times.
+
 Variants: float32 or bf16-mixed (autocast), ``keep_freed_memory`` on or off, the
 pooled path's row rounding (``CPU_ROW_MULTIPLE``) on or off (1 row), and the folding of
 the key and value layers into the query on or off (off: a no-op forward hook on the key
@@ -102,6 +105,11 @@ def main() -> None:
     parser.add_argument("--model", default="gpt2-small")
     parser.add_argument("--steps", type=int, default=40, help="batches in each pass")
     parser.add_argument("--repeats", type=int, default=1, help="runs of every variant")
+    parser.add_argument(
+        "--compare-repo", metavar="DIR",
+        help="another checkout (e.g. a git worktree of the parent): its default step and "
+        "this one's, alternating --repeats times",
+    )  # fmt: skip
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="32-true", help=argparse.SUPPRESS)
     parser.add_argument("--keep-freed", action="store_true", help=argparse.SUPPRESS)
@@ -111,21 +119,26 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args)))
         return
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    # Each run of this checkout's variants, or with --compare-repo the default step (fold
+    # on) of both checkouts in turn, so that a noisy machine slows both alike.
+    codes = [("this", REPO)] + ([("other", args.compare_repo)] if args.compare_repo else [])
+    variants = [v for v in VARIANTS if v[1:] == (True, 64, True)] if args.compare_repo else VARIANTS
     print(f"# {args.model}, {args.steps} batches of 8, last block; {os.cpu_count()} cores")
-    columns = ["precision", "keep_freed_memory", "row_multiple", "fold", "first_pass_ms",
-               "second_pass_ms", "faults_per_step"]  # fmt: skip
+    columns = ["code", "precision", "keep_freed_memory", "row_multiple", "fold",
+               "first_pass_ms", "second_pass_ms", "faults_per_step"]  # fmt: skip
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for _ in range(args.repeats):
-        for precision, keep, multiple, fold in VARIANTS:
-            command = [sys.executable, __file__, "--one", "--data", args.data, "--model",
-                       args.model, "--steps", str(args.steps), "--precision", precision,
-                       "--row-multiple", str(multiple), *(["--keep-freed"] if keep else []),
-                       *(["--fold"] if fold else [])]  # fmt: skip
-            out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            print("| " + " | ".join(str(row[c]) for c in columns) + " |", flush=True)
+        for precision, keep, multiple, fold in variants:
+            for label, repo in codes:
+                env = {**os.environ, "PYTHONPATH": str(Path(repo).resolve() / "src")}
+                command = [sys.executable, __file__, "--one", "--data", args.data, "--model",
+                           args.model, "--steps", str(args.steps), "--precision", precision,
+                           "--row-multiple", str(multiple), *(["--keep-freed"] if keep else []),
+                           *(["--fold"] if fold else [])]  # fmt: skip
+                out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+                row = {"code": label, **json.loads(out.stdout.strip().splitlines()[-1])}
+                print("| " + " | ".join(str(row[c]) for c in columns) + " |", flush=True)
 
 
 if __name__ == "__main__":
