@@ -201,6 +201,29 @@ def warmed(cache: PrefixCache, ids: torch.Tensor = IDS, lengths: torch.Tensor = 
     cache.warm(todo, torch.device("cpu"), batch_tokens=512)
 
 
+def test_fingerprint_covers_every_prefix_weight_and_nothing_else():
+    torch.manual_seed(0)
+    model, cache = tiny_cache(depth=1)
+    torch.manual_seed(0)
+    _, same = tiny_cache(depth=1)
+    base = cache.fingerprint()
+    assert same.fingerprint() == base  # identical weights in another model: one fingerprint
+    assert cache.fingerprint("other settings") != base
+    assert PrefixCache(model, depth=2).fingerprint() != base
+    gpt = model.backbone
+    with torch.no_grad():
+        gpt.trf_blocks[1].att.W_query.weight[0, 0] += 1.0  # after the prefix: no effect
+        assert cache.fingerprint() == base
+        for p in (gpt.tok_emb.weight, gpt.pos_emb.weight, gpt.trf_blocks[0].ff.fc.bias):
+            kept = p.view(-1)[-1].clone()
+            p.view(-1)[-1] += 1.0  # the last element of each: the whole tensor is hashed
+            assert cache.fingerprint() != base
+            p.view(-1)[-1] = kept
+        assert cache.fingerprint() == base
+        bf16 = PrefixCache(SequenceClassifier(GPT.from_preset("gpt2-tiny").bfloat16(), 2), 1)
+        assert len(bf16.fingerprint()) == 64
+
+
 def test_unreadable_cache_file_is_recomputed(tmp_path):
     model, cache = tiny_cache()
     bad = tmp_path / "broken.safetensors"
