@@ -139,6 +139,35 @@ def test_split_minimum_follows_the_batch_settings(tmp_path):
         dm.setup("fit")
 
 
+def test_split_minimums_count_every_data_parallel_process(tmp_path):
+    """Under DDP a training batch is data.batch_size per process, and each process
+    evaluates its own share of validation and test: the minimums grow with processes."""
+    from types import SimpleNamespace
+
+    path = tmp_path / "ten.tsv"  # train 7 / validation 1 / test 2
+    path.write_text(_lines(5, 5))
+
+    def setup(processes: int, **kwargs) -> None:
+        dm = SMSSpamDataModule(path=str(path), size=None, sha256=None, **kwargs)
+        dm.trainer = SimpleNamespace(global_rank=0, world_size=processes)  # type: ignore[assignment]
+        dm.setup("fit")
+
+    setup(1, batch_size=4)
+    needs = (r"train has fewer than 8, validation has fewer than 2\. Training needs at least "
+             r"train 8, validation 2, test 2 \(train: data.batch_size x 2 processes "
+             r"\(trainer.devices x trainer.num_nodes\) with data.drop_last; validation and "
+             r"test: one message per process\)")  # fmt: skip
+    with pytest.raises(DataFormatError, match=needs):
+        setup(2, batch_size=4)
+    with pytest.raises(DataFormatError, match=r"validation has fewer than 2\. .*train 1, "):
+        setup(2, batch_size=4, drop_last=False)
+    # Before a trainer exists, train.py tells the module how many processes will start.
+    early = SMSSpamDataModule(path=str(path), size=None, sha256=None, batch_size=4)
+    early.expected_processes = 2
+    with pytest.raises(DataFormatError, match=needs):
+        early.setup("fit")
+
+
 # ----------------------------------------------------------------------------- download
 
 

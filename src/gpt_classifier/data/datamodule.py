@@ -99,6 +99,8 @@ class SMSSpamDataModule(L.LightningDataModule):
         self.tokenizer_dir = tokenizer_dir
         self.splits: Splits | None = None
         self.datasets: dict[str, TokenizedTexts] = {}
+        # Data-parallel processes expected before a trainer is attached (train.py).
+        self.expected_processes = 1
 
     @property
     def label_names(self) -> list[str]:
@@ -164,14 +166,23 @@ class SMSSpamDataModule(L.LightningDataModule):
     def split_minimums(self) -> dict[str, int]:
         """The fewest messages each split needs: a whole training batch (when the last
         short one is dropped), one validation message (val/acc picks the best
-        checkpoint) and one test message."""
+        checkpoint) and one test message; each of that per process under data
+        parallelism, where a global batch is ``batch_size`` x processes."""
         hp = self.hparams
-        return {"train": hp.batch_size if hp.drop_last else 1, "validation": 1, "test": 1}
+        processes = self._split_sharers()
+        train = hp.batch_size * processes if hp.drop_last else 1
+        return {"train": train, "validation": processes, "test": processes}
 
     def _check_sizes(self, splits: Splits, file: Path) -> None:
         hp = self.hparams
         check_split_sizes(splits, self.split_minimums(), file, hp.train_frac,
-                          hp.validation_frac, hp.balance)  # fmt: skip
+                          hp.validation_frac, hp.balance, self._split_sharers())  # fmt: skip
+
+    def _split_sharers(self) -> int:
+        """How many data-parallel processes share the splits: the trainer's, or before
+        there is one, ``expected_processes`` (train.py sets it from the configured
+        trainer, so that too little data fails before any process starts)."""
+        return self._processes()[1] if self.trainer is not None else self.expected_processes
 
     def _write_splits(self) -> None:
         """The split CSVs into ``splits_dir``, when set (each run folder keeps its own)."""

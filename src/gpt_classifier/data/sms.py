@@ -256,9 +256,10 @@ def split_sizes(n: int, train_frac: float, validation_frac: float) -> dict[str, 
 
 def check_split_sizes(
     splits: Splits, needs: Mapping[str, int], path: Path, train_frac: float,
-    validation_frac: float, balanced: bool,
+    validation_frac: float, balanced: bool, processes: int = 1,
 ) -> None:  # fmt: skip
-    """Fail before training when a split has fewer messages than it needs, naming each."""
+    """Fail before training when a split has fewer messages than it needs, naming each
+    (``processes``: how many data-parallel processes share each split)."""
     sizes = {name: len(rows) for name, rows in splits.items()}
     short = [name for name in needs if sizes[name] < needs[name]]
     if not short:
@@ -271,7 +272,14 @@ def check_split_sizes(
     raise DataFormatError(
         f"{path}: {total} messages{' after balancing the labels' if balanced else ''} split "
         f"into {have}: {', '.join(problems)}. "
-        + f"Training needs at least {want} (train: data.batch_size with data.drop_last), "
+        + f"Training needs at least {want} ("
+        + (
+            "train: data.batch_size with data.drop_last), "
+            if processes == 1
+            else f"train: data.batch_size x {processes} processes (trainer.devices x "
+            "trainer.num_nodes) with data.drop_last; validation and test: one message per "
+            "process), "
+        )
         + (
             f"that is at least {least} messages{' after balancing' if balanced else ''} with "
             if (least := minimum_messages(train_frac, validation_frac, needs)) is not None

@@ -347,6 +347,7 @@ def train(cfg: DictConfig) -> float:
     method.check(backbone.cfg)
     splits_dir = output_dir / "splits" if rank_zero else None
     datamodule = build_datamodule(cfg, backbone.cfg.context_length, splits_dir)
+    datamodule.expected_processes = probe.world_size
     datamodule.setup("fit")  # data errors (too few messages, one label) before the Trainer
     model = SequenceClassifier(
         backbone, cfg.classifier.num_classes, cfg.classifier.pooling, cfg.classifier.head_seed
