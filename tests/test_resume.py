@@ -179,10 +179,13 @@ def test_two_runs_sharing_a_cold_prefix_cache_get_their_results_alone(sms_file, 
     it), each ends with what it gets alone: three processes, one seed, the same numbers.
     One thread each: two processes spinning two threads each on a 2-core machine would
     take three times as long."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # One cache folder for all three: the first run's precision=auto measurement is the
+    # others' (measured by each under load, one of them once trained in float32).
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "GPT_CLASSIFIER_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
     alone = tmp_path / "alone"
     ok(run(command(sms_file, alone, "prefix_cache.persist=false", epochs=1), env))
-    env["GPT_CLASSIFIER_CACHE_DIR"] = str(tmp_path / "cache")
+    assert not list((tmp_path / "cache" / "prefix_cache").glob("*"))
     runs = [tmp_path / "a", tmp_path / "b"]
     processes = [
         subprocess.Popen(command(sms_file, d, epochs=1), cwd=REPO, env=env,
@@ -281,10 +284,16 @@ def _check_resume_config(composed, run_dir: Path, checkpoint: Path) -> None:
         save_run_config,
     )
 
-    save_run_config(composed("model=gpt2-tiny", "freeze=lora", "optimizer.lr=1e-4"), run_dir)
+    save_run_config(composed("model=gpt2-tiny", "freeze=lora", "optimizer.lr=1e-4"), run_dir,
+                    {"accelerator.precision": "bf16-mixed"})  # fmt: skip
 
     resumed = config_for_resume(composed("ckpt_path=last", "trainer.max_epochs=9"), checkpoint)
     assert resumed.model.name == "gpt2-tiny" and resumed.freeze.rank == 16
+    # precision=auto measured the CPU at the run's start: the resume trains on in what it chose
+    assert resumed.accelerator.precision == "bf16-mixed"
+    chosen = config_for_resume(composed("ckpt_path=last", "accelerator.precision=32-true"),
+                               checkpoint)  # fmt: skip
+    assert chosen.accelerator.precision == "32-true"  # unless the command says otherwise
     assert resumed.optimizer.lr == 1e-4 and resumed.trainer.max_epochs == 9
     assert resumed.ckpt_path == str(checkpoint)
     with pytest.raises(ResumeConfigError, match="model=gpt2-small: the run in .* was trained "

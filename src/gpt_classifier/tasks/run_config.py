@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,12 @@ def _hydra_state() -> tuple[list[str], dict[str, Any]]:
     return list(hydra.overrides.task), dict(hydra.runtime.choices)
 
 
-def save_run_config(cfg: DictConfig, output_dir: Path) -> None:
-    """Write ``run_config.yaml`` (the composed config, unresolved, and how it was
-    composed) unless the folder has one: a resumed run keeps its first."""
+def save_run_config(
+    cfg: DictConfig, output_dir: Path, resolved: Mapping[str, Any] | None = None
+) -> None:
+    """Write ``run_config.yaml`` (the composed config, unresolved, how it was composed,
+    and what its ``auto`` settings ``resolved`` to on this start, by key) unless the
+    folder has one: a resumed run keeps its first."""
     path = output_dir / RUN_CONFIG_FILE
     if path.exists():
         return
@@ -51,6 +55,7 @@ def save_run_config(cfg: DictConfig, output_dir: Path) -> None:
         "config": config,
         "choices": {k: v for k, v in choices.items() if not k.startswith("hydra")},
         "overrides": overrides,
+        "resolved": dict(resolved or {}),
     })  # fmt: skip
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     OmegaConf.save(record, tmp)
@@ -88,6 +93,15 @@ def config_for_resume(cfg: DictConfig, checkpoint: Path) -> DictConfig:
             OmegaConf.update(resumed, key, value, force_add=True)
         if before != value:
             changed.append(f"{key}: {before} -> {value}")
+    # An ``auto`` setting continues as it resolved when the run started (precision=auto
+    # measures the CPU: a resume must not train on in another precision), unless this
+    # command sets the key itself.
+    given = {o.key_or_group for o in OverridesParser.create().parse_overrides(overrides)}
+    for key, value in (record.get("resolved") or {}).items():
+        if key not in given and OmegaConf.select(resumed, key) != value:
+            with open_dict(resumed):
+                OmegaConf.update(resumed, key, value, force_add=True)
+            log.info("Resuming with %s=%s, as the run resolved it", key, value)
     with open_dict(resumed):
         resumed.ckpt_path = str(checkpoint)
     if changed:

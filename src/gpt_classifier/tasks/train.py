@@ -40,7 +40,7 @@ from gpt_classifier.training.distributed import (
     starts_processes_by_script,
 )
 from gpt_classifier.training.module import ClassifierModule
-from gpt_classifier.training.precision import resolve_precision
+from gpt_classifier.training.precision import PRECISION_RECORD, resolve_precision
 from gpt_classifier.training.prefix_cache import PrefixCacheCallback
 from gpt_classifier.training.resume import (
     PREEMPTION_SIGNALS,
@@ -123,6 +123,12 @@ def build_datamodule(
     )
 
 
+def precision_record(cfg: DictConfig) -> Path | None:
+    """Where ``precision=auto`` keeps this machine's CPU measurement (the cache folder)."""
+    cache_dir = OmegaConf.select(cfg, "paths.cache_dir", default=None)
+    return Path(cache_dir) / PRECISION_RECORD if cache_dir else None
+
+
 def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
     """The Trainer's arguments: the accelerator group's device and precision, then the
     trainer group's (devices, num_nodes, strategy, loop settings)."""
@@ -131,7 +137,9 @@ def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
         settings["strategy"] = build(cfg, "trainer.strategy")
     return {
         "accelerator": cfg.accelerator.accelerator,
-        "precision": resolve_precision(cfg.accelerator.accelerator, cfg.accelerator.precision),
+        "precision": resolve_precision(
+            cfg.accelerator.accelerator, cfg.accelerator.precision, precision_record(cfg)
+        ),
         **settings,
         # The data module gives each process its share itself (data.datamodule).
         "use_distributed_sampler": False,
@@ -333,7 +341,7 @@ def train(cfg: DictConfig) -> float:
                  header["global_step"])  # fmt: skip
     check_writable(cfg, output_dir)
     if rank_zero:
-        save_run_config(cfg, output_dir)
+        save_run_config(cfg, output_dir, {"accelerator.precision": probe.precision})
     # Everything a user can get wrong fails here, before any weights or data are read.
     method = build_method(cfg)
     pooling_rule(cfg.classifier.pooling)

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
+import platform
 import time
+import uuid
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +20,8 @@ log = logging.getLogger(__name__)
 # bfloat16 must beat float32 by this factor on the CPU before auto prefers it: below
 # that, its rounding is not worth the time.
 CPU_BF16_MIN_SPEEDUP = 1.5
+# The file in the cache folder (paths.cache_dir) that keeps each machine's measurement.
+PRECISION_RECORD = "cpu_precision.json"
 
 
 def matmul_gflops(
@@ -32,18 +40,74 @@ def matmul_gflops(
     return 2 * m * k * n * repeats / elapsed / 1e9
 
 
+def measure_cpu_bf16_speedup(rounds: int = 3, seconds: float = 0.05) -> float:
+    """How many times faster bfloat16 matrix products run than float32 on this CPU.
+
+    The two alternate, and each keeps its best round: another process taking the cores
+    for a moment slows one round, not the ratio (with one round each, one of three runs
+    started together in CI measured below 1.5x and trained in float32, the others in
+    bfloat16)."""
+    best = {torch.bfloat16: 0.0, torch.float32: 0.0}
+    for _ in range(rounds):
+        for dtype in best:
+            best[dtype] = max(best[dtype], matmul_gflops(dtype, seconds=seconds))
+    return best[torch.bfloat16] / best[torch.float32]
+
+
+def cpu_signature() -> str:
+    """What the probe's answer depends on: the CPU model, the threads torch uses and
+    torch's version (one record file may serve the several kinds of node of a cluster)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{model}; {capability}; {torch.get_num_threads()} threads; torch {torch.__version__}"
+
+
 @functools.cache
-def cpu_bf16_speedup() -> float:
-    """How many times faster bfloat16 matrix products run than float32 on this CPU."""
-    return matmul_gflops(torch.bfloat16) / matmul_gflops(torch.float32)
+def cpu_bf16_speedup(record: Path | None = None) -> float:
+    """The bfloat16 speedup of this CPU, measured once per machine when ``record`` (a
+    JSON file) is given: later processes read it there, so that every run on one
+    machine makes the same choice, whatever else the machine is doing at its start."""
+    signature = cpu_signature()
+    known: dict[str, Any] = {}
+    if record is not None and record.is_file():
+        try:
+            known = json.loads(record.read_text())
+            if not isinstance(known, dict):
+                raise ValueError("not a JSON object")
+            entry = known.get(signature)
+            speedup = None if entry is None else float(entry["bf16_speedup"])
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            log.warning("%s is not a precision record (%s): measuring again", record, err)
+            known, speedup = {}, None
+        if speedup is not None:
+            return speedup
+    speedup = measure_cpu_bf16_speedup()
+    if record is not None:
+        known[signature] = {"bf16_speedup": round(speedup, 3)}
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            tmp = record.with_name(f".{record.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_text(json.dumps(known, indent=1) + "\n")
+            os.replace(tmp, record)  # whole or not at all, also with concurrent writers
+        except OSError as err:  # an unwritable cache costs a measurement per run, not the run
+            log.warning("precision=auto: could not keep the measurement in %s (%s)", record, err)
+    return speedup
 
 
-def resolve_precision(accelerator: str, precision: str | int) -> str:
+def resolve_precision(accelerator: str, precision: str | int, record: Path | None = None) -> str:
     """Lightning precision for ``precision=auto``.
 
     CUDA: bf16-mixed where supported, else 16-mixed. CPU: bf16-mixed only where a short
     probe finds bfloat16 matrix products at least 1.5x faster than float32 (true of
-    CPUs with AMX; on a 2-core AVX512-BF16 Xeon they ran at 0.6x), else 32-true.
+    CPUs with AMX; on a 2-core AVX512-BF16 Xeon they ran at 0.6x), else 32-true; the
+    probe runs once per machine when ``record`` names a file to keep its answer in.
     Apple's MPS: 32-true.
     """
     if str(precision) != "auto":
@@ -59,8 +123,10 @@ def resolve_precision(accelerator: str, precision: str | int) -> str:
     if kind in ("gpu", "cuda"):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     if kind == "cpu":
-        speedup = cpu_bf16_speedup()
+        speedup = cpu_bf16_speedup(record)
         chosen = "bf16-mixed" if speedup >= CPU_BF16_MIN_SPEEDUP else "32-true"
-        log.info("precision=auto on this CPU: bfloat16 runs %.2fx float32 -> %s", speedup, chosen)
+        where = f" (measured once, kept in {record}; delete it to measure again)" if record else ""
+        log.info("precision=auto on this CPU: bfloat16 runs %.2fx float32%s -> %s",
+                 speedup, where, chosen)  # fmt: skip
         return chosen
     return "32-true"
