@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import torch
 from omegaconf import OmegaConf
@@ -15,6 +16,7 @@ from gpt_classifier.finetuning import TrainLastBlocks
 from gpt_classifier.tasks import reuse
 from gpt_classifier.tasks.train import build_backbone
 from gpt_classifier.training.module import ClassifierModule
+from gpt_classifier.training.precision import PRECISION_RECORD
 
 
 def model_cfg(**changes):
@@ -107,6 +109,10 @@ def test_sweep_jobs_reuse_what_is_unchanged_and_match_separate_runs(tmp_path, sm
     assert "a hard link to" in second and "written once" in third
     assert frozen[1].st_ino == frozen[0].st_ino != frozen[2].st_ino == frozen[3].st_ino
     # A reusing job's results are those of the same job run alone, to the last bit.
+    # Its own prefix cache, but the sweep's precision=auto measurement (measured anew
+    # under load, it could pick the other precision).
+    (tmp_path / "alone" / "cache").mkdir(parents=True)
+    shutil.copy(tmp_path / "cache" / PRECISION_RECORD, tmp_path / "alone" / "cache")
     ok(run_train(tmp_path / "alone", sms_file, *short, "seed=5", "optimizer.lr=2e-3"))
     alone = json.loads((tmp_path / "alone" / "run" / "metrics.json").read_text())
     in_sweep = json.loads((sweep / "1" / "metrics.json").read_text())
