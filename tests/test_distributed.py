@@ -132,7 +132,7 @@ def test_ddp_sim_sweep_is_one_sweep_and_matches_one_process_runs(tmp_path, sms_f
     assert total == total_1 and mine + theirs == total and abs(mine - theirs) <= 1
 
 
-def test_trainer_fsdp_is_lightnings_strategy_per_block_and_needs_gpus():
+def test_trainer_fsdp_is_lightnings_strategy_per_block_and_needs_gpus(tmp_path):
     """What FSDP is on this CPU-only machine: its config builds Lightning's strategy with
     one unit per block (activation checkpointing by the same rule), sharded checkpoints
     (read back in test_use.py), and a run on the CPU is refused before any work."""
@@ -145,7 +145,9 @@ def test_trainer_fsdp_is_lightnings_strategy_per_block_and_needs_gpus():
 
     with initialize_config_dir(str(Path(__file__).parents[1] / "configs"), version_base="1.3"):
         overrides = ["trainer=fsdp", "model=gpt2-tiny", "accelerator=cpu", "trainer.devices=2",
-                     "model.activation_checkpointing=true"]  # fmt: skip
+                     "model.activation_checkpointing=true",
+                     # Outside a Hydra app: no ${hydra:runtime.cwd} to resolve.
+                     f"paths.root_dir={tmp_path}"]  # fmt: skip
         cfg = compose("train", overrides)
     strategy = instantiate(cfg.trainer.strategy)
     assert isinstance(strategy, FSDPStrategy)
@@ -156,3 +158,45 @@ def test_trainer_fsdp_is_lightnings_strategy_per_block_and_needs_gpus():
     assert strategy._state_dict_type == "sharded"
     with pytest.raises(ConfigError, match="accelerator=cpu, trainer.devices=2: .*requires a GPU"):
         probe_trainer(cfg)
+
+
+def test_trainer_fsdp_trains_on_gloo_like_ddp(tmp_path, sms_file, monkeypatch):
+    """`trainer=fsdp` with 2 CPU processes on gloo (Lightning's FSDP past its GPU-only
+    checks, tests/cpu_fsdp.py): the same final metrics as `trainer=ddp_sim` for full and
+    last-block fine-tuning, with activation checkpointing on; every message evaluated
+    once; sharded checkpoints that load and export as one model."""
+    from gpt_classifier.inference import TextClassifier
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    jobs = ("freeze=all,last_block", "trainer.max_epochs=1", "accelerator.precision=32-true")
+    ok(run_train(tmp_path / "ddp", sms_file, *jobs, "trainer=ddp_sim", multirun=True))
+    fsdp = ok(run_train(
+        tmp_path / "fsdp", sms_file, *jobs, "trainer=fsdp", "trainer.devices=2",
+        "trainer.strategy._target_=cpu_fsdp.cpu_fsdp_strategy",
+        "trainer.strategy.process_group_backend=gloo", "model.activation_checkpointing=true",
+        multirun=True,
+    ))  # fmt: skip
+    assert "Frozen weights stay in FSDP's checkpoints" in fsdp.stdout + fsdp.stderr
+    for job in ("0", "1"):
+        folder = tmp_path / "fsdp" / "sweep" / job
+        ours, theirs = metrics(folder), metrics(tmp_path / "ddp" / "sweep" / job)
+        assert (ours["train/examples"], ours["val/examples"], ours["test/examples"]) == (
+            1045, 149, 300)  # fmt: skip
+        # The same batches and gradients; float32 sums in another order move the losses
+        # by ~1e-8 (measured 3e-8), too little to change a prediction.
+        for key, value in theirs.items():
+            if key.endswith(("acc", "precision", "recall", "f1", "examples")):
+                assert ours[key] == value, key
+            elif key.endswith("loss"):
+                assert ours[key] == pytest.approx(value, abs=1e-5), key
+        # Counted before FSDP sharded the parameters, not one process's shards.
+        assert ours["params/total"] == theirs["params/total"]
+        assert ours["params/trainable"] == theirs["params/trainable"]
+        best = Path(json.loads((folder / "metrics.json").read_text())["best_checkpoint"])
+        assert best.is_dir() and any(best.glob("*.distcp"))
+        assert not (best.parent / "frozen.safetensors").exists()
+        exported = TextClassifier.load(best).export(tmp_path / f"export{job}")
+        assert (exported / "model.safetensors").is_file()
+    texts = ["WINNER! Claim your free prize now", "see you at lunch"]
+    torch.testing.assert_close(TextClassifier.load(exported).probabilities(texts),
+                               TextClassifier.load(best).probabilities(texts))  # fmt: skip

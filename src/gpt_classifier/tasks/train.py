@@ -410,6 +410,21 @@ def train(cfg: DictConfig) -> float:
         raise SystemExit(128 + signum)
 
     checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+    if fsdp:
+        # After fit, Lightning drops FSDP's root wrapper while the tensors of the root
+        # unit (embeddings, final norm, head) stay flat views of its shards, so a second
+        # stage of that Trainer cannot load a sharded checkpoint into them (Lightning
+        # #20373). The final test runs a new module, wrapped afresh, in a new Trainer.
+        counts = module.parameter_counts
+        model = SequenceClassifier(
+            build_backbone(cfg.model), cfg.classifier.num_classes, cfg.classifier.pooling,
+            cfg.classifier.head_seed,
+        )  # fmt: skip
+        module = ClassifierModule(
+            model, build_method(cfg), optimizer, scheduler, label_names=datamodule.label_names
+        )
+        module.parameter_counts = counts
+        trainer = build_trainer(cfg, output_dir, [prefix_cache, stop], atomic_saves=False)
     module.test_split_names = ["train", "val", "test"]
     loaders = [datamodule.eval_dataloader(s) for s in ("train", "validation", "test")]
     start = time.perf_counter()
@@ -426,7 +441,7 @@ def train(cfg: DictConfig) -> float:
         raise SystemExit(128 + signal.SIGTERM) from None
     test_seconds = time.perf_counter() - start
 
-    trainable, total = count_parameters(module.model)
+    trainable, total = module.parameter_counts or count_parameters(module.model)
     final = {k.removeprefix("final/"): v for k, v in trainer.callback_metrics.items()
              if k.startswith(("final/", "test/"))}  # fmt: skip
     metrics: dict[str, Any] = {k: float(v) for k, v in sorted(final.items())}

@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from gpt_classifier.checkpoints import FROZEN_WEIGHTS_FILE
 
@@ -49,6 +50,12 @@ class FrozenWeightsFile(L.Callback):
         self.path: Path | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # Each process holds shards only, and a state_dict() of the inner model would
+            # make FSDP take a transformer block for the root of the wrapped model (the
+            # first step then fails). FSDP's checkpoints keep every tensor, in shards.
+            log.info("Frozen weights stay in FSDP's checkpoints, sharded like the rest")
+            return
         dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
         keep = pl_module.method.checkpoint_names(pl_module.model)
         frozen = {f"model.{name}": t for name, t in pl_module.model.state_dict().items()

@@ -174,6 +174,8 @@ class ClassifierModule(L.LightningModule):
         # What the dataloaders of trainer.test() hold, in order ("train" and "val"
         # are logged as final/train/... and final/val/...).
         self.test_split_names: list[str] = ["test"]
+        # (trainable, total) parameters once the fine-tuning method is applied (setup()).
+        self.parameter_counts: tuple[int, int] | None = None
 
     def setup(self, stage: str) -> None:
         self.method.apply(self.model)
@@ -183,9 +185,13 @@ class ClassifierModule(L.LightningModule):
             if p.requires_grad and not getattr(p, "_owns_storage", False):
                 p.data = p.data.clone()
                 p._owns_storage = True  # type: ignore[attr-defined]
-        trainable, total = count_parameters(self.model)
-        log.info("Fine-tuning %r: %s trainable of %s parameters", self.method,
-                 f"{trainable:,}", f"{total:,}")  # fmt: skip
+        if self.parameter_counts is None:
+            # Counted once, before a strategy wraps the model: under FSDP a later stage
+            # would count each process's shards.
+            self.parameter_counts = count_parameters(self.model)
+            trainable, total = self.parameter_counts
+            log.info("Fine-tuning %r: %s trainable of %s parameters", self.method,
+                     f"{trainable:,}", f"{total:,}")  # fmt: skip
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         """Class logits (B, num_classes) of a batch made by ``data.batching.Collator``;
@@ -277,7 +283,9 @@ class ClassifierModule(L.LightningModule):
         # Frozen weights live beside the checkpoint (see training.frozen_weights).
         path = self._trainer.ckpt_path if self._trainer is not None else None
         self.strict_loading = True
-        if not self._frozen_weights_in_memory(checkpoint, path):
+        # A sharded checkpoint (FSDP) has no state_dict here: the strategy loads the
+        # shards into the wrapped model itself.
+        if "state_dict" in checkpoint and not self._frozen_weights_in_memory(checkpoint, path):
             complete_state_dict(checkpoint, path)
         if "train_metrics" in checkpoint:
             self.metrics["split_train"].restore(checkpoint["train_metrics"])
