@@ -160,6 +160,13 @@ def test_trainer_fsdp_is_lightnings_strategy_per_block_and_needs_gpus(tmp_path):
         probe_trainer(cfg)
 
 
+# trainer=fsdp with 2 CPU processes on gloo: Lightning's FSDP past its GPU-only checks
+# (tests/cpu_fsdp.py, importable with tests/ on PYTHONPATH).
+CPU_FSDP = ("trainer=fsdp", "trainer.devices=2",
+            "trainer.strategy._target_=cpu_fsdp.cpu_fsdp_strategy",
+            "trainer.strategy.process_group_backend=gloo")  # fmt: skip
+
+
 def test_trainer_fsdp_trains_on_gloo_like_ddp(tmp_path, sms_file, monkeypatch):
     """`trainer=fsdp` with 2 CPU processes on gloo (Lightning's FSDP past its GPU-only
     checks, tests/cpu_fsdp.py): the same final metrics as `trainer=ddp_sim` for full and
@@ -170,12 +177,8 @@ def test_trainer_fsdp_trains_on_gloo_like_ddp(tmp_path, sms_file, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
     jobs = ("freeze=all,last_block", "trainer.max_epochs=1", "accelerator.precision=32-true")
     ok(run_train(tmp_path / "ddp", sms_file, *jobs, "trainer=ddp_sim", multirun=True))
-    fsdp = ok(run_train(
-        tmp_path / "fsdp", sms_file, *jobs, "trainer=fsdp", "trainer.devices=2",
-        "trainer.strategy._target_=cpu_fsdp.cpu_fsdp_strategy",
-        "trainer.strategy.process_group_backend=gloo", "model.activation_checkpointing=true",
-        multirun=True,
-    ))  # fmt: skip
+    fsdp = ok(run_train(tmp_path / "fsdp", sms_file, *jobs, *CPU_FSDP,
+                        "model.activation_checkpointing=true", multirun=True))  # fmt: skip
     assert "Frozen weights stay in FSDP's checkpoints" in fsdp.stdout + fsdp.stderr
     for job in ("0", "1"):
         folder = tmp_path / "fsdp" / "sweep" / job
@@ -200,3 +203,21 @@ def test_trainer_fsdp_trains_on_gloo_like_ddp(tmp_path, sms_file, monkeypatch):
     texts = ["WINNER! Claim your free prize now", "see you at lunch"]
     torch.testing.assert_close(TextClassifier.load(exported).probabilities(texts),
                                TextClassifier.load(best).probabilities(texts))  # fmt: skip
+
+
+def test_trainer_fsdp_resumes_from_its_sharded_checkpoint(tmp_path, sms_file, monkeypatch):
+    """`ckpt_path=last` of a `trainer=fsdp` run (its last.ckpt is a folder of shards, on
+    2 CPU processes through tests/cpu_fsdp.py) continues to the same final metrics as
+    one uninterrupted run."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    fsdp = (*CPU_FSDP, "freeze=all", "accelerator.precision=32-true")
+    ok(run_train(tmp_path / "whole", sms_file, *fsdp, "trainer.max_epochs=2"))
+    ok(run_train(tmp_path / "parts", sms_file, *fsdp, "trainer.max_epochs=1"))
+    assert (tmp_path / "parts" / "run" / "checkpoints" / "last.ckpt").is_dir()
+    resumed = ok(run_train(tmp_path / "parts", sms_file, *fsdp, "trainer.max_epochs=2",
+                           "ckpt_path=last"))  # fmt: skip
+    assert "(epoch 0, step 65)" in resumed.stdout + resumed.stderr
+    whole, parts = metrics(tmp_path / "whole" / "run"), metrics(tmp_path / "parts" / "run")
+    for key, value in whole.items():
+        if not key.startswith(("time/", "best_checkpoint")):
+            assert parts[key] == value, key

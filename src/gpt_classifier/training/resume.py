@@ -35,6 +35,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
+from gpt_classifier.checkpoints import SHARDED_METADATA_FILE, is_sharded_checkpoint
+
 log = logging.getLogger(__name__)
 
 INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
@@ -391,7 +393,10 @@ def find_checkpoint(where: Path) -> Path:
 
 
 def checkpoint_header(path: Path) -> dict[str, Any]:
-    """A checkpoint's progress fields, read without loading its tensors."""
+    """A checkpoint's progress fields, read without loading its tensors (of a sharded
+    checkpoint folder: from its metadata file, beside the shards)."""
+    if is_sharded_checkpoint(Path(path)):
+        path = Path(path) / SHARDED_METADATA_FILE
     try:
         stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
