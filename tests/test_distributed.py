@@ -88,6 +88,22 @@ def metrics(job: Path) -> dict[str, float]:
     return json.loads((job / "metrics.json").read_text())
 
 
+def assert_same_results(ours: dict[str, float], theirs: dict[str, float]) -> None:
+    """Every message of every split evaluated once (no repeats from a distributed
+    sampler), the same predictions, losses within float32 summation order (another order
+    of the same sums moves them by ~1e-8 to 1e-7, too little to change a prediction),
+    and whole parameter counts."""
+    assert (ours["train/examples"], ours["val/examples"], ours["test/examples"]) == (
+        1045, 149, 300)  # fmt: skip
+    for key, value in theirs.items():
+        if key.endswith(("acc", "precision", "recall", "f1", "examples")):
+            assert ours[key] == value, key
+        elif key.endswith("loss"):
+            assert ours[key] == pytest.approx(value, abs=1e-5), key
+    assert (ours["params/trainable"], ours["params/total"]) == (
+        theirs["params/trainable"], theirs["params/total"])  # fmt: skip
+
+
 def test_ddp_sim_sweep_is_one_sweep_and_matches_one_process_runs(tmp_path, sms_file):
     """`-m trainer=ddp_sim` over two fine-tuning methods: one sweep, one folder and one
     metrics.json per job, every message evaluated once, and the same results as
@@ -106,19 +122,9 @@ def test_ddp_sim_sweep_is_one_sweep_and_matches_one_process_runs(tmp_path, sms_f
         rows = list(csv.DictReader(f))
     assert [r["overrides"] for r in rows] == ["freeze=last_block", "freeze=lora"]
     for job in ("0", "1"):
-        ours, theirs = metrics(sweep / job), metrics(ref_sweep / job)
-        # Every message of every split once: no repeats from a distributed sampler.
-        assert (ours["train/examples"], ours["val/examples"], ours["test/examples"]) == (
-            1045, 149, 300)  # fmt: skip
-        # Same data order and global batches; float32 sums in another order (two
-        # 8-example means averaged by DDP instead of one 16-example mean) move the
-        # losses by ~1e-7, too little to change a prediction.
-        for key, value in theirs.items():
-            if key.endswith(("acc", "precision", "recall", "f1", "examples")):
-                assert ours[key] == value, key
-            elif key.endswith("loss"):
-                assert ours[key] == pytest.approx(value, abs=1e-5), key
-        assert ours["params/trainable"] == theirs["params/trainable"]
+        # Same data order and global batches (two 8-example means averaged by DDP
+        # instead of one 16-example mean).
+        assert_same_results(metrics(sweep / job), metrics(ref_sweep / job))
         # Files once, by the first process; the second one only has its own log.
         assert tree(sweep / job) == sorted([*tree(ref_sweep / job), "train_ddp_process_1.log"])
     # The prefix pass split between the processes: together one pass.
@@ -167,57 +173,33 @@ CPU_FSDP = ("trainer=fsdp", "trainer.devices=2",
             "trainer.strategy.process_group_backend=gloo")  # fmt: skip
 
 
-def test_trainer_fsdp_trains_on_gloo_like_ddp(tmp_path, sms_file, monkeypatch):
-    """`trainer=fsdp` with 2 CPU processes on gloo (Lightning's FSDP past its GPU-only
-    checks, tests/cpu_fsdp.py): the same final metrics as `trainer=ddp_sim` for full and
-    last-block fine-tuning, with activation checkpointing on; every message evaluated
-    once; sharded checkpoints that load and export as one model."""
+def test_trainer_fsdp_trains_like_ddp_and_resumes_from_its_shards(tmp_path, sms_file,
+                                                                  monkeypatch):  # fmt: skip
+    """`trainer=fsdp` on 2 CPU processes (tests/cpu_fsdp.py), with activation
+    checkpointing: one epoch, then `ckpt_path=last` (a folder of shards) to a second,
+    ends with the same metrics as two uninterrupted epochs of `trainer=ddp_sim`. The
+    sharded checkpoints load and export as one model."""
     from gpt_classifier.inference import TextClassifier
 
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
-    jobs = ("freeze=all,last_block", "trainer.max_epochs=1", "accelerator.precision=32-true")
-    ok(run_train(tmp_path / "ddp", sms_file, *jobs, "trainer=ddp_sim", multirun=True))
-    fsdp = ok(run_train(tmp_path / "fsdp", sms_file, *jobs, *CPU_FSDP,
-                        "model.activation_checkpointing=true", multirun=True))  # fmt: skip
-    assert "Frozen weights stay in FSDP's checkpoints" in fsdp.stdout + fsdp.stderr
-    for job in ("0", "1"):
-        folder = tmp_path / "fsdp" / "sweep" / job
-        ours, theirs = metrics(folder), metrics(tmp_path / "ddp" / "sweep" / job)
-        assert (ours["train/examples"], ours["val/examples"], ours["test/examples"]) == (
-            1045, 149, 300)  # fmt: skip
-        # The same batches and gradients; float32 sums in another order move the losses
-        # by ~1e-8 (measured 3e-8), too little to change a prediction.
-        for key, value in theirs.items():
-            if key.endswith(("acc", "precision", "recall", "f1", "examples")):
-                assert ours[key] == value, key
-            elif key.endswith("loss"):
-                assert ours[key] == pytest.approx(value, abs=1e-5), key
-        # Counted before FSDP sharded the parameters, not one process's shards.
-        assert ours["params/total"] == theirs["params/total"]
-        assert ours["params/trainable"] == theirs["params/trainable"]
-        best = Path(json.loads((folder / "metrics.json").read_text())["best_checkpoint"])
-        assert best.is_dir() and any(best.glob("*.distcp"))
-        assert not (best.parent / "frozen.safetensors").exists()
-        exported = TextClassifier.load(best).export(tmp_path / f"export{job}")
-        assert (exported / "model.safetensors").is_file()
+    common = ("freeze=all", "accelerator.precision=32-true")
+    ok(run_train(tmp_path / "ddp", sms_file, *common, "trainer=ddp_sim", "trainer.max_epochs=2"))
+    fsdp = (*common, *CPU_FSDP, "model.activation_checkpointing=true")
+    first = ok(run_train(tmp_path / "fsdp", sms_file, *fsdp, "trainer.max_epochs=1"))
+    assert "Frozen weights stay in FSDP's checkpoints" in first.stdout + first.stderr
+    run = tmp_path / "fsdp" / "run"
+    best = Path(metrics(run)["best_checkpoint"])
+    assert best.is_dir() and any(best.glob("*.distcp"))
+    assert (run / "checkpoints" / "last.ckpt").is_dir()
+    assert not (run / "checkpoints" / "frozen.safetensors").exists()
+    exported = TextClassifier.load(best).export(tmp_path / "export")
     texts = ["WINNER! Claim your free prize now", "see you at lunch"]
     torch.testing.assert_close(TextClassifier.load(exported).probabilities(texts),
                                TextClassifier.load(best).probabilities(texts))  # fmt: skip
 
-
-def test_trainer_fsdp_resumes_from_its_sharded_checkpoint(tmp_path, sms_file, monkeypatch):
-    """`ckpt_path=last` of a `trainer=fsdp` run (its last.ckpt is a folder of shards, on
-    2 CPU processes through tests/cpu_fsdp.py) continues to the same final metrics as
-    one uninterrupted run."""
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
-    fsdp = (*CPU_FSDP, "freeze=all", "accelerator.precision=32-true")
-    ok(run_train(tmp_path / "whole", sms_file, *fsdp, "trainer.max_epochs=2"))
-    ok(run_train(tmp_path / "parts", sms_file, *fsdp, "trainer.max_epochs=1"))
-    assert (tmp_path / "parts" / "run" / "checkpoints" / "last.ckpt").is_dir()
-    resumed = ok(run_train(tmp_path / "parts", sms_file, *fsdp, "trainer.max_epochs=2",
+    resumed = ok(run_train(tmp_path / "fsdp", sms_file, *fsdp, "trainer.max_epochs=2",
                            "ckpt_path=last"))  # fmt: skip
     assert "(epoch 0, step 65)" in resumed.stdout + resumed.stderr
-    whole, parts = metrics(tmp_path / "whole" / "run"), metrics(tmp_path / "parts" / "run")
-    for key, value in whole.items():
-        if not key.startswith(("time/", "best_checkpoint")):
-            assert parts[key] == value, key
+    # The same batches and gradients as DDP (losses measured 3e-8 apart), and the
+    # parameters counted before FSDP sharded them, not one process's shards.
+    assert_same_results(metrics(run), metrics(tmp_path / "ddp" / "run"))
