@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,3 +205,9 @@ def test_trainer_fsdp_trains_like_ddp_and_resumes_from_its_shards(tmp_path, sms_
     # The same batches and gradients as DDP (losses measured 3e-8 apart), and the
     # parameters counted before FSDP sharded them, not one process's shards.
     assert_same_results(metrics(run), metrics(tmp_path / "ddp" / "run"))
+    # eval.py reads the run's sharded best checkpoint (its settings from meta.pt).
+    evaluated = tmp_path / "eval"
+    ok(subprocess.run([sys.executable, "eval.py", f"ckpt_path={run}",
+                       f"hydra.run.dir={evaluated}"], cwd=Path(__file__).parents[1],
+                      capture_output=True, text=True, timeout=600))  # fmt: skip
+    assert metrics(evaluated)["acc"] == pytest.approx(metrics(run)["test/acc"], abs=1e-6)

@@ -26,6 +26,13 @@ def is_sharded_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / SHARDED_METADATA_FILE).is_file()
 
 
+def settings_file(path: Path) -> Path:
+    """The file of a checkpoint that holds everything but the model's tensors (progress,
+    hyperparameters, data settings): the checkpoint itself, or a sharded folder's
+    ``meta.pt``."""
+    return path / SHARDED_METADATA_FILE if is_sharded_checkpoint(path) else path
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint as one dict, from one file or from a sharded checkpoint folder.
 

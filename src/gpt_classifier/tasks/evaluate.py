@@ -85,9 +85,10 @@ def split_token_ids(
     cfg: DictConfig, checkpoint: Path, split: str
 ) -> tuple[list[list[int]], list[int]]:
     """The split exactly as the checkpoint's training run made and tokenized it."""
+    from gpt_classifier.checkpoints import settings_file
     from gpt_classifier.data.datamodule import SMSSpamDataModule
 
-    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    stored = torch.load(settings_file(checkpoint), map_location="cpu", weights_only=True)
     data_hparams = dict(stored.get("datamodule_hyper_parameters") or {})
     if not data_hparams:
         raise ModelLoadError(f"{checkpoint} holds no data settings; pass labelled_file=<file>")

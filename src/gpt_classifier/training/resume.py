@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
-from gpt_classifier.checkpoints import SHARDED_METADATA_FILE, is_sharded_checkpoint
+from gpt_classifier.checkpoints import settings_file
 
 log = logging.getLogger(__name__)
 
@@ -395,10 +395,9 @@ def find_checkpoint(where: Path) -> Path:
 def checkpoint_header(path: Path) -> dict[str, Any]:
     """A checkpoint's progress fields, read without loading its tensors (of a sharded
     checkpoint folder: from its metadata file, beside the shards)."""
-    if is_sharded_checkpoint(Path(path)):
-        path = Path(path) / SHARDED_METADATA_FILE
     try:
-        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        stored = torch.load(settings_file(Path(path)), map_location="cpu", weights_only=True,
+                            mmap=True)  # fmt: skip
     except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
         raise RuntimeError(f"{path} is not a readable checkpoint ({err})") from err
     return {"global_step": int(stored.get("global_step", 0)),
