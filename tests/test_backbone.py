@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt_classifier import GPT, PRESETS, preset_config
 
@@ -90,116 +89,25 @@ def test_pooled_block_equals_full_block_output_and_gradients(overrides):
         assert pooled_x_grad[0, 1:].abs().sum() == 0  # nothing after a position reaches it
 
 
-class MatmulRows(TorchDispatchMode):
-    """Records the shapes of the two matrices of every 2-d matrix product (forward and
-    backward)."""
+def test_pooled_block_runs_adapted_and_hooked_layers_as_modules():
+    # LoRA adapters and module hooks see the pooled path's work, and the result is the
+    # full block's at those positions.
+    from gpt_classifier.model.lora import add_lora
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-        self.dtypes: set[tuple[int, torch.dtype]] = set()  # (rows, dtype)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
-            self.shapes.append((*args[-2].shape, *args[-1].shape))
-            self.dtypes.add((args[-2].shape[0], args[-2].dtype))
-        return func(*args, **(kwargs or {}))
-
-
-def _tiny_last_block() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """gpt2-tiny's last block, a batch of 4 embedded sequences of 11 tokens, and one
-    position per sequence: 1 + 5 + 11 + 8 = 25 visible tokens."""
     torch.manual_seed(0)
     model = GPT.from_preset("gpt2-tiny").eval()
     x = model.embed(torch.randint(0, 50257, (4, 11))).detach()
-    return model.trf_blocks[-1], x, torch.tensor([0, 4, 10, 7])
-
-
-def _pooled_run(block, x, positions, bf16=False):
-    """Output, parameter gradients and the 2-d matrix products of one pooled forward and
-    backward pass."""
-    block.zero_grad()
-    with MatmulRows() as products:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = block(x, positions=positions)
-        out.float().square().sum().backward()  # outside autocast, as Lightning runs it
-    grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
-    return out.detach().float(), grads, products
-
-
-@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16-autocast"])
-def test_pooled_block_folds_plain_key_and_value_layers_into_the_query(bf16):
-    # With one query per sequence, the key and value projections are not run on the
-    # 25 visible tokens; a hook on either layer (which must see its calls) turns the
-    # folding off, and both ways give the same numbers.
-    block, x, positions = _tiny_last_block()
-    folded, folded_grads, folded_products = _pooled_run(block, x, positions, bf16)
-    seen: list[int] = []
-    handle = block.att.W_value.register_forward_hook(lambda m, a, out: seen.append(len(a[0])))
-    unfolded, unfolded_grads, unfolded_products = _pooled_run(block, x, positions, bf16)
-    handle.remove()
-    assert seen == [64 if bf16 else 25]
-    # Two projections fewer in the forward pass, and their input and weight gradients.
-    folded_shapes, unfolded_shapes = folded_products.shapes, unfolded_products.shapes
-    assert len(folded_shapes) == len(unfolded_shapes) - 6
-    assert {size for shape in folded_shapes for size in shape} <= {4, 64, 256}
-    # One row per sequence: float32 even under autocast (reading the weights is the cost).
-    assert (4, torch.float32) in folded_products.dtypes
-    assert (4, torch.bfloat16) not in folded_products.dtypes | unfolded_products.dtypes
-    assert ((64, torch.bfloat16) in unfolded_products.dtypes) is bf16  # the keys, unfolded
-    # Under bf16 autocast the folded products run in float32: closer to exact, not equal.
-    tol = {"atol": 3e-2, "rtol": 3e-2} if bf16 else {"atol": 1e-5, "rtol": 1e-4}
-    torch.testing.assert_close(folded, unfolded, **tol)
-    torch.testing.assert_close(folded_grads, unfolded_grads, **tol)
-    assert folded_grads.keys() == dict(block.named_parameters()).keys()
-
-
-def test_pooled_block_calls_lora_and_globally_hooked_layers():
-    # Adapted layers and global module hooks see every token, as on the full path.
-    from torch.nn.modules.module import register_module_forward_hook
-
-    from gpt_classifier.model.lora import add_lora
-
-    block, x, positions = _tiny_last_block()
-    calls: list[str] = []
-    handle = register_module_forward_hook(
-        lambda m, a, out: calls.append(type(m).__name__) if m is block.att.W_key else None
-    )
-    _pooled_run(block, x, positions)
-    handle.remove()
-    assert calls == ["Linear"]
+    positions = torch.tensor([0, 4, 10, 7])
+    block = model.trf_blocks[-1]
     add_lora(block, "att.W_key", rank=2, alpha=4)
     with torch.no_grad():
         block.att.W_key.lora_B.weight.normal_()
-    pooled, _, products = _pooled_run(block, x, positions)
-    assert (25, 64, 64, 64) in products.shapes  # the keys of every visible token
+    calls: list[str] = []
+    block.att.W_key.register_forward_hook(lambda m, a, out: calls.append(type(m).__name__))
+    pooled = block(x, positions=positions)
+    assert calls == ["LoRALinear"]
     full = block(x)[torch.arange(4), positions]
-    torch.testing.assert_close(pooled, full.detach(), atol=1e-5, rtol=1e-5)
-
-
-def test_pooled_block_under_cpu_bfloat16_rounds_its_row_count_and_changes_no_result(monkeypatch):
-    # oneDNN builds a kernel per new shape: the packed tokens are padded to a multiple of
-    # 64 rows under reduced precision on a CPU, and the padding reaches no output or grad.
-    import gpt_classifier.model.gpt as gpt
-
-    block, x, positions = _tiny_last_block()
-    rows_seen: list[int] = []
-    block.att.W_key.register_forward_hook(lambda m, args, out: rows_seen.append(len(args[0])))
-
-    def output_and_grads(bf16: bool):
-        block.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = block(x, positions=positions)
-        out.float().sum().backward()
-        return out.detach().float(), {n: p.grad.clone() for n, p in block.named_parameters()}
-
-    output_and_grads(False)
-    padded, padded_grads = output_and_grads(True)
-    monkeypatch.setattr(gpt, "CPU_ROW_MULTIPLE", 1)
-    exact, exact_grads = output_and_grads(True)
-    assert rows_seen == [25, 64, 25]
-    torch.testing.assert_close(padded, exact, atol=1e-6, rtol=0)
-    torch.testing.assert_close(padded_grads, exact_grads, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(pooled, full, atol=1e-5, rtol=1e-5)
 
 
 def test_too_long_input_is_a_clear_error():

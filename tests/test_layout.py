@@ -16,13 +16,13 @@ FRAMEWORKS = ("lightning", "pytorch_lightning", "hydra", "omegaconf")
 ALLOWED = {
     "model": {"model"},
     "finetuning": {"finetuning", "model"},
-    "data": {"data", "lightning"},
+    "data": {"data", "files", "lightning"},
     "checkpoints.py": {"model"},
-    "host_memory.py": set(),
-    "inference": {"inference", "model", "finetuning", "data", "checkpoints"},
+    "files.py": set(),
+    "inference": {"inference", "model", "finetuning", "data", "checkpoints", "files"},
     "training": {"training", "model", "finetuning", "data", "checkpoints", "reporting",
-                 "lightning"},
-    "reporting": {"reporting", "hydra", "omegaconf"},
+                 "files", "lightning"},
+    "reporting": {"reporting", "files", "hydra", "omegaconf"},
 }  # fmt: skip
 
 

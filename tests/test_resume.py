@@ -14,14 +14,14 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf, open_dict
 
 from gpt_classifier.tasks.train import ConfigError, check_writable, resume_checkpoint
 from gpt_classifier.training.resume import (
     AtomicCheckpointIO,
-    BestCheckpoint,
     CheckpointSaveError,
-    LastCheckpoint,
     find_checkpoint,
 )
 
@@ -325,18 +325,13 @@ class ScheduledAccuracy(L.LightningModule):
     val_dataloader = train_dataloader
 
 
-def fit_scheduled(folder: Path, schedule: list[float], *, last: bool = True,
-                  ckpt_path: str | None = None) -> tuple[BestCheckpoint, L.Trainer]:  # fmt: skip
+def fit_scheduled(folder: Path, schedule: list[float],
+                  ckpt_path: str | None = None) -> tuple[ModelCheckpoint, L.Trainer]:  # fmt: skip
     """Three steps an epoch, checkpoints as configs/callbacks/default.yaml makes them."""
-    best = BestCheckpoint(dirpath=folder, filename="best-epoch{epoch:02d}", monitor="val/acc",
-                          mode="max", auto_insert_metric_name=False,
-                          save_on_train_epoch_end=True)  # fmt: skip
-    callbacks: list[L.Callback] = [best]
-    if last:
-        callbacks.append(LastCheckpoint(dirpath=folder, filename="last", monitor=None,
-                                        save_top_k=1, enable_version_counter=False,
-                                        save_on_train_epoch_end=True))  # fmt: skip
-    trainer = L.Trainer(max_epochs=len(schedule), callbacks=callbacks, logger=False,
+    config = OmegaConf.load(Path(__file__).parents[1] / "configs" / "callbacks" / "default.yaml")
+    best, last = (instantiate(config[name], dirpath=str(folder))
+                  for name in ("model_checkpoint", "last_checkpoint"))  # fmt: skip
+    trainer = L.Trainer(max_epochs=len(schedule), callbacks=[best, last], logger=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         plugins=[AtomicCheckpointIO()], accelerator="cpu")  # fmt: skip
     trainer.fit(ScheduledAccuracy(schedule), ckpt_path=ckpt_path)
@@ -347,54 +342,18 @@ def stored(path: Path) -> dict:
     return torch.load(path, weights_only=True)
 
 
-def best_state(checkpoint: dict) -> dict:
-    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("BestCheckpoint")]
-    return state
-
-
-def test_an_improving_epoch_writes_one_file_for_best_and_last(tmp_path):
+def test_best_and_last_checkpoints_follow_the_run_and_survive_a_resume(tmp_path):
     folder = tmp_path / "checkpoints"
     fit_scheduled(folder, [0.5, 0.7])
     assert sorted(p.name for p in folder.iterdir()) == ["best-epoch01.ckpt", "last.ckpt"]
-    assert os.path.samefile(folder / "best-epoch01.ckpt", folder / "last.ckpt")
-    last = stored(folder / "last.ckpt")
-    assert last["global_step"] == 6 and last["epoch"] == 1
-    assert best_state(last)["best_model_path"] == str(folder / "best-epoch01.ckpt")
-    assert float(best_state(last)["best_model_score"]) == pytest.approx(0.7)
+    assert stored(folder / "last.ckpt")["global_step"] == 6
     assert find_checkpoint(tmp_path) == folder / "last.ckpt"  # the tie goes to last.ckpt
 
-    # Resumed from the linked last.ckpt: the best so far is known, so a worse epoch keeps
-    # it, and writing the new last.ckpt leaves the best checkpoint's content alone.
-    best, _ = fit_scheduled(folder, [0.5, 0.7, 0.6], ckpt_path=str(folder / "last.ckpt"))
+    # Resumed from last.ckpt: the best so far is known, so a worse epoch keeps it, and
+    # last.ckpt moves on with the run.
+    best, _ = fit_scheduled(folder, [0.5, 0.7, 0.6, 0.65], ckpt_path=str(folder / "last.ckpt"))
     assert best.best_model_path == str(folder / "best-epoch01.ckpt")
     assert float(best.best_model_score) == pytest.approx(0.7)
     assert sorted(p.name for p in folder.iterdir()) == ["best-epoch01.ckpt", "last.ckpt"]
-    assert not os.path.samefile(folder / "best-epoch01.ckpt", folder / "last.ckpt")
-    assert stored(folder / "last.ckpt")["global_step"] == 9
+    assert stored(folder / "last.ckpt")["global_step"] == 12
     assert stored(folder / "best-epoch01.ckpt")["global_step"] == 6
-
-
-def test_best_and_last_at_different_moments_are_separate_files(tmp_path):
-    folder = tmp_path / "checkpoints"
-    fit_scheduled(folder, [0.7, 0.5, 0.6])
-    assert sorted(p.name for p in folder.iterdir()) == ["best-epoch00.ckpt", "last.ckpt"]
-    assert not os.path.samefile(folder / "best-epoch00.ckpt", folder / "last.ckpt")
-    assert stored(folder / "best-epoch00.ckpt")["global_step"] == 3
-    assert stored(folder / "last.ckpt")["global_step"] == 9
-
-
-def test_without_last_or_without_hard_links_every_checkpoint_is_written(tmp_path, monkeypatch):
-    alone = tmp_path / "alone"
-    fit_scheduled(alone, [0.5, 0.7], last=False)
-    assert [p.name for p in alone.iterdir()] == ["best-epoch01.ckpt"]
-    assert stored(alone / "best-epoch01.ckpt")["global_step"] == 6
-
-    def no_links(source, target):
-        raise OSError(errno.EPERM, "Operation not permitted")
-
-    monkeypatch.setattr(os, "link", no_links)
-    folder = tmp_path / "no-links"
-    fit_scheduled(folder, [0.5, 0.7])
-    assert sorted(p.name for p in folder.iterdir()) == ["best-epoch01.ckpt", "last.ckpt"]
-    assert not os.path.samefile(folder / "best-epoch01.ckpt", folder / "last.ckpt")
-    assert stored(folder / "last.ckpt")["global_step"] == 6

@@ -404,48 +404,6 @@ def test_a_moved_run_folder_predicts_and_evaluates_with_its_own_files(run_dir, t
     assert not torch.allclose(TextClassifier.load(moved).probabilities([HAM, SPAM]), want)
 
 
-def test_final_test_reads_frozen_weights_only_when_memory_no_longer_holds_them(tmp_path, sms_file):
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from safetensors.torch import load_file
-
-    from gpt_classifier.data.datamodule import SMSSpamDataModule
-    from gpt_classifier.finetuning import TrainLastBlocks
-    from gpt_classifier.training.frozen_weights import FrozenWeightsFile
-    from gpt_classifier.training.module import ClassifierModule
-
-    torch.manual_seed(0)
-    module = ClassifierModule(SequenceClassifier(GPT.from_preset("gpt2-tiny"), 2),
-                              TrainLastBlocks(1))  # fmt: skip
-    checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="last")
-    trainer = L.Trainer(
-        accelerator="cpu", precision="32-true", max_epochs=1, limit_train_batches=3,
-        limit_val_batches=1, limit_test_batches=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[FrozenWeightsFile(), checkpoints],
-    )  # fmt: skip
-    dm = SMSSpamDataModule(path=str(sms_file), context_length=256)
-    trainer.fit(module, datamodule=dm)
-    ckpt = checkpoints.best_model_path
-    head, frozen = module.model.head.weight, module.model.backbone.trf_blocks[0].att.W_key.weight
-    saved_head = torch.load(ckpt, weights_only=True)["state_dict"]["model.backbone.out_head.weight"]
-    on_disk = load_file(str(tmp_path / "frozen.safetensors"))[
-        "model.backbone.trf_blocks.0.att.W_key.weight"
-    ]
-
-    # The frozen weights in memory are the file's: only what trained is loaded.
-    with torch.no_grad():
-        head.add_(1.0)
-    version = frozen._version
-    trainer.test(module, datamodule=dm, ckpt_path=ckpt, weights_only=True, verbose=False)
-    assert torch.equal(head, saved_head)
-    assert frozen._version == version  # not read again, not copied over itself
-    # Changed in place since: the checkpoint is completed from the file.
-    with torch.no_grad():
-        frozen.add_(1.0)
-    trainer.test(module, datamodule=dm, ckpt_path=ckpt, weights_only=True, verbose=False)
-    assert torch.equal(frozen, on_disk) and module.strict_loading
-
-
 def test_a_moved_run_resumes_with_its_own_frozen_weights(run_dir, tmp_path, sms_file):
     import lightning as L
 

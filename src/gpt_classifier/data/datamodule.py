@@ -42,12 +42,6 @@ from gpt_classifier.data.tokenizer import get_tokenizer
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "validation", "test")
-# Settings that change how batches are drawn, not the splits or their tokens.
-LOADER_SETTINGS = frozenset(
-    {"batch_size", "eval_batch_size", "shuffle", "drop_last", "bucket_by_length", "num_workers"}
-)
-# The last splits and tokens read in this process, for a sweep's later jobs.
-_PREPARED: dict[tuple[object, ...], tuple[Splits, dict[str, TokenizedTexts]]] = {}
 
 
 class SMSSpamDataModule(L.LightningDataModule):
@@ -115,28 +109,8 @@ class SMSSpamDataModule(L.LightningDataModule):
         self._file()  # downloads once; later runs find the verified file
 
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return  # tokenized once per run, not per stage or epoch
-        key = self._prepared_key()
-        held = _PREPARED.get(key)
-        if held is not None:  # a sweep's earlier job in this process read the same data
-            self._check_sizes(held[0], self._file())  # its batch size may have differed
-            self.splits, self.datasets = held
-            self._write_splits()
-            log.info("SMS data reused from this process's previous job")
-            return
-        self.datasets = self._tokenize(self.load_splits())
-        _PREPARED.clear()  # one data set at a time
-        _PREPARED[key] = (self.splits, self.datasets)
-
-    def _prepared_key(self) -> tuple[object, ...]:
-        """Everything the splits and their tokens depend on: the file's identity and
-        content stamp, and every setting except those of the loaders."""
-        file = self._file().resolve()
-        stat = file.stat()
-        settings = {k: v for k, v in self.hparams.items() if k not in LOADER_SETTINGS}
-        return (str(file), stat.st_size, stat.st_mtime_ns, repr(sorted(settings.items())),
-                self.max_length, self.tokenizer_dir)  # fmt: skip
+        if not self.datasets:  # tokenized once per run, not per stage or epoch
+            self.datasets = self._tokenize(self.load_splits())
 
     def load_splits(self) -> Splits:
         """The texts and labels of each split (parsed, balanced and split once; the

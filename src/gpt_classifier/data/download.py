@@ -5,15 +5,15 @@ from __future__ import annotations
 import hashlib
 import http.client
 import logging
-import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from gpt_classifier.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -44,27 +44,17 @@ def verify_file(path: Path, size: int | None, sha256: str | None, remedy: str) -
         raise ChecksumError(f"{path} has sha256 {actual}, expected {sha256}; {remedy}")
 
 
-def atomic_write_target(dest: Path) -> Path:
-    """A temporary file beside ``dest`` (same filesystem, so ``os.replace`` is atomic)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def download(urls: Sequence[str], dest: Path, timeout: float = 60.0) -> Path:
     """Fetch the first URL that works into ``dest``; a partial transfer never lands there."""
     errors: list[str] = []
     for url in urls:
-        tmp = atomic_write_target(dest)
         try:
-            _fetch(url, tmp, timeout)
+            with atomic_path(dest) as tmp:
+                _fetch(url, tmp, timeout)
         except (urllib.error.URLError, http.client.HTTPException, OSError, DownloadError) as err:
-            tmp.unlink(missing_ok=True)
             errors.append(f"{url}: {err}")
             log.warning("Download from %s failed: %s", url, err)
             continue
-        os.replace(tmp, dest)
         log.info("Downloaded %s to %s", url, dest)
         return dest
     raise DownloadError(
@@ -89,10 +79,6 @@ def _fetch(url: str, tmp: Path, timeout: float) -> None:
 
 def copy_atomically(src: Path, dest: Path) -> Path:
     """Copy ``src`` to ``dest`` so that ``dest`` is either absent or complete."""
-    tmp = atomic_write_target(dest)
-    try:
+    with atomic_path(dest) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest

@@ -15,10 +15,10 @@ import numpy as np
 from gpt_classifier.data.download import (
     ChecksumError,
     DownloadError,
-    atomic_write_target,
     download,
     verify_file,
 )
+from gpt_classifier.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +107,9 @@ def _extract(
         members = [n for n in archive.namelist() if Path(n).name == FILE_NAME]
         if not members:
             raise DataFormatError(f"{zip_path} holds no file named {FILE_NAME}")
-        tmp = atomic_write_target(target)
-        try:
+        with atomic_path(target) as tmp:
             tmp.write_bytes(archive.read(members[0]))
             verify_file(tmp, size, sha256, f"{zip_path} is not the UCI release; {remedy}")
-            tmp.replace(target)
-        finally:
-            tmp.unlink(missing_ok=True)
     return target
 
 
@@ -310,8 +306,7 @@ def _undersample(rows: list[Message], seed: int) -> list[Message]:
 
 def write_split_csv(rows: Sequence[tuple[str, int]], path: Path) -> None:
     """Write one split as ``Label,Text`` CSV (integer labels, split order)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["Label", "Text"])
         writer.writerows((label, text) for text, label in rows)

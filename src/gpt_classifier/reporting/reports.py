@@ -6,8 +6,6 @@ import csv
 import io
 import json
 import logging
-import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,19 +13,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from gpt_classifier.files import write_text_atomically
+
 log = logging.getLogger(__name__)
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file of this writer alone, then ``os.replace``:
-    readers see the old file or the new one, and two writers never mix their bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8", newline="")  # the bytes given, on any OS
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, values: Mapping[str, Any]) -> None:

@@ -10,8 +10,6 @@ applies only the plain ``key=value`` overrides of the resume command (e.g.
 from __future__ import annotations
 
 import logging
-import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,8 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from gpt_classifier.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,8 @@ def save_run_config(
         "overrides": overrides,
         "resolved": dict(resolved or {}),
     })  # fmt: skip
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    OmegaConf.save(record, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        OmegaConf.save(record, tmp)
 
 
 def config_for_resume(cfg: DictConfig, checkpoint: Path) -> DictConfig:

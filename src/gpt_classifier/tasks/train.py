@@ -21,7 +21,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt_classifier.data.datamodule import SMSSpamDataModule
 from gpt_classifier.finetuning.methods import FineTuningMethod, count_parameters
-from gpt_classifier.host_memory import keep_freed_memory
 from gpt_classifier.model.classifier import SequenceClassifier
 from gpt_classifier.model.gpt import GPT, PRESETS
 from gpt_classifier.model.pooling import pooling_rule
@@ -31,7 +30,6 @@ from gpt_classifier.reporting.tensorboard import (
     log_final_hparams,
     skip_tensorflow_import,
 )
-from gpt_classifier.tasks import reuse
 from gpt_classifier.tasks.run_config import config_for_resume, run_choices, save_run_config
 from gpt_classifier.tasks.sweep_job import run_in_own_process
 from gpt_classifier.training.distributed import (
@@ -40,7 +38,7 @@ from gpt_classifier.training.distributed import (
     starts_processes_by_script,
 )
 from gpt_classifier.training.module import ClassifierModule
-from gpt_classifier.training.precision import PRECISION_RECORD, resolve_precision
+from gpt_classifier.training.precision import resolve_precision
 from gpt_classifier.training.prefix_cache import PrefixCacheCallback
 from gpt_classifier.training.resume import (
     PREEMPTION_SIGNALS,
@@ -83,23 +81,19 @@ def build_method(cfg: DictConfig) -> FineTuningMethod:
 
 def build_backbone(model_cfg: DictConfig) -> GPT:
     """The GPT-2 backbone the ``model`` config names: pretrained weights or a random
-    preset; the previous job's weights when a sweep's job asks for the same ones."""
+    preset."""
     overrides = {
         "drop_rate": float(model_cfg.drop_rate),
         "causal_mask": bool(model_cfg.get("causal_mask", True)),
     }
-    settings = tuple(sorted(overrides.items()))
     if not model_cfg.pretrained:
-        # A random initialisation is the preset's and the RNG state's.
-        key = ("preset", model_cfg.name, settings, reuse.rng_signature())
-        return reuse.shared_backbone(key, lambda: GPT.from_preset(model_cfg.name, **overrides))
+        return GPT.from_preset(model_cfg.name, **overrides)
     if not model_cfg.weights:
         raise ConfigError(
             f"model={model_cfg.name} has no pretrained weights: set model.weights=<Hub name or "
             "local folder>, or model.pretrained=false for random initialisation."
         )
-    key = ("weights", reuse.source_signature(model_cfg.weights), settings)
-    return reuse.shared_backbone(key, lambda: GPT.from_pretrained(model_cfg.weights, **overrides))
+    return GPT.from_pretrained(model_cfg.weights, **overrides)
 
 
 def tokenizer_folder(model_cfg: DictConfig) -> str | None:
@@ -123,12 +117,6 @@ def build_datamodule(
     )
 
 
-def precision_record(cfg: DictConfig) -> Path | None:
-    """Where ``precision=auto`` keeps this machine's CPU measurement (the cache folder)."""
-    cache_dir = OmegaConf.select(cfg, "paths.cache_dir", default=None)
-    return Path(cache_dir) / PRECISION_RECORD if cache_dir else None
-
-
 def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
     """The Trainer's arguments: the accelerator group's device and precision, then the
     trainer group's (devices, num_nodes, strategy, loop settings)."""
@@ -137,9 +125,7 @@ def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
         settings["strategy"] = build(cfg, "trainer.strategy")
     return {
         "accelerator": cfg.accelerator.accelerator,
-        "precision": resolve_precision(
-            cfg.accelerator.accelerator, cfg.accelerator.precision, precision_record(cfg)
-        ),
+        "precision": resolve_precision(cfg.accelerator.accelerator, cfg.accelerator.precision),
         **settings,
         # The data module gives each process its share itself (data.datamodule).
         "use_distributed_sampler": False,
@@ -297,27 +283,13 @@ def job_metric(cfg: DictConfig, output_dir: Path) -> float:
     return float(metrics[cfg.optimize_metric])
 
 
-def tune_host_memory(keep_gb: float | None) -> None:
-    """``keep_freed_memory_gb``: how much freed host memory malloc keeps (null: its own
-    policy)."""
-    if keep_gb is None:
-        return
-    if keep_gb <= 0:
-        raise ConfigError(
-            f"keep_freed_memory_gb={keep_gb}; give a positive size in GB, or null for glibc's "
-            "own policy"
-        )
-    keep_freed_memory(int(keep_gb * 1e9))
-
-
 def train(cfg: DictConfig) -> float:
     """Fine-tune, evaluate the best checkpoint on every split, write ``metrics.json``.
 
     With ``ckpt_path`` set, continue a run from a checkpoint with that run's config.
     """
-    timer = StartupTimer()
+    timer = StartupTimer(from_process_start=not in_multirun())
     output_dir = Path(cfg.paths.output_dir)
-    tune_host_memory(cfg.get("keep_freed_memory_gb"))
     probe = probe_trainer(cfg)
     if in_multirun() and starts_processes_by_script(probe):
         run_in_own_process()

@@ -28,10 +28,9 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from gpt_classifier.checkpoints import complete_state_dict, locate_frozen_weights
+from gpt_classifier.checkpoints import complete_state_dict
 from gpt_classifier.finetuning.methods import FineTuningMethod, TrainLastBlocks, count_parameters
 from gpt_classifier.model.classifier import SequenceClassifier
-from gpt_classifier.training.frozen_weights import held_unchanged
 
 log = logging.getLogger(__name__)
 
@@ -179,12 +178,6 @@ class ClassifierModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.method.apply(self.model)
-        # The optimizer writes trainable tensors in place; whatever else holds the
-        # loaded weights (a sweep's earlier jobs, tasks.reuse) must not see that.
-        for p in self.model.parameters():
-            if p.requires_grad and not getattr(p, "_owns_storage", False):
-                p.data = p.data.clone()
-                p._owns_storage = True  # type: ignore[attr-defined]
         if self.parameter_counts is None:
             # Counted once, before a strategy wraps the model: under FSDP a later stage
             # would count each process's shards.
@@ -285,32 +278,10 @@ class ClassifierModule(L.LightningModule):
         self.strict_loading = True
         # A sharded checkpoint (FSDP) has no state_dict here: the strategy loads the
         # shards into the wrapped model itself.
-        if "state_dict" in checkpoint and not self._frozen_weights_in_memory(checkpoint, path):
+        if "state_dict" in checkpoint:
             complete_state_dict(checkpoint, path)
         if "train_metrics" in checkpoint:
             self.metrics["split_train"].restore(checkpoint["train_metrics"])
-
-    def _frozen_weights_in_memory(self, checkpoint: dict[str, Any], path: Any) -> bool:
-        """Whether the checkpoint's frozen weights are this module's own, unchanged since
-        this process wrote them to the file it names (the final test of a run): then
-        only what trained is loaded, and the frozen tensors are neither read again nor
-        overwritten with themselves (which would also make a sweep's next job hash them
-        again for the prefix cache)."""
-        recorded = checkpoint.get("frozen_weights")
-        if not recorded:
-            return False
-        try:
-            file = locate_frozen_weights(path, str(recorded))
-        except FileNotFoundError:
-            return False  # complete_state_dict says what is missing
-        current = {f"model.{name}": t for name, t in self.model.state_dict().items()}
-        held = held_unchanged(file, current)
-        stored = set(checkpoint["state_dict"])
-        # Everything else the module holds is in the checkpoint, and nothing foreign.
-        if not held or stored & held or stored | held != set(self.state_dict()):
-            return False
-        self.strict_loading = False  # the held names are left out on purpose
-        return True
 
     # ------------------------------------------------------------------ optimizer
 

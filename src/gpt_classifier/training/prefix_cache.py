@@ -16,9 +16,7 @@ import hashlib
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader
 
 from gpt_classifier.data.tokenizer import PAD_TOKEN_ID
+from gpt_classifier.files import atomic_path
 from gpt_classifier.model.classifier import CachedPrefix, SequenceClassifier
 from gpt_classifier.model.pooling import positions_read
 from gpt_classifier.training.distributed import all_gather_objects
@@ -190,10 +189,10 @@ class PrefixCache:
             f"format={FILE_FORMAT};depth={self.depth};dtype={self.dtype};pad={self.pad_id};"
             f"causal={self.model.cfg.causal_mask};{extra}".encode()
         )
-        named = self.prefix_parameters()
-        for (name, _), weights in zip(named, _parameter_digests([p for _, p in named])):
+        for name, p in self.prefix_parameters():
             digest.update(name.encode())
-            digest.update(weights)
+            data = p.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            digest.update(memoryview(data))  # the tensor's memory in place, not a copy
         return digest.hexdigest()
 
     def prefix_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -247,8 +246,7 @@ class PrefixCache:
             self.load(path, fingerprint)  # what other jobs added since this one read it
             keys = list(self.entries)
             tokens = [torch.frombuffer(bytearray(k), dtype=torch.int64) for k in keys]
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-            try:
+            with atomic_path(path) as tmp:
                 save_file(
                     {
                         "tokens": torch.cat(tokens),
@@ -261,9 +259,6 @@ class PrefixCache:
                     str(tmp),
                     metadata={"fingerprint": fingerprint, "format": str(FILE_FORMAT)},
                 )
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
 
 
 def evict_oldest(directory: Path, max_bytes: int, keep: Path) -> list[Path]:
@@ -296,10 +291,9 @@ class PrefixCacheCallback(L.Callback):
     ``enabled``: ``auto`` (on whenever the fine-tuning method leaves the embeddings
     and at least one leading block frozen and dropout is off), ``true`` (the same,
     but an error where it cannot apply) or ``false``. ``cache_dtype``: ``auto`` (the
-    compute dtype) or a dtype name. ``persist`` reuses the cache across runs: in memory
-    between the jobs of one process (a sweep), and in ``dir`` on disk, where the least
-    recently used files go once they exceed ``max_gb``. ``cpu_batch_tokens`` /
-    ``accelerator_batch_tokens`` size the warm-up batches.
+    compute dtype) or a dtype name. ``persist`` reuses the cache across runs, in ``dir``
+    on disk, where the least recently used files go once they exceed ``max_gb``.
+    ``cpu_batch_tokens`` / ``accelerator_batch_tokens`` size the warm-up batches.
     """
 
     def __init__(
@@ -484,24 +478,16 @@ class PrefixCacheCallback(L.Callback):
         return received
 
     def _load_persisted(self, trainer: L.Trainer) -> Path | None:
-        """The cache's file; the first time, take the entries an earlier job of this
-        process left in memory, or else read the file."""
+        """The cache's file, whose entries are read the first time."""
         if not self.persist or self.cache is None or self.dir is None:
             return None
         if self._file is None:
-            fingerprint = _fingerprint(self.cache, str(trainer.precision))
+            fingerprint = self.cache.fingerprint(str(trainer.precision))
             self._fingerprint = fingerprint
             self._file = self.dir / f"prefix-{fingerprint}.safetensors"
-            held = _IN_PROCESS.get(fingerprint)
-            if held is not None:
-                self.cache.entries = held
-                self._reused_from = "this process's earlier jobs"
-            else:
-                _IN_PROCESS.clear()  # one model's entries at a time: bounded memory
-                _IN_PROCESS[fingerprint] = self.cache.entries
-                if self.cache.load(self._file, fingerprint):
-                    self._reused_from = str(self._file)
-                    _touch(self._file)  # recently used: evicted last
+            if self.cache.load(self._file, fingerprint):
+                self._reused_from = str(self._file)
+                _touch(self._file)  # recently used: evicted last
         return self._file
 
     def _save(self, file: Path) -> None:
@@ -566,51 +552,6 @@ class PrefixCacheCallback(L.Callback):
         dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
         self._attach(batch, pl_module)
-
-
-# What one process keeps between runs (the jobs of a sweep): the entries of the last
-# fingerprint, and the fingerprints of the weights it hashed.
-_IN_PROCESS: dict[str, dict[bytes, torch.Tensor]] = {}
-_FINGERPRINTS: list[tuple[tuple[Any, ...], list[torch.nn.Parameter], str]] = []
-
-
-def _fingerprint(cache: PrefixCache, extra: str) -> str:
-    """``cache.fingerprint(extra)``, hashed once per set of weights in a process.
-
-    Parameters are recognised by identity and version counter (an in-place update
-    bumps it); the memo holds them, so their memory cannot be reused by other tensors.
-    """
-    params = [p for _, p in cache.prefix_parameters()]
-    ident = (
-        extra, cache.depth, cache.dtype, cache.pad_id, cache.model.cfg.causal_mask,
-        tuple((p.data_ptr(), p._version, tuple(p.shape), p.dtype, str(p.device)) for p in params),
-    )  # fmt: skip
-    for known, _, fingerprint in _FINGERPRINTS:
-        if known == ident:
-            return fingerprint
-    fingerprint = cache.fingerprint(extra)
-    _FINGERPRINTS[:] = [(ident, params, fingerprint)]
-    return fingerprint
-
-
-def _parameter_digests(params: Sequence[torch.Tensor]) -> list[bytes]:
-    """SHA-256 of each tensor's bytes, in order, hashed side by side in threads.
-
-    A gpt2-small prefix is ~470 MB of weights, hashed at every run's start: hashing the
-    tensors' memory in place (no copy) with SHA-256, which CPUs run in hardware, in
-    parallel (hashlib lets go of the GIL), took 0.14 s where one BLAKE2b over copies
-    took 0.79 s (2-core AMD EPYC).
-    """
-
-    def one(p: torch.Tensor) -> bytes:
-        data = p.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        return hashlib.sha256(memoryview(data)).digest()
-
-    workers = min(8, os.cpu_count() or 1, max(1, len(params)))
-    if workers == 1:
-        return [one(p) for p in params]
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(one, params))
 
 
 def _touch(file: Path) -> None:

@@ -2,8 +2,6 @@
 
 - :class:`StepCheckpoint` rewrites ``checkpoints/step.ckpt`` every minute of training
   (or every N optimizer steps), so a crash loses about a minute of work.
-- :class:`BestCheckpoint` and :class:`LastCheckpoint`: the best checkpoint and
-  ``last.ckpt``, one file (hard links) in an epoch that saved both.
 - :class:`AtomicCheckpointIO` writes every checkpoint through a unique temporary file
   and ``os.replace``: a full disk or a permission error leaves the previous one intact.
 - :class:`ResumeState` puts the random generators' states and the completed epochs into
@@ -22,11 +20,9 @@ import random
 import signal
 import threading
 import time
-import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from weakref import proxy
 
 import lightning as L
 import numpy as np
@@ -36,6 +32,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
 from gpt_classifier.checkpoints import settings_file
+from gpt_classifier.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +90,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                torch.save(checkpoint, tmp)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             kept = (f"the previous {path.name} is intact" if path.is_file()
                     else "there was no earlier file of that name")  # fmt: skip
             raise CheckpointSaveError(
@@ -107,86 +101,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"space or fix the permissions of {path.parent}, then resume with "
                 "ckpt_path=last."
             ) from err
-
-
-def training_moment(trainer: L.Trainer) -> tuple[Any, ...]:
-    """Where training stands: the step, the epoch and every loop's progress counters
-    (training and validation batches, epochs). Two saves with equal moments hold the
-    same state: nothing trains or validates without moving a counter."""
-    loops = trainer.fit_loop.state_dict()
-    progress = sorted((k, repr(v)) for k, v in loops.items() if not k.endswith("state_dict"))
-    return trainer.global_step, trainer.current_epoch, tuple(progress)
-
-
-class BestCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that remembers when and where it last saved, so that
-    :class:`LastCheckpoint` can link to that file instead of writing the same state again."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.saved_at: tuple[tuple[Any, ...], str] | None = None
-
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
-        self.saved_at = (training_moment(trainer), filepath)
-
-
-class LastCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` after every epoch, hard-linked to the best checkpoint when that was
-    just saved at the same moment (an epoch that improved): one write instead of two.
-
-    A full fine-tune of gpt2-xl writes ~18 GB per checkpoint; a best epoch used to cost
-    that twice in time and disk. The two names then share one file, which stays correct:
-    a later save replaces ``last.ckpt``'s name (``AtomicCheckpointIO``) and a removed best
-    drops only its own name. The linked file's own record of this callback is the one of
-    the epoch before, which differs only in naming ``last.ckpt`` before its first save.
-    Where linking cannot work (sharded or remote checkpoints, a filesystem without hard
-    links) the checkpoint is written as usual.
-    """
-
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        source = self._same_moment_file(trainer)
-        linked = trainer.is_global_zero and source is not None and link_file(source, filepath)
-        # Every process takes the same path: a write may gather state from all of them.
-        if not trainer.strategy.broadcast(linked, src=0):
-            super()._save_checkpoint(trainer, filepath)
-            return
-        trainer.strategy.barrier("LastCheckpoint.link")
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.after_save_checkpoint(proxy(self))
-
-    def _same_moment_file(self, trainer: L.Trainer) -> str | None:
-        """The file a :class:`BestCheckpoint` saved at this very moment, if any."""
-        moment = None
-        for callback in trainer.checkpoint_callbacks:
-            if not isinstance(callback, BestCheckpoint) or callback.saved_at is None:
-                continue
-            if callback.save_weights_only != self.save_weights_only:
-                continue
-            moment = moment or training_moment(trainer)
-            when, path = callback.saved_at
-            if when == moment and "://" not in path and os.path.isfile(path):
-                return path
-        return None
-
-
-def link_file(source: str | Path, target: str | Path) -> bool:
-    """Make ``target`` a hard link to ``source``, replacing it atomically; False (and
-    nothing changed) where the filesystem cannot."""
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.link(source, tmp)
-        os.replace(tmp, target)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        log.debug("could not link %s to %s (%s); writing it instead", target, source, err)
-        return False
-    return True
 
 
 class StepCheckpoint(ModelCheckpoint):

@@ -8,8 +8,6 @@ from typing import Any
 
 import lightning as L
 
-_FIRST_JOB = True  # the first job of a process also pays the interpreter and imports
-
 
 def process_age() -> float | None:
     """Seconds since this process started (Linux ``/proc``), or None where unknown."""
@@ -26,16 +24,13 @@ def process_age() -> float | None:
 
 
 class StartupTimer(L.Callback):
-    """Measures ``startup_s``: from the start of the process (for its first job; a
-    sweep's later jobs from their own start) to the first training step, minus the
-    seconds ``excluded()`` reports by then (the frozen-prefix pass)."""
+    """Measures ``startup_s``: from the start of the process (``from_process_start``;
+    else, as for a sweep's jobs, from this callback's creation) to the first training
+    step, minus the seconds ``excluded()`` reports by then (the frozen-prefix pass)."""
 
-    def __init__(self, excluded: Any = None) -> None:
-        global _FIRST_JOB
-        now = time.perf_counter()
-        age = process_age() if _FIRST_JOB else None
-        _FIRST_JOB = False
-        self.start = now - (age or 0.0)
+    def __init__(self, excluded: Any = None, from_process_start: bool = True) -> None:
+        age = process_age() if from_process_start else None
+        self.start = time.perf_counter() - (age or 0.0)
         self.excluded = excluded or (lambda: 0.0)
         self.seconds: float | None = None
 
