@@ -16,6 +16,9 @@ Example::
 prefix cache on disk), and an N-job ``optimizer.lr`` sweep in one process from a cold
 cache, with their ratios to the one job.
 
+``--markdown`` also writes the tables into ``docs/benchmarks.md``, in the section of this
+machine kind and workload (replacing the one measured before), with the command.
+
 ``--compare-repo DIR`` also runs every job from another checkout (e.g. a ``git worktree``
 of an earlier commit), alternating with this one ``--repeats`` times, and prints the
 ratio of the median end-to-end times: a change that must not slow things down is
@@ -25,6 +28,8 @@ timed against its parent in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -98,9 +103,10 @@ def run_command(command: list[str], repo: Path, log_path: Path) -> tuple[float, 
     return wall, round(usage.ru_maxrss / 2**20, 2)  # ru_maxrss is in KiB on Linux
 
 
-def sweep_benchmark(jobs: int, args: argparse.Namespace, out: Path) -> None:
+def sweep_runs(jobs: int, args: argparse.Namespace, out: Path, repo: Path,
+               label: str) -> list[dict[str, Any]]:  # fmt: skip
     """One default job, the same job again (its cache on disk), and a ``jobs``-job
-    ``optimizer.lr`` sweep from a cold cache; wall times and ratios."""
+    ``optimizer.lr`` sweep from a cold cache, in checkout ``repo``; their rows."""
     model, freeze = args.models[0], args.freeze[0]
     common = [
         *MODES["ours"], f"model={model}", f"freeze={freeze}", f"accelerator={args.accelerator}",
@@ -111,25 +117,27 @@ def sweep_benchmark(jobs: int, args: argparse.Namespace, out: Path) -> None:
         common.append(f"data.path={args.data}")
     # Learning rates spread evenly in log space over the book's 5e-5 and a decade around it.
     rates = [f"{1e-5 * 10 ** (i / max(jobs - 1, 1)):.3g}" for i in range(jobs)]
+    out = out / label
     runs = {
-        "one job (cold cache)": ["train.py", f"paths.cache_dir={out / 'cache-single'}",
-                                 f"hydra.run.dir={out / 'single'}"],
-        "same job again (cache on disk)": ["train.py", f"paths.cache_dir={out / 'cache-single'}",
-                                           f"hydra.run.dir={out / 'again'}"],
-        f"{jobs}-job lr sweep (cold cache)": [
-            "train.py", "-m", f"paths.cache_dir={out / 'cache-sweep'}",
-            f"hydra.sweep.dir={out / 'sweep'}", f"optimizer.lr={','.join(rates)}",
-        ],
+        "one job (cold cache)": (["train.py", f"paths.cache_dir={out / 'cache-single'}",
+                                  f"hydra.run.dir={out / 'single'}"], [out / "single"]),
+        "same job again (cache on disk)": (["train.py", f"paths.cache_dir={out / 'cache-single'}",
+                                            f"hydra.run.dir={out / 'again'}"], [out / "again"]),
+        f"{jobs}-job lr sweep (cold cache)": (
+            ["train.py", "-m", f"paths.cache_dir={out / 'cache-sweep'}",
+             f"hydra.sweep.dir={out / 'sweep'}", f"optimizer.lr={','.join(rates)}"],
+            [out / "sweep" / str(i) for i in range(jobs)],
+        ),
     }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name, command in runs.items():
-        wall, peak = run_command([sys.executable, *command, *common], REPO,
+    for name, (command, folders) in runs.items():
+        wall, peak = run_command([sys.executable, *command, *common], repo,
                                  out / f"{name.split()[0]}-{len(rows)}.log")  # fmt: skip
-        folders = [out / "single"] if len(rows) == 0 else [out / "again"] if len(rows) == 1 else [
-            out / "sweep" / str(i) for i in range(jobs)]  # fmt: skip
         metrics = [json.loads((f / "metrics.json").read_text()) for f in folders]
         rows.append({
-            "run": name, "jobs": len(folders), "wall_s": round(wall, 1), "peak_rss_gib": peak,
+            "run": name, "code": label, "jobs": len(folders), "wall_s": round(wall, 1),
+            "peak_rss_gib": peak,
             "prefix_s": round(sum(m["time/prefix_s"] for m in metrics), 1),
             "startup_s": round(sum(m["time/startup_s"] for m in metrics), 1),
             "fit_s": round(sum(m["time/fit_s"] for m in metrics), 1),
@@ -138,19 +146,36 @@ def sweep_benchmark(jobs: int, args: argparse.Namespace, out: Path) -> None:
         })  # fmt: skip
         print(json.dumps(rows[-1]), file=sys.stderr)
     one = rows[0]["wall_s"]
-    columns = ["run", "jobs", "wall_s", "x one job", "prefix_s", "startup_s", "fit_s", "test_s",
-               "peak_rss_gib", "best_val_acc"]  # fmt: skip
+    for row in rows:
+        row["x one job"] = f"{row['wall_s'] / one:.2f}"
+    return rows
+
+
+def print_sweep_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """The sweep rows as Markdown, and this checkout against the compared one."""
+    columns = ["run", "code", "jobs", "wall_s", "x one job", "prefix_s", "startup_s", "fit_s",
+               "test_s", "peak_rss_gib", "best_val_acc"]  # fmt: skip
     print(
-        f"\n{model} {freeze}, {args.epochs} epochs; sums over jobs (prefix_s and startup_s "
-        "are inside fit_s; startup_s excludes the prefix pass)"
+        f"\n{args.models[0]} {args.freeze[0]}, {args.epochs} epochs; sums over jobs "
+        "(prefix_s and startup_s are inside fit_s; startup_s excludes the prefix pass)"
     )
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:
-        row["x one job"] = f"{row['wall_s'] / one:.2f}"
         print("| " + " | ".join(str(row[c]) for c in columns) + " |")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    labels = list(dict.fromkeys(r["code"] for r in rows))
+    if len(labels) == 2:
+        this, other = labels
+        print(f"\n| run | this s (median) | {other} s (median) | this / {other} |")
+        print("|---|---|---|---|")
+        for run in dict.fromkeys(r["run"] for r in rows):
+            times = {c: statistics.median(r["wall_s"] for r in rows
+                                          if r["run"] == run and r["code"] == c)
+                     for c in labels}  # fmt: skip
+            print(
+                f"| {run} | {times[this]:.1f} | {times[other]:.1f} | "
+                f"{times[this] / times[other]:.3f} |"
+            )
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -178,6 +203,47 @@ def print_comparison(rows: list[dict[str, Any]], label: str) -> None:
         print(f"| {model} | {freeze} | {mode} | {this:.1f} | {other:.1f} | {this / other:.3f} |")
 
 
+DOCS = REPO / "docs" / "benchmarks.md"
+END_MARK = "<!-- end of the generated training tables -->"
+
+
+def machine_kind(accelerator: str) -> str:
+    """This machine in words: the CPU model and cores, or the GPU."""
+    if accelerator in ("cuda", "auto"):
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name()} (x{torch.cuda.device_count()})"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def write_markdown(machine: str, workload: str, tables: str) -> None:
+    """Put ``tables`` into docs/benchmarks.md as the section of ``machine`` and
+    ``workload``, replacing the one measured there before."""
+    start = f"<!-- {machine} | {workload} -->"
+    command = "python scripts/benchmark.py " + " ".join(
+        a if "/" not in a or a.startswith("-") else Path(a).name for a in sys.argv[1:]
+    )
+    section = (f"{start}\n### {workload}: {machine}\n\n```bash\n{command}\n```\n"
+               f"{tables.rstrip()}\n<!-- end -->\n")  # fmt: skip
+    text = DOCS.read_text()
+    if start in text:
+        before, rest = text.split(start, 1)
+        text = before + section + rest.split("<!-- end -->\n", 1)[1]
+    else:
+        text = text.replace(END_MARK, section + "\n" + END_MARK)
+    DOCS.write_text(text)
+    print(f"written to {DOCS}", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["gpt2-small"])
@@ -195,18 +261,27 @@ def main() -> None:
     parser.add_argument(
         "--sweep", type=int, metavar="N", help="instead: one job, it again, an N-job lr sweep"
     )
+    parser.add_argument("--markdown", action="store_true", help="also into docs/benchmarks.md")
     parser.add_argument("override", nargs="*", help="extra train.py overrides for every run")
     args = parser.parse_args()
 
     out = args.out or Path(tempfile.mkdtemp(prefix="gpt-classifier-bench-"))
     out.mkdir(parents=True, exist_ok=True)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; runs in {out}")
-    if args.sweep:
-        sweep_benchmark(args.sweep, args, out)
-        return
     checkouts = [(REPO, "this")]
     if args.compare_repo:
         checkouts.append((args.compare_repo.resolve(), args.compare_label))
+    if args.sweep:
+        sweep_rows = [
+            row
+            for repeat in range(args.repeats)
+            for repo, label in checkouts
+            for row in sweep_runs(args.sweep, args, out / f"r{repeat}", repo, label)
+        ]
+        print_sweep_table(sweep_rows, args)
+        if args.json:
+            args.json.write_text(json.dumps(sweep_rows, indent=2) + "\n")
+        return
     rows: list[dict[str, Any]] = []
     for model in args.models:
         for freeze in args.freeze:
@@ -220,9 +295,14 @@ def main() -> None:
                             row["speedup"] = round(book["end_to_end_s"] / row["end_to_end_s"], 1)
                         rows.append(row)
                         print(json.dumps(row), file=sys.stderr)
-    print_table(rows)
-    if args.compare_repo:
-        print_comparison(rows, args.compare_label)
+    with contextlib.redirect_stdout(io.StringIO()) as tables:
+        print_table(rows)
+        if args.compare_repo:
+            print_comparison(rows, args.compare_label)
+    print(tables.getvalue())
+    if args.markdown:
+        workload = f"one run, {args.epochs} epochs, {'/'.join(args.freeze)}"
+        write_markdown(machine_kind(args.accelerator), workload, tables.getvalue())
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

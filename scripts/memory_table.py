@@ -51,7 +51,8 @@ def model_counts(size: str, method_name: str) -> dict[str, int]:
     from omegaconf import OmegaConf
 
     from gpt_classifier.model.classifier import SequenceClassifier
-    from gpt_classifier.model.gpt import GPT, preset_config
+    from gpt_classifier.model.config import preset_config
+    from gpt_classifier.model.gpt import GPT
 
     cfg = preset_config(size)
     with torch.device("meta"):

@@ -13,7 +13,7 @@ from gpt_classifier import GPT, SequenceClassifier
 from gpt_classifier.finetuning import LoRA, TrainLastBlocks, count_parameters, method_from_config
 from gpt_classifier.finetuning.methods import LORA_TARGETS
 from gpt_classifier.model.classifier import CachedPrefix
-from gpt_classifier.model.gpt import GPTConfig, preset_config
+from gpt_classifier.model.config import GPTConfig, preset_config
 from gpt_classifier.model.lora import LoRALinear, lora_layers, merge_lora, merged_state_dict
 from gpt_classifier.training.module import ClassifierModule
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 
 from gpt_classifier.training import precision
 
@@ -12,18 +15,69 @@ def test_explicit_precision_is_kept():
     assert precision.resolve_precision("cuda", "32-true") == "32-true"
 
 
-@pytest.mark.parametrize(("amx", "expected"), [(False, "32-true"), (True, "bf16-mixed")])
-def test_cpu_auto_takes_bfloat16_only_with_matrix_units(monkeypatch, amx, expected):
-    monkeypatch.setattr(precision, "cpu_has_bf16_matrix_units", lambda: amx)
+@pytest.mark.parametrize(
+    ("speedup", "expected"),
+    [(0.6, "32-true"), (1.4, "32-true"), (1.5, "bf16-mixed"), (4.5, "bf16-mixed")],
+)
+def test_cpu_auto_follows_the_measured_speedup(monkeypatch, speedup, expected):
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda record=None: speedup)
     assert precision.resolve_precision("cpu", "auto") == expected
 
 
-def test_amx_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
-    flags = {"plain": "flags\t: fpu avx2 avx512f avx512_bf16\n",
-             "amx": "flags\t: fpu avx2 amx_bf16 amx_tile\n"}  # fmt: skip
-    real_path = precision.Path
-    for name, text in flags.items():
-        (tmp_path / name).write_text("processor\t: 0\n" + text)
-    for name, expected in (("plain", False), ("amx", True)):
-        monkeypatch.setattr(precision, "Path", lambda _, n=name: real_path(tmp_path / n))
-        assert precision.cpu_has_bf16_matrix_units() is expected
+def test_probe_measures_something():
+    assert precision.matmul_gflops(precision.torch.float32, m=64, k=64, n=64, seconds=0.01) > 0
+
+
+def test_probe_leaves_the_global_rng_alone():
+    """It runs once per process: drawing from the global RNG would make a sweep's first
+    job shuffle its data differently from the same job run later or alone."""
+    torch.manual_seed(0)
+    state = torch.random.get_rng_state()
+    precision.matmul_gflops(torch.float32, m=8, k=8, n=8, seconds=0.0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_cpu_auto_measures_once_per_machine(monkeypatch, tmp_path, caplog):
+    """Every run on one machine makes the same choice: the first measures and keeps the
+    answer, later processes read it (a measurement under load once chose float32 for
+    one of three runs started together); a broken record is measured again."""
+    measured = []
+
+    def measure() -> float:
+        measured.append(1)
+        return 2.5
+
+    monkeypatch.setattr(precision, "measure_cpu_bf16_speedup", measure)
+    caplog.set_level("INFO", logger=precision.log.name)
+    record = tmp_path / "cache" / precision.PRECISION_RECORD
+    precision.cpu_bf16_speedup.cache_clear()
+    try:
+        assert precision.resolve_precision("cpu", "auto", record) == "bf16-mixed"
+        assert len(measured) == 1 and record.is_file()
+        precision.cpu_bf16_speedup.cache_clear()  # as a new process would start
+        entries = json.loads(record.read_text())
+        entries["another CPU; AVX2; 8 threads; torch 2.13.0"] = {"bf16_speedup": 0.6}
+        record.write_text(json.dumps(entries))
+        assert precision.resolve_precision("cpu", "auto", record) == "bf16-mixed"
+        assert len(measured) == 1  # read, not measured
+        assert "kept in" in caplog.text and str(record) in caplog.text
+
+        precision.cpu_bf16_speedup.cache_clear()
+        record.write_text("{not json")
+        assert precision.resolve_precision("cpu", "auto", record) == "bf16-mixed"
+        assert len(measured) == 2 and "is not a precision record" in caplog.text
+        assert json.loads(record.read_text()) == {precision.cpu_signature(): {"bf16_speedup": 2.5}}
+        # Another machine's answer stays when this one's is added.
+        precision.cpu_bf16_speedup.cache_clear()
+        record.write_text(json.dumps({"another CPU": {"bf16_speedup": 0.6}}))
+        precision.resolve_precision("cpu", "auto", record)
+        assert set(json.loads(record.read_text())) == {"another CPU", precision.cpu_signature()}
+    finally:
+        precision.cpu_bf16_speedup.cache_clear()
+
+
+def test_the_measurement_keeps_each_dtypes_best_round(monkeypatch):
+    """A round slowed by another process does not decide: each dtype's best round does."""
+    rounds = iter([10.0, 20.0, 40.0, 20.0, 40.0, 5.0])  # bf16, fp32 alternating
+    monkeypatch.setattr(precision, "matmul_gflops", lambda dtype, seconds: next(rounds))
+    assert precision.measure_cpu_bf16_speedup(rounds=3) == 40.0 / 20.0

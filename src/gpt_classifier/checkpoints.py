@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from gpt_classifier.model.gpt import split_fused_qkv
+from gpt_classifier.model.weights import split_fused_qkv
 
 FROZEN_WEIGHTS_FILE = "frozen.safetensors"
 # In a sharded checkpoint folder (FSDP with state_dict_type=sharded, as Lightning writes

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from gpt_classifier.model.classifier import SequenceClassifier
-from gpt_classifier.model.gpt import GPTConfig
+from gpt_classifier.model.config import GPTConfig
 from gpt_classifier.model.lora import LoRALinear, add_lora
 
 # Every linear layer of a block, by its path inside the block.

@@ -25,7 +25,8 @@ from gpt_classifier.data.batching import Collator, plan_batches, truncate
 from gpt_classifier.data.tokenizer import PAD_TOKEN_ID, get_tokenizer
 from gpt_classifier.finetuning.methods import method_from_config
 from gpt_classifier.model.classifier import SequenceClassifier
-from gpt_classifier.model.gpt import GPT, GPTConfig
+from gpt_classifier.model.config import GPTConfig
+from gpt_classifier.model.gpt import GPT
 from gpt_classifier.model.lora import lora_layers, merged_state_dict
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from gpt_classifier.model.gpt import GPTConfig
+from gpt_classifier.model.config import GPTConfig
 
 ONNX_FILE = "model.onnx"
 INSTALL = 'pip install -e ".[onnx]"'

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gpt_classifier.model.gpt import GPT, GPTConfig
+from gpt_classifier.model.config import GPTConfig
+from gpt_classifier.model.gpt import GPT
 from gpt_classifier.model.pooling import pooling_rule
 
 

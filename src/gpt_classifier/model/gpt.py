@@ -7,7 +7,6 @@ Attribute names follow "Build a Large Language Model (From Scratch)": ``tok_emb`
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -15,62 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass(frozen=True)
-class GPTConfig:
-    """Architecture of a GPT-2 model."""
-
-    vocab_size: int = 50257
-    context_length: int = 1024
-    emb_dim: int = 768
-    n_layers: int = 12
-    n_heads: int = 12
-    drop_rate: float = 0.0
-    qkv_bias: bool = True
-    layer_norm_eps: float = 1e-5
-    # False: every position attends to every other, padding included (the book's
-    # --disable_causal_mask experiment); GPT-2 was trained causal.
-    causal_mask: bool = True
-
-    def __post_init__(self) -> None:
-        if self.emb_dim % self.n_heads:
-            raise ValueError(
-                f"emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}; "
-                "pick a head count that divides the embedding size."
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict, e.g. for hyperparameters or config.json."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> GPTConfig:
-        """Build from a dict, rejecting keys this class does not know."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown GPTConfig keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**values)
-
-
-# The four published GPT-2 sizes, plus a tiny one for tests.
-PRESETS: dict[str, GPTConfig] = {
-    "gpt2-small": GPTConfig(emb_dim=768, n_layers=12, n_heads=12),
-    "gpt2-medium": GPTConfig(emb_dim=1024, n_layers=24, n_heads=16),
-    "gpt2-large": GPTConfig(emb_dim=1280, n_layers=36, n_heads=20),
-    "gpt2-xl": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25),
-    # Real tokenizer vocabulary, so it reads real data; small enough to train in seconds.
-    "gpt2-tiny": GPTConfig(context_length=256, emb_dim=64, n_layers=2, n_heads=4),
-}
-
-
-def preset_config(name: str, **overrides: Any) -> GPTConfig:
-    """The named preset's config, with fields such as ``drop_rate`` overridden."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-    values = PRESETS[name].to_dict()
-    values.update(overrides)
-    return GPTConfig.from_dict(values)
+from gpt_classifier.model.config import GPTConfig, preset_config
+from gpt_classifier.model.weights import WeightLoadError, read_pretrained
 
 
 class PackedQueries(NamedTuple):
@@ -259,13 +204,18 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source: str | Path, **overrides: Any) -> GPT:
-        """A model with pretrained weights from a Hub name or a local folder.
-
-        See :func:`gpt_classifier.model.weights.load_pretrained` for the accepted sources.
-        """
-        from gpt_classifier.model.weights import load_pretrained
-
-        return load_pretrained(source, **overrides)
+        """A model with pretrained weights from a Hub name or a local folder (see
+        :func:`gpt_classifier.model.weights.read_pretrained` for the accepted sources);
+        ``overrides`` set non-architectural fields such as ``drop_rate``."""
+        weights = read_pretrained(source, **overrides)
+        state = {k: v.to(torch.float32).contiguous() for k, v in weights.state.items()}
+        model = cls.from_state_dict(weights.cfg, state)
+        leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if leftover:  # read_pretrained checked every tensor; never hand out meta tensors
+            raise WeightLoadError(f"{weights.origin}: tensors {leftover} were not loaded")
+        if weights.head is not None:  # a classifier's score layer starts our head
+            model.pretrained_head = weights.head.to(torch.float32)
+        return model
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token plus position embeddings: (B, T) ids -> (B, T, D)."""
@@ -283,17 +233,3 @@ class GPT(nn.Module):
         for block in self.trf_blocks:
             x = block(x)
         return self.out_head(self.final_norm(x))  # (B, T, out_features)
-
-
-def split_fused_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Replace fused ``att.qkv.weight`` / ``att.qkv.bias`` entries (GPT-2's ``c_attn``
-    layout, rows ordered query, key, value) by ``W_query``, ``W_key`` and ``W_value``."""
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        prefix, fused, kind = name.rpartition("att.qkv.")
-        if not fused or kind not in ("weight", "bias"):
-            out[name] = tensor
-            continue
-        for part, chunk in zip(("W_query", "W_key", "W_value"), tensor.chunk(3, dim=0)):
-            out[f"{prefix}att.{part}.{kind}"] = chunk.contiguous()
-    return out

@@ -1,4 +1,4 @@
-"""Read TensorFlow "V2" checkpoints (tensor bundles) without TensorFlow.
+"""Read OpenAI's GPT-2 checkpoint folders: TensorFlow "V2" checkpoints, without TensorFlow.
 
 OpenAI released GPT-2 as such a checkpoint: ``model.ckpt.index`` is an SSTable
 (LevelDB table format) mapping each variable name to a ``BundleEntryProto`` that
@@ -8,11 +8,16 @@ Both formats are simple enough to read with the standard library and numpy.
 
 from __future__ import annotations
 
+import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from gpt_classifier.model.config import GPTConfig
 
 _TABLE_MAGIC = 0xDB4775248B80FB57
 _FOOTER_SIZE = 48
@@ -204,3 +209,45 @@ def read_tf_checkpoint(prefix: str | Path) -> dict[str, np.ndarray]:
             )
         tensors[name] = array.reshape(entry.shape)
     return tensors
+
+
+def is_openai_folder(folder: Path) -> bool:
+    """Whether ``folder`` looks like OpenAI's checkpoint (124M, 355M, 774M, 1558M)."""
+    return (folder / "hparams.json").is_file() or any(folder.glob("*.ckpt.index"))
+
+
+def read_openai_folder(folder: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, str]:
+    """The tensors of OpenAI's checkpoint folder under Hugging Face's names (``h.0.attn``
+    for ``model/h0/attn``), its architecture, and the checkpoint's path."""
+    hparams_path = folder / "hparams.json"
+    try:
+        hp = json.loads(hparams_path.read_text())
+        cfg = GPTConfig(vocab_size=int(hp["n_vocab"]), context_length=int(hp["n_ctx"]),
+                        emb_dim=int(hp["n_embd"]), n_layers=int(hp["n_layer"]),
+                        n_heads=int(hp["n_head"]))  # fmt: skip
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{hparams_path} is missing; OpenAI's checkpoint folder (124M, 355M, 774M or "
+            "1558M) ships it beside model.ckpt.index."
+        ) from err
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{hparams_path} is not a valid GPT-2 hparams file: {err}") from err
+    prefix = folder / "model.ckpt"
+    checkpoint_file = folder / "checkpoint"
+    if checkpoint_file.is_file():
+        match = re.search(r'model_checkpoint_path:\s*"([^"]+)"', checkpoint_file.read_text())
+        if match:
+            prefix = folder / Path(match.group(1)).name
+    state: dict[str, torch.Tensor] = {}
+    for name, array in read_tf_checkpoint(prefix).items():
+        key = name.removeprefix("model/")
+        key = re.sub(r"^h(\d+)/", r"h.\1/", key).replace("/", ".")
+        key = re.sub(r"\.(w|g)$", ".weight", key)
+        key = re.sub(r"\.b$", ".bias", key)
+        if key in ("wte", "wpe"):
+            key += ".weight"
+        tensor = torch.from_numpy(np.array(array))
+        if tensor.ndim == 3 and tensor.shape[0] == 1:
+            tensor = tensor[0]  # OpenAI's conv1d weights are (1, in, out)
+        state[key] = tensor
+    return state, cfg, str(prefix)

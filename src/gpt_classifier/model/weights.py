@@ -1,9 +1,10 @@
-"""Load pretrained GPT-2 weights from the Hub, a saved folder, or OpenAI's checkpoint.
+"""Read pretrained GPT-2 weights from the Hub, a saved folder, or OpenAI's checkpoint.
 
 Every source is turned into one canonical state dict (Hugging Face's tensor names
-without the ``transformer.`` prefix), checked tensor by tensor, then copied into
-:class:`~gpt_classifier.model.gpt.GPT` under the book's names (GPT-2's fused
-``c_attn`` split into the book's ``W_query``, ``W_key`` and ``W_value``).
+without the ``transformer.`` prefix), checked tensor by tensor, then renamed to the
+book's names (GPT-2's fused ``c_attn`` split into ``W_query``, ``W_key`` and
+``W_value``). This module owns the one table between GPT-2's names and the book's;
+:meth:`~gpt_classifier.model.gpt.GPT.from_pretrained` builds the model.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from gpt_classifier.model.gpt import GPT, PRESETS, GPTConfig, split_fused_qkv
+from gpt_classifier.model.config import PRESETS, GPTConfig
+from gpt_classifier.model.tf_checkpoint import is_openai_folder, read_openai_folder
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,11 @@ HUB_PREFIX = "hf:"  # "hf:owner/name" loads any other GPT-2-architecture Hub rep
 # Buffers that checkpoints carry but that hold no weights (causal masks).
 _IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 # The four Conv1D weights are stored (in, out); nn.Linear wants (out, in).
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
-_BLOCK_NAMES = {
+# GPT-2's names inside a block (transformer.h.<i>.) -> the book's (trf_blocks.<i>.);
+# c_attn holds the query, key and value rows (split_fused_qkv).
+BLOCK_NAMES = {
     "ln_1.weight": "norm1.weight",
     "ln_1.bias": "norm1.bias",
     "attn.c_attn.weight": "att.qkv.weight",
@@ -52,7 +55,7 @@ _BLOCK_NAMES = {
     "mlp.c_proj.weight": "ff.proj.weight",
     "mlp.c_proj.bias": "ff.proj.bias",
 }
-_TOP_NAMES = {
+TOP_NAMES = {
     "wte.weight": "tok_emb.weight",
     "wpe.weight": "pos_emb.weight",
     "ln_f.weight": "final_norm.weight",
@@ -64,8 +67,19 @@ class WeightLoadError(RuntimeError):
     """Pretrained weights could not be found, read or matched to the model."""
 
 
-def load_pretrained(source: str | Path, **overrides: Any) -> GPT:
-    """Build a :class:`GPT` with the weights of ``source``.
+@dataclass
+class PretrainedWeights:
+    """Checked tensors under the book's names, the architecture they belong to, where
+    they came from, and the ``score`` layer of a fine-tuned classifier, if any."""
+
+    cfg: GPTConfig
+    state: dict[str, torch.Tensor]
+    origin: str
+    head: torch.Tensor | None = None
+
+
+def read_pretrained(source: str | Path, **overrides: Any) -> PretrainedWeights:
+    """The weights of ``source``, checked and renamed for :class:`~gpt_classifier.model.gpt.GPT`.
 
     ``source`` is a Hub name (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``,
     their ``openai-community/...`` names, or ``hf:owner/name``), a local folder saved
@@ -76,8 +90,11 @@ def load_pretrained(source: str | Path, **overrides: Any) -> GPT:
     path = Path(source).expanduser()
     if path.exists():
         folder = path if path.is_dir() else path.parent
-        if _is_openai_folder(folder):
-            state, cfg, origin = _read_openai_folder(folder)
+        if is_openai_folder(folder):
+            try:
+                state, cfg, origin = read_openai_folder(folder)
+            except (OSError, ValueError, KeyError) as err:
+                raise WeightLoadError(str(err)) from err
         else:
             state, cfg, origin = _read_hf_folder(folder, path if path.is_file() else None)
     else:
@@ -85,13 +102,12 @@ def load_pretrained(source: str | Path, **overrides: Any) -> GPT:
     cfg = GPTConfig.from_dict({**cfg.to_dict(), **overrides})
     # A GPT2ForSequenceClassification checkpoint: its score layer can start our head.
     head = state.pop("score.weight", None)
-    model = _build(cfg, _to_book_names(state, cfg, origin), origin)
+    weights = PretrainedWeights(cfg, _to_book_names(state, cfg, origin), origin, head)
     if head is not None:
-        model.pretrained_head = head.to(torch.float32)
         log.info("%s is a classifier with %d classes: its score layer starts the head",
                  origin, head.shape[0])  # fmt: skip
     log.info("Loaded GPT-2 weights (%d layers, %d dims) from %s", cfg.n_layers, cfg.emb_dim, origin)
-    return model
+    return weights
 
 
 # ----------------------------------------------------------------------------- sources
@@ -246,60 +262,6 @@ def _config_from_shapes(state: dict[str, torch.Tensor], folder: Path) -> GPTConf
     )
 
 
-def _is_openai_folder(folder: Path) -> bool:
-    return (folder / "hparams.json").is_file() or any(folder.glob("*.ckpt.index"))
-
-
-def _read_openai_folder(folder: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, str]:
-    from gpt_classifier.model.tf_checkpoint import CheckpointFormatError, read_tf_checkpoint
-
-    hparams_path = folder / "hparams.json"
-    try:
-        hp = json.loads(hparams_path.read_text())
-        cfg = GPTConfig(
-            vocab_size=int(hp["n_vocab"]),
-            context_length=int(hp["n_ctx"]),
-            emb_dim=int(hp["n_embd"]),
-            n_layers=int(hp["n_layer"]),
-            n_heads=int(hp["n_head"]),
-        )
-    except FileNotFoundError as err:
-        raise WeightLoadError(
-            f"{hparams_path} is missing; OpenAI's checkpoint folder (124M, 355M, 774M or "
-            "1558M) ships it beside model.ckpt.index."
-        ) from err
-    except (ValueError, KeyError) as err:
-        raise WeightLoadError(f"{hparams_path} is not a valid GPT-2 hparams file: {err}") from err
-    prefix = folder / "model.ckpt"
-    checkpoint_file = folder / "checkpoint"
-    if checkpoint_file.is_file():
-        match = re.search(r'model_checkpoint_path:\s*"([^"]+)"', checkpoint_file.read_text())
-        if match:
-            prefix = folder / Path(match.group(1)).name
-    try:
-        arrays = read_tf_checkpoint(prefix)
-    except (FileNotFoundError, CheckpointFormatError) as err:
-        raise WeightLoadError(f"{err}") from err
-    return _openai_to_canonical(arrays), cfg, str(prefix)
-
-
-def _openai_to_canonical(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Rename OpenAI variables (``model/h0/attn/w``) to Hugging Face names (``h.0.attn``)."""
-    state: dict[str, torch.Tensor] = {}
-    for name, array in arrays.items():
-        key = name.removeprefix("model/")
-        key = re.sub(r"^h(\d+)/", r"h.\1/", key).replace("/", ".")
-        key = re.sub(r"\.(w|g)$", ".weight", key)
-        key = re.sub(r"\.b$", ".bias", key)
-        if key in ("wte", "wpe"):
-            key += ".weight"
-        tensor = torch.from_numpy(np.array(array))
-        if key.endswith(_CONV1D) and tensor.ndim == 3 and tensor.shape[0] == 1:
-            tensor = tensor[0]  # OpenAI's conv1d weights are (1, in, out)
-        state[key] = tensor
-    return state
-
-
 # ----------------------------------------------------------------------------- matching
 
 
@@ -330,7 +292,7 @@ def _to_book_names(
         if name is None or name not in expected:
             unexpected.append(raw_key)
             continue
-        if key.endswith(_CONV1D):
+        if key.endswith(CONV1D):
             tensor = tensor.t()
         if tuple(tensor.shape) != expected[name]:
             raise WeightLoadError(
@@ -354,36 +316,39 @@ def _to_book_names(
 
 
 def _book_name(key: str) -> str | None:
-    if key in _TOP_NAMES:
-        return _TOP_NAMES[key]
+    if key in TOP_NAMES:
+        return TOP_NAMES[key]
     match = re.match(r"^h\.(\d+)\.(.+)$", key)
-    if match and match.group(2) in _BLOCK_NAMES:
-        return f"trf_blocks.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}"
+    if match and match.group(2) in BLOCK_NAMES:
+        return f"trf_blocks.{match.group(1)}.{BLOCK_NAMES[match.group(2)]}"
     return None
 
 
 def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     """Shapes by book name, with each block's query, key and value fused as in GPT-2."""
-    with torch.device("meta"):
-        model = GPT(cfg)
-    shapes = {}
-    for name, p in model.state_dict().items():
-        if name == "out_head.weight":
-            continue
-        prefix, split, kind = name.rpartition(".W_query.")
-        if split:  # W_key and W_value are skipped below; c_attn holds all three
-            shapes[f"{prefix}.qkv.{kind}"] = (3 * p.shape[0], *p.shape[1:])
-        elif ".W_key." not in name and ".W_value." not in name:
-            shapes[name] = tuple(p.shape)
+    d = cfg.emb_dim
+    shapes = {"tok_emb.weight": (cfg.vocab_size, d), "pos_emb.weight": (cfg.context_length, d),
+              "final_norm.weight": (d,), "final_norm.bias": (d,)}  # fmt: skip
+    block = {"norm1.weight": (d,), "norm1.bias": (d,), "att.qkv.weight": (3 * d, d),
+             "att.out_proj.weight": (d, d), "att.out_proj.bias": (d,), "norm2.weight": (d,),
+             "norm2.bias": (d,), "ff.fc.weight": (4 * d, d), "ff.fc.bias": (4 * d,),
+             "ff.proj.weight": (d, 4 * d), "ff.proj.bias": (d,)}  # fmt: skip
+    if cfg.qkv_bias:
+        block["att.qkv.bias"] = (3 * d,)
+    for i in range(cfg.n_layers):
+        shapes.update({f"trf_blocks.{i}.{name}": shape for name, shape in block.items()})
     return shapes
 
 
-def _build(cfg: GPTConfig, state: dict[str, torch.Tensor], origin: str) -> GPT:
-    # Built on the meta device: random initialisation of weights about to be replaced
-    # is wasted seconds for the larger models.
-    floats: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
-    model = GPT.from_state_dict(cfg, {k: floats(v) for k, v in state.items()})
-    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if leftover:  # cannot happen after the checks above; never hand out meta tensors
-        raise WeightLoadError(f"{origin}: tensors {leftover} were not loaded")
-    return model
+def split_fused_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace fused ``att.qkv.weight`` / ``att.qkv.bias`` entries (GPT-2's ``c_attn``
+    layout, rows ordered query, key, value) by ``W_query``, ``W_key`` and ``W_value``."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        prefix, fused, kind = name.rpartition("att.qkv.")
+        if not fused or kind not in ("weight", "bias"):
+            out[name] = tensor
+            continue
+        for part, chunk in zip(("W_query", "W_key", "W_value"), tensor.chunk(3, dim=0)):
+            out[f"{prefix}att.{part}.{kind}"] = chunk.contiguous()
+    return out

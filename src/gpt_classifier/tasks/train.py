@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from gpt_classifier.data.datamodule import SMSSpamDataModule
 from gpt_classifier.finetuning.methods import FineTuningMethod, count_parameters
 from gpt_classifier.model.classifier import SequenceClassifier
-from gpt_classifier.model.gpt import GPT, PRESETS
+from gpt_classifier.model.config import PRESETS
+from gpt_classifier.model.gpt import GPT
 from gpt_classifier.model.pooling import pooling_rule
 from gpt_classifier.reporting.reports import write_json
 from gpt_classifier.reporting.tensorboard import (
@@ -38,7 +39,7 @@ from gpt_classifier.training.distributed import (
     starts_processes_by_script,
 )
 from gpt_classifier.training.module import ClassifierModule
-from gpt_classifier.training.precision import resolve_precision
+from gpt_classifier.training.precision import PRECISION_RECORD, resolve_precision
 from gpt_classifier.training.prefix_cache import PrefixCacheCallback
 from gpt_classifier.training.resume import (
     PREEMPTION_SIGNALS,
@@ -117,6 +118,12 @@ def build_datamodule(
     )
 
 
+def precision_record(cfg: DictConfig) -> Path | None:
+    """Where ``precision=auto`` keeps this machine's CPU measurement (the cache folder)."""
+    cache_dir = OmegaConf.select(cfg, "paths.cache_dir", default=None)
+    return Path(cache_dir) / PRECISION_RECORD if cache_dir else None
+
+
 def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
     """The Trainer's arguments: the accelerator group's device and precision, then the
     trainer group's (devices, num_nodes, strategy, loop settings)."""
@@ -125,7 +132,9 @@ def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
         settings["strategy"] = build(cfg, "trainer.strategy")
     return {
         "accelerator": cfg.accelerator.accelerator,
-        "precision": resolve_precision(cfg.accelerator.accelerator, cfg.accelerator.precision),
+        "precision": resolve_precision(
+            cfg.accelerator.accelerator, cfg.accelerator.precision, precision_record(cfg)
+        ),
         **settings,
         # The data module gives each process its share itself (data.datamodule).
         "use_distributed_sampler": False,
