@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -84,16 +82,11 @@ def _private_cache_dir(tmp_path_factory) -> None:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, sms_file) -> Path:
     """A briefly trained gpt2-tiny run (two epochs), shared by the tests that only read it."""
+    from entry_points import ok, run_entry
+
     out = tmp_path_factory.mktemp("trained") / "run"
-    result = subprocess.run(
-        # float32, as inference runs: the tests compare eval.py with the run's metrics,
-        # and precision=auto picks bf16-mixed on CPUs where bfloat16 is fast.
-        [sys.executable, "train.py", "model=gpt2-tiny", "accelerator=cpu",
-         "accelerator.precision=32-true", f"data.path={sms_file}", "trainer.max_epochs=2",
-         f"hydra.run.dir={out}",
-         "callbacks.progress_bar.refresh_rate=0"],
-        cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    # float32, as inference runs: the tests compare eval.py with the run's metrics.
+    ok(run_entry("train.py", "model=gpt2-tiny", "accelerator=cpu", "accelerator.precision=32-true",
+                 f"data.path={sms_file}", "trainer.max_epochs=2", f"hydra.run.dir={out}",
+                 "callbacks.progress_bar.refresh_rate=0"))  # fmt: skip
     return out

@@ -89,25 +89,78 @@ def test_pooled_block_equals_full_block_output_and_gradients(overrides):
         assert pooled_x_grad[0, 1:].abs().sum() == 0  # nothing after a position reaches it
 
 
-def test_pooled_block_runs_adapted_and_hooked_layers_as_modules():
-    # LoRA adapters and module hooks see the pooled path's work, and the result is the
-    # full block's at those positions.
-    from gpt_classifier.model.lora import add_lora
-
+def _tiny_last_block() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """gpt2-tiny's last block, a batch of 4 embedded sequences of 11 tokens, and one
+    position per sequence: 1 + 5 + 11 + 8 = 25 visible tokens."""
     torch.manual_seed(0)
     model = GPT.from_preset("gpt2-tiny").eval()
     x = model.embed(torch.randint(0, 50257, (4, 11))).detach()
-    positions = torch.tensor([0, 4, 10, 7])
-    block = model.trf_blocks[-1]
+    return model.trf_blocks[-1], x, torch.tensor([0, 4, 10, 7])
+
+
+def _pooled_run(block, x, positions, bf16=False):
+    """Output and parameter gradients of one pooled forward and backward pass."""
+    block.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = block(x, positions=positions)
+    out.float().square().sum().backward()  # outside autocast, as Lightning runs it
+    grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+    return out.detach().float(), grads
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16-autocast"])
+def test_pooled_block_gives_the_same_numbers_folded_or_hooked(bf16):
+    # Plain key and value layers are folded into the query; a hook on either (which must
+    # see its calls) projects the visible tokens instead: the same numbers either way.
+    block, x, positions = _tiny_last_block()
+    folded, folded_grads = _pooled_run(block, x, positions, bf16)
+    seen: list[int] = []
+    handle = block.att.W_value.register_forward_hook(lambda m, a, out: seen.append(1))
+    unfolded, unfolded_grads = _pooled_run(block, x, positions, bf16)
+    handle.remove()
+    assert seen == [1]
+    # Under bf16 autocast the folded products run in float32: closer to exact, not equal.
+    tol = {"atol": 3e-2, "rtol": 3e-2} if bf16 else {"atol": 1e-5, "rtol": 1e-4}
+    torch.testing.assert_close(folded, unfolded, **tol)
+    torch.testing.assert_close(folded_grads, unfolded_grads, **tol)
+    assert folded_grads.keys() == dict(block.named_parameters()).keys()
+
+
+def test_pooled_block_calls_lora_and_globally_hooked_layers():
+    # Adapted layers and global module hooks see their calls, and the result is the
+    # full block's at those positions.
+    from torch.nn.modules.module import register_module_forward_hook
+
+    from gpt_classifier.model.lora import add_lora
+
+    block, x, positions = _tiny_last_block()
+    calls: list[str] = []
+    handle = register_module_forward_hook(
+        lambda m, a, out: calls.append(type(m).__name__) if m is block.att.W_key else None
+    )
+    _pooled_run(block, x, positions)
+    handle.remove()
+    assert calls == ["Linear"]
     add_lora(block, "att.W_key", rank=2, alpha=4)
     with torch.no_grad():
         block.att.W_key.lora_B.weight.normal_()
-    calls: list[str] = []
-    block.att.W_key.register_forward_hook(lambda m, a, out: calls.append(type(m).__name__))
-    pooled = block(x, positions=positions)
-    assert calls == ["LoRALinear"]
+    pooled, _ = _pooled_run(block, x, positions)
     full = block(x)[torch.arange(4), positions]
-    torch.testing.assert_close(pooled, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled, full.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_pooled_block_under_cpu_bfloat16_rounds_its_row_count_and_changes_no_result(monkeypatch):
+    # oneDNN builds a kernel per new shape: under reduced precision on a CPU the packed
+    # tokens are padded with zero rows, which reach no output or gradient.
+    import gpt_classifier.model.attention as attention
+
+    block, x, positions = _tiny_last_block()
+    block.att.W_key.register_forward_hook(lambda m, args, out: None)  # the packed path
+    padded, padded_grads = _pooled_run(block, x, positions, bf16=True)
+    monkeypatch.setattr(attention, "CPU_ROW_MULTIPLE", 1)
+    exact, exact_grads = _pooled_run(block, x, positions, bf16=True)
+    torch.testing.assert_close(padded, exact, atol=1e-6, rtol=0)
+    torch.testing.assert_close(padded_grads, exact_grads, atol=1e-6, rtol=1e-5)
 
 
 def test_too_long_input_is_a_clear_error():

@@ -8,10 +8,10 @@ import re
 from pathlib import Path
 
 import pytest
+from entry_points import REPO
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from test_training import REPO
 
 submitit = pytest.importorskip("submitit", reason="pip install -e '.[slurm]'")
 
@@ -63,7 +63,7 @@ def test_a_requeued_slurm_job_resumes_from_its_checkpoints(tmp_path, monkeypatch
     """SLURM restarts a requeued job with the same command (SLURM_RESTART_COUNT > 0):
     with checkpoints in its folder it continues as `ckpt_path=last` would (whose
     resume is tested end to end in test_resume.py); without, it starts afresh."""
-    from gpt_classifier.tasks.train import requeued_run
+    from gpt_classifier.tasks.run_config import requeued_run
 
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     (tmp_path / "checkpoints").mkdir()
@@ -80,7 +80,7 @@ def test_sigusr2_checkpoints_then_hands_over_to_submitits_requeue(tmp_path):
     import signal
     from types import SimpleNamespace
 
-    from gpt_classifier.training.resume import GracefulStop, TrainingInterrupted
+    from gpt_classifier.training.signals import GracefulStop, TrainingInterrupted
 
     requeued = []
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training import ok, run_train
+from entry_points import ok, run_train
 from torch.utils.data import BatchSampler, SequentialSampler
 
-from gpt_classifier.data.batching import (
+from gpt_classifier.data.samplers import (
     BucketBatchSampler,
     LengthSortedSampler,
     RankBatches,
@@ -149,13 +149,14 @@ def test_trainer_fsdp_is_lightnings_strategy_per_block_and_needs_gpus(tmp_path):
     from lightning.pytorch.strategies import FSDPStrategy
 
     from gpt_classifier.model.gpt import TransformerBlock
-    from gpt_classifier.tasks.train import ConfigError, probe_trainer
+    from gpt_classifier.tasks.components import ConfigError, build_trainer
 
     with initialize_config_dir(str(Path(__file__).parents[1] / "configs"), version_base="1.3"):
         overrides = ["trainer=fsdp", "model=gpt2-tiny", "accelerator=cpu", "trainer.devices=2",
+                     "~logger",
                      "model.activation_checkpointing=true",
                      # Outside a Hydra app: no ${hydra:runtime.cwd} to resolve.
-                     f"paths.root_dir={tmp_path}"]  # fmt: skip
+                     f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}"]  # fmt: skip
         cfg = compose("train", overrides)
     strategy = instantiate(cfg.trainer.strategy)
     assert isinstance(strategy, FSDPStrategy)
@@ -165,7 +166,7 @@ def test_trainer_fsdp_is_lightnings_strategy_per_block_and_needs_gpus(tmp_path):
     assert checkpointed._module_classes == {TransformerBlock}
     assert strategy._state_dict_type == "sharded"
     with pytest.raises(ConfigError, match="accelerator=cpu, trainer.devices=2: .*requires a GPU"):
-        probe_trainer(cfg)
+        build_trainer(cfg, tmp_path, [])
 
 
 # trainer=fsdp with 2 CPU processes on gloo: Lightning's FSDP past its GPU-only checks

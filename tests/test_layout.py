@@ -62,3 +62,41 @@ def test_model_and_inference_load_without_lightning_or_hydra():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def module_imports(path: Path) -> set[str]:
+    """The package's modules this file imports, anywhere in it (function level too)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("gpt_classifier."))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gpt_classifier"):
+            for alias in node.names:  # `from pkg import module` imports that module
+                sub = f"{node.module}.{alias.name}"
+                is_module = (PACKAGE.parent / (sub.replace(".", "/") + ".py")).is_file()
+                names.add(sub if is_module else node.module)
+    return names
+
+
+def test_no_import_cycles_among_the_packages_modules():
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = module_imports(path) - {name}
+    # A package's __init__ may gather its own modules; that is not a cycle.
+    edges = {m: {i for i in imps if not m.startswith(i + ".")} for m, imps in modules.items()}
+    done: set[str] = set()
+
+    def visit(module: str, trail: list[str]) -> None:
+        if module in trail:
+            cycle = trail[trail.index(module) :] + [module]
+            raise AssertionError("import cycle: " + " -> ".join(cycle))
+        if module in done or module not in edges:
+            return
+        for imported in sorted(edges[module]):
+            visit(imported, [*trail, module])
+        done.add(module)
+
+    for module in sorted(edges):
+        visit(module, [])

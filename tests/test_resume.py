@@ -14,15 +14,17 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from entry_points import ok, run_entry
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf, open_dict
 
-from gpt_classifier.tasks.train import ConfigError, check_writable, resume_checkpoint
+from gpt_classifier.checkpoints import find_checkpoint
+from gpt_classifier.tasks.components import ConfigError, check_writable
+from gpt_classifier.tasks.run_config import resume_checkpoint
 from gpt_classifier.training.resume import (
     AtomicCheckpointIO,
     CheckpointSaveError,
-    find_checkpoint,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,13 +46,7 @@ def command(sms_file: Path, run_dir: Path, *extra: str, epochs: int = 2) -> list
 
 
 def run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})  # fmt: skip
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return run_entry(*args[1:], env=env)
 
 
 def final_metrics(run_dir: Path) -> dict[str, float]:
@@ -235,7 +231,7 @@ def test_unwritable_output_folders_fail_before_any_work(tmp_path):
 
 
 def test_a_finished_run_is_not_trained_again(tmp_path):
-    from gpt_classifier.tasks.train import finished_run
+    from gpt_classifier.tasks.run_config import finished_run
 
     (tmp_path / "metrics.json").write_text(json.dumps({"val/acc": 0.9}))
 

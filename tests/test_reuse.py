@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from test_training import ok, run_train
+from entry_points import ok, run_train
 
 
 def test_sweep_jobs_reuse_the_prefix_cache_and_match_separate_runs(tmp_path, sms_file):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import socket
 import subprocess
@@ -15,34 +14,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from entry_points import ok, run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_train(tmp_path: Path, sms_file: Path, *overrides: str, multirun: bool = False):
-    """``python train.py`` with gpt2-tiny on the real SMS data, outputs under ``tmp_path``."""
-    args = [sys.executable, "train.py"]
-    if multirun:
-        args += ["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
-    else:
-        args += [f"hydra.run.dir={tmp_path / 'run'}"]
-    args += [
-        "model=gpt2-tiny",
-        "accelerator=cpu",
-        f"data.path={sms_file}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        "trainer.max_epochs=2",
-        "callbacks.progress_bar.refresh_rate=0",
-        *overrides,
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
 
 
 def scalars(run: Path) -> dict[str, list[float]]:

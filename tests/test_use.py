@@ -6,12 +6,11 @@ import csv
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from entry_points import ok, run_entry
 
 from gpt_classifier import GPT, GPTConfig, SequenceClassifier
 from gpt_classifier.data.batching import Collator
@@ -22,17 +21,6 @@ SPAM = "WINNER!! As a valued network customer you have been selected to receive 
 HAM = "Ok lar... Joking wif u oni..."
 
 
-def app(script: str, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, script, *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
-
-
 @pytest.fixture(scope="module")
 def run_dir(trained_run) -> Path:
     return trained_run
@@ -41,7 +29,7 @@ def run_dir(trained_run) -> Path:
 @pytest.fixture(scope="module")
 def export_dir(run_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "model"
-    ok(app("export.py", f"ckpt_path={run_dir}", f"out={out}",
+    ok(run_entry("export.py", f"ckpt_path={run_dir}", f"out={out}",
            f"hydra.run.dir={out.parent / 'hydra'}"))  # fmt: skip
     return out
 
@@ -80,7 +68,7 @@ def test_prediction_is_the_same_alone_batched_and_through_each_entry_point(
     for name, value in alone.probabilities.items():
         assert batched.probabilities[name] == pytest.approx(value, abs=1e-6)
 
-    result = ok(app("predict.py", f"ckpt_path={run_dir}", f"text={HAM}",
+    result = ok(run_entry("predict.py", f"ckpt_path={run_dir}", f"text={HAM}",
                     f"hydra.run.dir={tmp_path / 'p1'}"))  # fmt: skip
     assert result.stdout.startswith(f"{alone.label}\t(")
     predictions = list(csv.DictReader((tmp_path / "p1" / "predictions.csv").open()))
@@ -89,7 +77,7 @@ def test_prediction_is_the_same_alone_batched_and_through_each_entry_point(
 
     inputs = tmp_path / "texts.txt"
     inputs.write_text("\n".join([*long_texts, HAM]) + "\n")
-    ok(app("predict.py", f"ckpt_path={export_dir}", f"input={inputs}",
+    ok(run_entry("predict.py", f"ckpt_path={export_dir}", f"input={inputs}",
            f"output={tmp_path / 'out.jsonl'}", f"hydra.run.dir={tmp_path / 'p2'}"))  # fmt: skip
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(records) == 4 and records[-1]["text"] == HAM
@@ -101,7 +89,7 @@ def test_prediction_is_the_same_alone_batched_and_through_each_entry_point(
 
 
 def test_eval_writes_metrics_confusion_matrix_and_report(run_dir, tmp_path):
-    ok(app("eval.py", f"ckpt_path={run_dir}", f"hydra.run.dir={tmp_path / 'e'}"))
+    ok(run_entry("eval.py", f"ckpt_path={run_dir}", f"hydra.run.dir={tmp_path / 'e'}"))
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     trained = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["examples"] == 300
@@ -161,7 +149,7 @@ def test_data_path_keeps_its_old_name_and_inputs_are_exclusive():
 
 def test_eval_on_a_labelled_file(run_dir, export_dir, tmp_path):
     labelled = run_dir / "splits" / "validation.csv"
-    ok(app("eval.py", f"ckpt_path={export_dir}", f"labelled_file={labelled}",
+    ok(run_entry("eval.py", f"ckpt_path={export_dir}", f"labelled_file={labelled}",
            f"hydra.run.dir={tmp_path / 'e'}"))  # fmt: skip
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     trained = json.loads((run_dir / "metrics.json").read_text())
@@ -221,7 +209,7 @@ def test_a_transformers_classifier_starts_training_with_its_head(tmp_path):
 
 
 def test_transformers_export_refuses_what_it_would_compute_differently(run_dir, tmp_path):
-    from gpt_classifier.inference.transformers_export import TransformersExportError
+    from gpt_classifier.inference.hf_format import TransformersExportError
 
     clf = TextClassifier.load(run_dir)
     clf.settings.pooling = "final_position"
@@ -237,7 +225,7 @@ def test_transformers_export_refuses_what_it_would_compute_differently(run_dir, 
 def test_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(ModelLoadError, match="checkpoint .*nope.ckpt does not exist"):
         TextClassifier.load(tmp_path / "nope.ckpt")
-    result = app("predict.py", f"ckpt_path={tmp_path / 'nope.ckpt'}", "text=hi",
+    result = run_entry("predict.py", f"ckpt_path={tmp_path / 'nope.ckpt'}", "text=hi",
                  f"hydra.run.dir={tmp_path / 'p'}")  # fmt: skip
     assert result.returncode != 0 and "nope.ckpt does not exist" in result.stderr
 
@@ -291,7 +279,7 @@ def test_export_folder_with_a_missing_file_is_named(export_dir, tmp_path, missin
 def test_empty_line_in_input_is_named(run_dir, tmp_path):
     inputs = tmp_path / "texts.txt"
     inputs.write_text(f"{HAM}\n\n{SPAM}\n")
-    result = app("predict.py", f"ckpt_path={run_dir}", f"input={inputs}",
+    result = run_entry("predict.py", f"ckpt_path={run_dir}", f"input={inputs}",
                  f"hydra.run.dir={tmp_path / 'p'}")  # fmt: skip
     assert result.returncode != 0
     assert "texts.txt, line 2: empty line" in result.stderr
@@ -324,7 +312,7 @@ def test_checkpoints_keep_frozen_weights_once(run_dir, tmp_path):
 def lora_run_dir(tmp_path_factory, sms_file) -> Path:
     """A briefly trained gpt2-tiny run with adapters on every linear layer and the head."""
     out = tmp_path_factory.mktemp("lora") / "run"
-    ok(app("train.py", "model=gpt2-tiny", "accelerator=cpu", "accelerator.precision=32-true",
+    ok(run_entry("train.py", "model=gpt2-tiny", "accelerator=cpu", "accelerator.precision=32-true",
            f"data.path={sms_file}", "freeze=lora", "freeze.head=both", "freeze.alpha=32",
            "optimizer.lr=1e-3", "trainer.max_epochs=1", f"hydra.run.dir={out}",
            "callbacks.progress_bar.refresh_rate=0"))  # fmt: skip
@@ -343,17 +331,17 @@ def test_lora_checkpoint_keeps_only_what_trains(lora_run_dir):
 
 def test_lora_run_predicts_evaluates_and_exports_merged(lora_run_dir, tmp_path):
     trained = json.loads((lora_run_dir / "metrics.json").read_text())
-    ok(app("eval.py", f"ckpt_path={lora_run_dir}", f"hydra.run.dir={tmp_path / 'e'}"))
+    ok(run_entry("eval.py", f"ckpt_path={lora_run_dir}", f"hydra.run.dir={tmp_path / 'e'}"))
     evaluated = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert evaluated["acc"] == pytest.approx(trained["test/acc"], abs=1e-6)
 
-    result = ok(app("predict.py", f"ckpt_path={lora_run_dir}", f"text={HAM}",
+    result = ok(run_entry("predict.py", f"ckpt_path={lora_run_dir}", f"text={HAM}",
                     f"hydra.run.dir={tmp_path / 'p'}"))  # fmt: skip
     clf = TextClassifier.load(lora_run_dir)
     assert result.stdout.startswith(f"{clf.classify([HAM])[0].label}\t(")
 
     out = tmp_path / "export"
-    ok(app("export.py", f"ckpt_path={lora_run_dir}", f"out={out}",
+    ok(run_entry("export.py", f"ckpt_path={lora_run_dir}", f"out={out}",
            f"hydra.run.dir={tmp_path / 'x'}"))  # fmt: skip
     from safetensors.torch import load_file
 
@@ -388,7 +376,7 @@ def test_a_moved_run_folder_predicts_and_evaluates_with_its_own_files(run_dir, t
     moved = tmp_path / "moved"
     shutil.copytree(run_dir, moved)
     assert torch.equal(TextClassifier.load(moved).probabilities([HAM, SPAM]), want)
-    ok(app("eval.py", f"ckpt_path={moved}", f"hydra.run.dir={tmp_path / 'e'}"))
+    ok(run_entry("eval.py", f"ckpt_path={moved}", f"hydra.run.dir={tmp_path / 'e'}"))
     evaluated = json.loads((tmp_path / "e" / "metrics.json").read_text())
     trained = json.loads((run_dir / "metrics.json").read_text())
     assert evaluated["acc"] == pytest.approx(trained["test/acc"], abs=1e-6)  # the best, not last
@@ -549,9 +537,9 @@ def test_a_sharded_checkpoint_folder_loads_and_exports_as_one_model(run_dir, tmp
     Lightning's FSDPStrategy.save_checkpoint uses (FSDP itself needs GPUs)."""
     import torch.distributed.checkpoint as dcp
 
-    from gpt_classifier.inference.classifier import resolve_checkpoint
+    from gpt_classifier.checkpoints import find_checkpoint
 
-    source = resolve_checkpoint(run_dir)
+    source = find_checkpoint(run_dir, best=True)
     checkpoint = torch.load(source, map_location="cpu", weights_only=True)
     folder = tmp_path / "checkpoints" / source.name
     folder.parent.mkdir()

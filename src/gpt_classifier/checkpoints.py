@@ -1,13 +1,15 @@
-"""What a training checkpoint holds, read the same way by training and inference.
+"""Training checkpoints, found and read the same way by training and inference.
 
-A checkpoint keeps what trains; the frozen weights are written once per run into
+:func:`find_checkpoint` is the one rule for what a ``ckpt_path`` names. A checkpoint
+keeps what trains; the frozen weights are written once per run into
 ``frozen.safetensors`` beside it (a gpt2-small ``last_block`` checkpoint is ~85 MB
-instead of 554 MB). This module finds that file and completes a checkpoint's state.
-No Lightning here: inference reads checkpoints without it.
+instead of 554 MB), and :func:`complete_state_dict` adds them back. No Lightning here:
+inference reads checkpoints without it.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,60 @@ def settings_file(path: Path) -> Path:
     hyperparameters, data settings): the checkpoint itself, or a sharded folder's
     ``meta.pt``."""
     return path / SHARDED_METADATA_FILE if is_sharded_checkpoint(path) else path
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is one checkpoint: a file, or a sharded checkpoint folder."""
+    return path.is_file() or is_sharded_checkpoint(path)
+
+
+def find_checkpoint(where: Path, best: bool = False) -> Path:
+    """The checkpoint ``where`` names: itself when it is one; in a run folder (or its
+    ``checkpoints/``) the one that trained furthest, or with ``best`` the run's best
+    checkpoint when its ``metrics.json`` names one (looked for in this folder first: it
+    may have been moved since). Raises FileNotFoundError saying what to pass instead."""
+    where = Path(where).expanduser()
+    if is_checkpoint(where):
+        return where
+    if not where.exists():
+        raise FileNotFoundError(
+            f"checkpoint {where} does not exist; pass a .ckpt file or a run folder"
+        )
+    run = where.parent if where.name == "checkpoints" else where
+    folder = run / "checkpoints"
+    metrics = run / "metrics.json"
+    if best and metrics.is_file():
+        named = json.loads(metrics.read_text()).get("best_checkpoint")
+        for candidate in (folder / Path(named).name, Path(named)) if named else ():
+            if is_checkpoint(candidate):
+                return candidate
+    found = [p for p in folder.glob("*.ckpt") if is_checkpoint(p)] if folder.is_dir() else []
+    if not found:
+        raise FileNotFoundError(
+            f"no checkpoint (*.ckpt) in {folder}: point at a training run's folder (the one "
+            "holding checkpoints/; to resume it, hydra.run.dir=<that folder>), or give a "
+            ".ckpt file."
+        )
+    # Ties (a best checkpoint and last.ckpt saved at one step) go to last.ckpt.
+    return max(found, key=lambda p: (checkpoint_header(p)["global_step"], p.stat().st_mtime,
+                                     p.name == "last.ckpt"))  # fmt: skip
+
+
+def checkpoint_header(path: Path) -> dict[str, Any]:
+    """A checkpoint's progress fields, read without loading its tensors (of a sharded
+    checkpoint folder: from its metadata file, beside the shards)."""
+    try:
+        stored = torch.load(settings_file(Path(path)), map_location="cpu", weights_only=True,
+                            mmap=True)  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise RuntimeError(f"{path} is not a readable checkpoint ({err})") from err
+    loop = stored.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+    return {"global_step": int(stored.get("global_step", 0)),
+            "epoch": int(stored.get("epoch", 0)),
+            "epochs_done": stored.get("epochs_done"),
+            # The step Lightning's loggers were at (TensorBoard continues from it).
+            "batches_that_stepped": int(loop.get("_batches_that_stepped",
+                                                 stored.get("global_step", 0)))}  # fmt: skip
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -82,6 +138,37 @@ def locate_frozen_weights(checkpoint_path: str | Path | None, recorded: str) -> 
         f"{candidates[0]} is missing: the checkpoint beside it keeps its frozen weights there. "
         "Copy the whole checkpoints/ folder, or export the model with export.py."
     )
+
+
+def load_frozen_weights_in_place(
+    checkpoint: dict[str, Any], checkpoint_path: str | Path | None, state: dict[str, torch.Tensor]
+) -> bool:
+    """Copy a checkpoint's frozen weights into the tensors of ``state`` (a module's state
+    dict, ``keep_vars``) one at a time, so that no second copy of the model is ever held;
+    False (nothing copied) where the file's names are not all in ``state`` (a checkpoint
+    of an earlier version: use :func:`complete_state_dict`)."""
+    from safetensors import SafetensorError, safe_open
+
+    recorded = checkpoint.get("frozen_weights")
+    if not recorded:
+        return False
+    path = locate_frozen_weights(checkpoint_path, str(recorded))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())  # noqa: SIM118 - safe_open is no mapping
+            if not set(names) <= set(state):
+                return False
+            with torch.no_grad():
+                for name in names:
+                    state[name].copy_(f.get_tensor(name))
+    except (SafetensorError, OSError) as err:
+        raise RuntimeError(
+            f"{path} could not be read ({err}); the run's files are damaged"
+        ) from err
+    missing = set(state) - set(names) - set(checkpoint["state_dict"])
+    if missing:
+        raise RuntimeError(f"{checkpoint_path} and {path} lack {sorted(missing)[:5]}")
+    return True
 
 
 def complete_state_dict(checkpoint: dict[str, Any], checkpoint_path: str | Path | None) -> None:

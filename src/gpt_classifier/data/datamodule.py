@@ -12,15 +12,17 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from gpt_classifier.data.batching import (
     PADDING_MODES,
-    BucketBatchSampler,
     Collator,
+    TokenizedTexts,
+    TruncationSide,
+    truncate,
+)
+from gpt_classifier.data.samplers import (
+    BucketBatchSampler,
     LengthSortedSampler,
     RankBatches,
     ReplayableRandomSampler,
     ResumableLoader,
-    TokenizedTexts,
-    TruncationSide,
-    truncate,
 )
 from gpt_classifier.data.sms import (
     DEFAULT_LABELS,

@@ -1,17 +1,11 @@
 """Use a trained classifier: load a checkpoint or export, classify texts, export."""
 
-from gpt_classifier.inference.classifier import (
-    InferenceSettings,
-    ModelLoadError,
-    Prediction,
-    TextClassifier,
-    resolve_checkpoint,
-)
+from gpt_classifier.inference.classifier import Prediction, TextClassifier
+from gpt_classifier.inference.loading import InferenceSettings, ModelLoadError
 
 __all__ = [
     "InferenceSettings",
     "ModelLoadError",
     "Prediction",
     "TextClassifier",
-    "resolve_checkpoint",
 ]

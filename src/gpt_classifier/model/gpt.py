@@ -8,86 +8,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt_classifier.model.attention import CausalSelfAttention, PackedQueries, few_rows
 from gpt_classifier.model.config import GPTConfig, preset_config
 from gpt_classifier.model.weights import WeightLoadError, read_pretrained
-
-
-class PackedQueries(NamedTuple):
-    """One query per sequence over packed tokens (see ``TransformerBlock.forward``).
-
-    ``visible`` (B, T) marks the tokens each query can see in the padded batch,
-    ``slots`` (N,) are their flat indices there, ``rows`` (B,) each query's row in the
-    packed tokens (N, D).
-    """
-
-    visible: torch.Tensor
-    slots: torch.Tensor
-    rows: torch.Tensor
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with the book's separate query, key and value layers.
-
-    Every projection is an ``nn.Linear`` called as a module, so wrappers around them
-    (LoRA adapters, hooks) see all the work.
-    """
-
-    def __init__(self, cfg: GPTConfig) -> None:
-        super().__init__()
-        self.n_heads = cfg.n_heads
-        self.head_dim = cfg.emb_dim // cfg.n_heads
-        self.W_query = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
-        self.W_key = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
-        self.W_value = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
-        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
-        self.drop_rate = cfg.drop_rate
-        self.resid_drop = nn.Dropout(cfg.drop_rate)
-        self.causal = cfg.causal_mask
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-
-    def forward(self, x: torch.Tensor, packed: PackedQueries | None = None) -> torch.Tensor:
-        """(B, T, D) -> (B, T, D); with ``packed``: packed tokens (N, D) -> (B, D)."""
-        if packed is not None:
-            return self._forward_packed(x, packed)
-        b, t, d = x.shape
-        y = F.scaled_dot_product_attention(
-            self._heads(self.W_query(x)),
-            self._heads(self.W_key(x)),
-            self._heads(self.W_value(x)),
-            dropout_p=self.drop_rate if self.training else 0.0,
-            is_causal=self.causal,
-        )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(b, t, d)
-        return self.resid_drop(self.out_proj(y))
-
-    def _forward_packed(self, tokens: torch.Tensor, packed: PackedQueries) -> torch.Tensor:
-        # Keys and values for the visible tokens only (padding costs nothing), the query
-        # only where it is read.
-        b, t = packed.visible.shape
-        d = tokens.shape[1]
-        q = self.W_query(tokens[packed.rows])  # (B, D)
-
-        def unpack(z: torch.Tensor) -> torch.Tensor:  # (N, D) -> (B, T, D), zeros unseen
-            return z.new_zeros(b * t, d).index_copy(0, packed.slots, z).view(b, t, d)
-
-        k, v = unpack(self.W_key(tokens)), unpack(self.W_value(tokens))
-        y = F.scaled_dot_product_attention(
-            self._heads(q.view(b, 1, d)),
-            self._heads(k),
-            self._heads(v),
-            attn_mask=packed.visible[:, None, None, :],
-            dropout_p=self.drop_rate if self.training else 0.0,
-        )  # (B, nh, 1, hs)
-        return self.resid_drop(self.out_proj(y.transpose(1, 2).reshape(b, d)))
 
 
 class FeedForward(nn.Module):
@@ -117,8 +46,9 @@ class TransformerBlock(nn.Module):
         """(B, T, D) -> (B, T, D); with ``positions`` (B,), the output there only: (B, D).
 
         The pooled form equals ``block(x)[rows, positions]`` but runs the query, the
-        output projection and the MLP only at the position itself, and the keys and
-        values only for the tokens the position sees (not the padding after it).
+        output projection and the MLP only at the position itself, and folds the keys and
+        values into its query; where the key or value layer is adapted or hooked, it
+        projects only the tokens the position sees (not the padding after it).
         """
         if positions is None:
             x = x + self.att(self.norm1(x))
@@ -128,15 +58,20 @@ class TransformerBlock(nn.Module):
             visible = torch.arange(t, device=x.device)[None, :] <= positions[:, None]  # (B, T)
         else:  # every position sees the whole row
             visible = torch.ones(b, t, dtype=torch.bool, device=x.device)
-        # Pack what each position can attend to: (N, D), row by row; index_select and
-        # index_copy have cheap backward passes (boolean masks do not).
-        slots = visible.flatten().nonzero().squeeze(1)  # (N,)
-        tokens = x.flatten(0, 1).index_select(0, slots)  # (N, D)
-        counts = visible.sum(dim=1)
-        # (B,): each position's row in tokens (visible tokens start each sequence's run)
-        rows = counts.cumsum(dim=0) - counts + positions
-        h = tokens[rows] + self.att(self.norm1(tokens), PackedQueries(visible, slots, rows))
-        return h + self.ff(self.norm2(h))
+        if self.att.foldable():  # no per-token products: the padded rows, masked, will do
+            h = x[torch.arange(b, device=x.device), positions]
+            h = h + self.att.attend_from(self.norm1(x), positions, visible)
+        else:
+            # Pack what each position can attend to: (N, D), row by row; index_select and
+            # index_copy have cheap backward passes (boolean masks do not).
+            slots = visible.flatten().nonzero().squeeze(1)  # (N,)
+            tokens = x.flatten(0, 1).index_select(0, slots)  # (N, D)
+            counts = visible.sum(dim=1)
+            # (B,): each position's row in tokens (visible tokens start each sequence's run)
+            rows = counts.cumsum(dim=0) - counts + positions
+            h = tokens[rows] + self.att(self.norm1(tokens), PackedQueries(visible, slots, rows))
+        with few_rows(h):
+            return h + self.ff(self.norm2(h).to(self.ff.fc.weight.dtype))
 
 
 class GPT(nn.Module):

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from gpt_classifier.checkpoints import find_checkpoint
 from gpt_classifier.data.sms import parse_messages
-from gpt_classifier.inference import ModelLoadError, TextClassifier, resolve_checkpoint
+from gpt_classifier.inference import ModelLoadError, TextClassifier
 from gpt_classifier.reporting.plots import confusion_figure
 from gpt_classifier.reporting.reports import write_json
 from gpt_classifier.reporting.tensorboard import skip_tensorflow_import
@@ -132,7 +133,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 f"{cfg.ckpt_path} is an export folder, which keeps no data split; "
                 "evaluate it on labelled_file=<file>."
             )
-        checkpoint = resolve_checkpoint(Path(cfg.ckpt_path))
+        checkpoint = find_checkpoint(Path(cfg.ckpt_path), best=True)
         ids, labels = split_token_ids(cfg, checkpoint, split)
         source = f"{split} split"
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""A run's own config, kept beside its checkpoints so that resuming continues *that* run.
+"""A run's folder: its own config, the checkpoint to continue from, whether it finished.
 
 Hydra rewrites ``.hydra/`` on every start, so ``python train.py ckpt_path=last
 hydra.run.dir=<run>`` would otherwise train with the defaults instead of the run's
@@ -9,7 +9,9 @@ applies only the plain ``key=value`` overrides of the resume command (e.g.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from gpt_classifier.checkpoints import find_checkpoint
 from gpt_classifier.files import atomic_path
+from gpt_classifier.tasks.components import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -115,3 +119,52 @@ def run_choices(output_dir: Path) -> dict[str, Any]:
     if path.is_file() and (choices := OmegaConf.load(path).get("choices")):
         return dict(OmegaConf.to_container(choices))
     return {k: v for k, v in _hydra_state()[1].items() if not k.startswith("hydra")}
+
+
+def resume_checkpoint(ckpt_path: str, output_dir: Path) -> Path:
+    """The checkpoint ``ckpt_path`` names: ``last`` (this run folder's furthest), a run
+    folder, or a ``.ckpt`` file."""
+    try:
+        return find_checkpoint(output_dir if ckpt_path == "last" else Path(ckpt_path))
+    except FileNotFoundError as err:
+        raise ConfigError(f"ckpt_path={ckpt_path}: {err}") from err
+
+
+def requeued_run(output_dir: Path) -> str | None:
+    """``last`` when SLURM has requeued this job (preempted or timed out, then started
+    again with the same command) and its folder holds checkpoints: it continues from
+    them, as ``ckpt_path=last`` would."""
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if restarts == 0 or not any((output_dir / "checkpoints").glob("*.ckpt")):
+        return None
+    log.info("SLURM requeued this job (restart %d): resuming from its last checkpoint in %s",
+             restarts, output_dir)  # fmt: skip
+    return "last"
+
+
+def finished_run(cfg: DictConfig, output_dir: Path, header: dict[str, Any]) -> float | None:
+    """The final metric of a run that ``header``'s checkpoint shows complete, else None."""
+    metrics_file = output_dir / "metrics.json"
+    done, wanted = header.get("epochs_done"), cfg.trainer.get("max_epochs")
+    if done is None or wanted is None or wanted < 0:  # no epoch limit: never finished
+        return None
+    if done < wanted or not metrics_file.is_file():
+        return None
+    metrics = json.loads(metrics_file.read_text())
+    log.info(
+        "Run %s already finished: %d of trainer.max_epochs=%d epochs trained and %s written. "
+        "Nothing to resume; to train further, add trainer.max_epochs=<more> to the command.",
+        output_dir, done, cfg.trainer.max_epochs, metrics_file,
+    )  # fmt: skip
+    return float(metrics.get(cfg.optimize_metric, float("nan")))
+
+
+def job_metric(cfg: DictConfig, output_dir: Path) -> float:
+    """``optimize_metric`` from the ``metrics.json`` a finished run wrote."""
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    if cfg.optimize_metric not in metrics:
+        raise ConfigError(
+            f"optimize_metric={cfg.optimize_metric!r} is not among the final metrics "
+            f"{sorted(k for k in metrics if '/' in k)}"
+        )
+    return float(metrics[cfg.optimize_metric])

@@ -51,8 +51,8 @@ def all_gather_objects(trainer: L.Trainer, value: Any) -> list[Any]:
 
 
 class KeepRandomState(L.Callback):
-    """Puts back, when fitting starts, the random generators' states of the moment this
-    callback was made (just before ``fit``).
+    """Puts back, when fitting starts, the random generators' states that
+    :meth:`capture` saw (just before ``fit``).
 
     Lightning's multi-process strategies re-seed every process with the run's seed while
     they set up (``reset_seed``); a one-process run is not re-seeded. Without this the
@@ -63,6 +63,10 @@ class KeepRandomState(L.Callback):
     """
 
     def __init__(self) -> None:
+        self.capture()
+
+    def capture(self) -> None:
+        """Keep the generators' states of this moment."""
         self.states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -6,19 +6,15 @@
   and ``os.replace``: a full disk or a permission error leaves the previous one intact.
 - :class:`ResumeState` puts the random generators' states and the completed epochs into
   each checkpoint, so a resumed run draws what the uninterrupted run would have drawn
-  (the mid-epoch data order itself is kept by ``data.batching.ResumableLoader``).
-- :class:`GracefulStop` turns SIGINT (Ctrl-C) and SIGTERM (what schedulers send) into a
-  checkpoint after the current optimizer step and :class:`TrainingInterrupted`.
-- :func:`find_checkpoint` picks the checkpoint ``ckpt_path=last`` means.
+  (the mid-epoch data order itself is kept by ``data.samplers.ResumableLoader``).
+
+Signals (Ctrl-C, SIGTERM, SLURM's warning) are handled in :mod:`~gpt_classifier.training.signals`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
-import signal
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -31,38 +27,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
-from gpt_classifier.checkpoints import settings_file
 from gpt_classifier.files import atomic_path
 
 log = logging.getLogger(__name__)
 
-INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
-
-
-def _preemption_signals() -> tuple[int, ...]:
-    """submitit's preemption signal (``SUBMITIT_PREEMPT_SIGNAL``, USR2 by default); none
-    where the platform lacks it (Windows)."""
-    name = "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper().removeprefix("SIG")
-    found = getattr(signal, name, None)
-    return (found,) if found is not None else ()
-
-
-PREEMPTION_SIGNALS = _preemption_signals()
-
 
 class CheckpointSaveError(OSError):
     """A checkpoint could not be written; the message names it and what is left."""
-
-
-class TrainingInterrupted(Exception):
-    """Training stopped on a signal after writing ``checkpoint``."""
-
-    def __init__(self, signum: int, checkpoint: Path | None, then: Any = None) -> None:
-        self.signum, self.checkpoint = signum, checkpoint
-        # The handler the signal had before training (submitit's requeue for SIGUSR2):
-        # called once the checkpoint is written and Lightning has let go.
-        self.then = then if callable(then) else None
-        super().__init__(f"{signal.Signals(signum).name}; checkpoint {checkpoint}")
 
 
 def mid_accumulation(trainer: L.Trainer) -> bool:
@@ -206,7 +177,7 @@ class ResumeState(L.Callback):
         self.epoch_complete = True
         loaders = trainer.train_dataloader
         for loader in loaders if isinstance(loaders, list | tuple) else [loaders]:
-            if hasattr(loader, "end_epoch"):  # data.batching.ResumableLoader
+            if hasattr(loader, "end_epoch"):  # data.samplers.ResumableLoader
                 loader.end_epoch()
 
     def on_save_checkpoint(
@@ -220,111 +191,3 @@ class ResumeState(L.Callback):
     ) -> None:
         if trainer.state.fn == TrainerFn.FITTING and "rng_states" in checkpoint:
             _set_rng_states(checkpoint["rng_states"])
-
-
-class GracefulStop(L.Callback):
-    """SIGINT (Ctrl-C), SIGTERM or SIGUSR2 during training: finish the optimizer step,
-    write ``interrupted.ckpt`` beside the other checkpoints and raise
-    :class:`TrainingInterrupted`.
-
-    SIGUSR2 is what SLURM sends ahead of a time limit or preemption when jobs are
-    submitted through submitit (``--signal=USR2@signal_delay_s``); submitit's own handler
-    (requeue the job) is handed on in the exception, to run after the checkpoint.
-    A second Ctrl-C stops at once, without a checkpoint. Lightning's own SIGTERM handler
-    still runs (it stops DDP's child processes); its flag is honoured the same way.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, *PREEMPTION_SIGNALS)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.signum = None
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set in the main thread
-        for signum in self.SIGNALS:
-            self._previous[signum] = signal.getsignal(signum)
-            signal.signal(signum, self._on_signal)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C
-        self.signum = signum
-        log.warning(
-            "%s received: stopping after this training step, with a checkpoint%s",
-            signal.Signals(signum).name,
-            " (Ctrl-C again stops at once, without one)" if signum == signal.SIGINT else "",
-        )
-
-    def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-        batch_idx: int,
-    ) -> None:  # fmt: skip
-        asked = self.signum is not None or trainer.received_sigterm
-        # Every rank stops at the same step when any of them was signalled.
-        if not trainer.strategy.reduce_boolean_decision(asked, all=False):
-            return
-        if mid_accumulation(trainer):
-            return  # the accumulated gradients would be lost; stop after the step
-        signum = self.signum or signal.SIGTERM
-        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
-        path = Path(dirpath or trainer.default_root_dir) / INTERRUPTED_CHECKPOINT
-        trainer.save_checkpoint(path)
-        then = self._previous.get(signum) if signum in PREEMPTION_SIGNALS else None
-        raise TrainingInterrupted(signum, path, then)
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        self._restore()
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._restore()
-
-
-def find_checkpoint(where: Path) -> Path:
-    """The checkpoint to resume from: ``where`` itself when it is a file, else the one of
-    ``where`` (a run folder or its ``checkpoints/``) that trained furthest."""
-    if where.is_file():
-        return where
-    folder = where / "checkpoints" if (where / "checkpoints").is_dir() else where
-    found = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
-    if not found:
-        raise FileNotFoundError(
-            f"no checkpoint (*.ckpt) in {folder}: to resume a run, point hydra.run.dir at its "
-            "folder (the one holding checkpoints/), or give ckpt_path=<a .ckpt file>."
-        )
-    # Ties (a best checkpoint and last.ckpt linked to it are one file) go to last.ckpt.
-    return max(found, key=lambda p: (checkpoint_header(p)["global_step"], p.stat().st_mtime,
-                                     p.name == "last.ckpt"))  # fmt: skip
-
-
-def checkpoint_header(path: Path) -> dict[str, Any]:
-    """A checkpoint's progress fields, read without loading its tensors (of a sharded
-    checkpoint folder: from its metadata file, beside the shards)."""
-    try:
-        stored = torch.load(settings_file(Path(path)), map_location="cpu", weights_only=True,
-                            mmap=True)  # fmt: skip
-    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise RuntimeError(f"{path} is not a readable checkpoint ({err})") from err
-    return {"global_step": int(stored.get("global_step", 0)),
-            "epoch": int(stored.get("epoch", 0)),
-            "epochs_done": stored.get("epochs_done"),
-            "batches_that_stepped": _batches_that_stepped(stored)}  # fmt: skip
-
-
-def _batches_that_stepped(stored: dict[str, Any]) -> int:
-    """The step Lightning's loggers were at (TensorBoard continues from it)."""
-    loop = stored.get("loops", {}).get("fit_loop", {})
-    return int(
-        loop.get("epoch_loop.state_dict", {}).get(
-            "_batches_that_stepped", stored.get("global_step", 0)
-        )
-    )

@@ -1,23 +1,29 @@
-"""``export.py format=onnx``: the classifier as an ONNX graph that ONNX Runtime runs.
+"""``format=onnx``: the classifier as an ONNX graph that ONNX Runtime runs.
 
 The graph is our ``SequenceClassifier.forward(input_ids, lengths)`` (LoRA merged), with
 the batch size and the number of tokens free: the same pooling, the same padding
-independence, float32. On a 2-core AVX2 CPU it classifies the SMS test split about
-1.2x faster than PyTorch (single messages 2.3x) with probabilities within 1e-6
-(README, "Serve it"). It needs ``pip install -e ".[onnx]"`` (onnx and onnxscript to
-export, onnxruntime to run).
+independence, float32 (on CPUs faster than PyTorch: docs/benchmarks.md). It needs
+``pip install -e ".[onnx]"`` (onnx and onnxscript to export, onnxruntime to run).
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gpt_classifier.inference import native_format
+from gpt_classifier.inference.loading import (
+    EXPORT_FORMAT,
+    InferenceSettings,
+    ModelLoadError,
+    build_classifier,
+)
+from gpt_classifier.model.classifier import SequenceClassifier
 from gpt_classifier.model.config import GPTConfig
+from gpt_classifier.model.lora import merged_state_dict
 
 ONNX_FILE = "model.onnx"
 INSTALL = 'pip install -e ".[onnx]"'
@@ -64,7 +70,7 @@ class _Forward(torch.nn.Module):
         return self.model(input_ids, lengths)
 
 
-def export_onnx(classifier: Any, folder: Path) -> Path:
+def export(model: SequenceClassifier, settings: InferenceSettings, folder: Path) -> Path:
     """Write ``model.onnx`` (with its weights beside it in ``model.onnx.data``) and
     ``config.json`` into ``folder``."""
     try:
@@ -72,28 +78,39 @@ def export_onnx(classifier: Any, folder: Path) -> Path:
         import onnxscript  # noqa: F401
     except ImportError as err:
         raise ImportError(f"format=onnx needs onnx and onnxscript ({INSTALL})") from err
-    from gpt_classifier.inference.classifier import TextClassifier
-
-    # A plain model without LoRA code: through a native export, which merges adapters.
-    with tempfile.TemporaryDirectory() as tmp:
-        classifier.export(tmp, format="native")
-        plain = TextClassifier.load(tmp, device="cpu")
-        config = json.loads((Path(tmp) / "config.json").read_text())
-        model = _Forward(plain.model).eval()
-        folder.mkdir(parents=True, exist_ok=True)
-        context = plain.model.cfg.context_length
-        batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens", max=context)
-        example = (torch.zeros(2, 3, dtype=torch.long), torch.tensor([3, 2]))
-        torch.onnx.export(
-            model, example, str(folder / ONNX_FILE), dynamo=True, external_data=True,
-            input_names=["input_ids", "lengths"], output_names=["logits"],
-            dynamic_shapes={"input_ids": {0: batch, 1: tokens}, "lengths": {0: batch}},
-        )  # fmt: skip
-        config["runtime"] = "onnx"
-        config["parameters"] = sum(p.numel() for p in plain.model.parameters())
+    config = native_format.export_config(model, settings)
+    # A plain model without LoRA code: adapters merged into the weights they adapt.
+    plain = build_classifier(config["architecture"], config["num_classes"], settings.pooling,
+                             merged_state_dict(model), folder).eval()  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("batch")
+    tokens = torch.export.Dim("tokens", max=plain.cfg.context_length)
+    example = (torch.zeros(2, 3, dtype=torch.long), torch.tensor([3, 2]))
+    torch.onnx.export(
+        _Forward(plain), example, str(folder / ONNX_FILE), dynamo=True, external_data=True,
+        input_names=["input_ids", "lengths"], output_names=["logits"],
+        dynamic_shapes={"input_ids": {0: batch, 1: tokens}, "lengths": {0: batch}},
+    )  # fmt: skip
+    config["runtime"] = "onnx"
+    config["parameters"] = sum(p.numel() for p in plain.parameters())
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "README.md").write_text(_readme(config))
     return folder
+
+
+def load(folder: Path, config: dict[str, Any]) -> tuple[OnnxClassifier, InferenceSettings]:
+    """A folder written by ``export.py format=onnx``, run by ONNX Runtime."""
+    if config.get("format") != EXPORT_FORMAT or config.get("runtime") != "onnx":
+        raise ModelLoadError(f"{folder / 'config.json'} is not a gpt-classifier ONNX export")
+    cfg = GPTConfig.from_dict(dict(config["architecture"]))
+    try:
+        model = OnnxClassifier(folder / ONNX_FILE, cfg, int(config.get("parameters", 0)))
+    except ImportError:
+        raise
+    except Exception as err:  # noqa: BLE001 - ONNX Runtime's own errors say what broke
+        raise ModelLoadError(f"{folder / ONNX_FILE} could not be loaded ({err}); export "
+                             "it again") from err  # fmt: skip
+    return model, InferenceSettings.from_config(config)
 
 
 def _readme(config: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""Export for 🤗 transformers: a ``GPT2ForSequenceClassification`` folder.
+"""``format=hf``: a ``GPT2ForSequenceClassification`` folder for 🤗 transformers.
 
 The folder loads with ``AutoModelForSequenceClassification.from_pretrained(folder)``,
 ``AutoTokenizer.from_pretrained(folder)`` and ``pipeline("text-classification",
@@ -18,36 +18,28 @@ model=folder)``, with no code of ours, and computes our probabilities:
   ``merges.txt`` is ``vocab.bpe``), with padding on the right by ``<|endoftext|>``
   (id 50256) and our truncation length and side.
 
-Nothing here imports transformers.
+Nothing here imports transformers; :func:`load` reads such a folder back without it.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gpt_classifier.data.tokenizer import PAD_TOKEN_ID, gpt2_bpe_files
+from gpt_classifier.inference.loading import InferenceSettings, ModelLoadError, build_classifier
+from gpt_classifier.model.classifier import SequenceClassifier
 from gpt_classifier.model.lora import merged_state_dict
+from gpt_classifier.model.weights import BLOCK_NAMES, CONV1D
 
 ENDOFTEXT = "<|endoftext|>"
-# Ours (inside backbone.trf_blocks.<i>.) -> GPT-2's (inside transformer.h.<i>.); the
-# Linear weights among them are transposed into Conv1D's (in, out) layout.
-_BLOCK_NAMES = {
-    "norm1.weight": "ln_1.weight",
-    "norm1.bias": "ln_1.bias",
-    "att.out_proj.weight": "attn.c_proj.weight",
-    "att.out_proj.bias": "attn.c_proj.bias",
-    "norm2.weight": "ln_2.weight",
-    "norm2.bias": "ln_2.bias",
-    "ff.fc.weight": "mlp.c_fc.weight",
-    "ff.fc.bias": "mlp.c_fc.bias",
-    "ff.proj.weight": "mlp.c_proj.weight",
-    "ff.proj.bias": "mlp.c_proj.bias",
-}
-_TRANSPOSED = {"attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"}
+# Ours (inside backbone.trf_blocks.<i>.) -> GPT-2's (inside transformer.h.<i>.), but for
+# the fused query, key and value; Conv1D weights are transposed into its (in, out) layout.
+_BLOCK_NAMES = {ours: theirs for theirs, ours in BLOCK_NAMES.items() if "qkv" not in ours}
 
 
 class TransformersExportError(ValueError):
@@ -81,7 +73,7 @@ def hf_state_dict(model: torch.nn.Module, n_layers: int) -> dict[str, torch.Tens
         src, dst = f"backbone.trf_blocks.{i}.", f"transformer.h.{i}."
         for name, hf_name in _BLOCK_NAMES.items():
             tensor = ours[src + name]
-            out[dst + hf_name] = tensor.t() if hf_name in _TRANSPOSED else tensor
+            out[dst + hf_name] = tensor.t() if hf_name in CONV1D else tensor
         parts = [ours[f"{src}att.W_{p}.weight"] for p in ("query", "key", "value")]
         out[dst + "attn.c_attn.weight"] = torch.cat(parts, dim=0).t()
         biases = [ours.get(f"{src}att.W_{p}.bias") for p in ("query", "key", "value")]
@@ -112,7 +104,7 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], n_layers: int) -> dict[st
         src, dst = f"transformer.h.{i}.", f"backbone.trf_blocks.{i}."
         for name, hf_name in _BLOCK_NAMES.items():
             tensor = state[src + hf_name]
-            out[dst + name] = tensor.t() if hf_name in _TRANSPOSED else tensor
+            out[dst + name] = tensor.t() if hf_name in CONV1D else tensor
         weights = state[src + "attn.c_attn.weight"].t().chunk(3, dim=0)
         biases = state[src + "attn.c_attn.bias"].chunk(3)
         for part, w, b in zip(("query", "key", "value"), weights, biases):
@@ -164,12 +156,11 @@ def hf_config(arch: dict[str, Any], label_names: list[str]) -> dict[str, Any]:
     }
 
 
-def export_for_transformers(
-    model: torch.nn.Module, arch: dict[str, Any], settings: dict[str, Any], folder: Path
-) -> Path:
+def export(model: SequenceClassifier, settings: InferenceSettings, folder: Path) -> Path:
     """Write ``config.json``, ``model.safetensors`` and the tokenizer files."""
     from safetensors.torch import save_file
 
+    arch, settings = model.cfg.to_dict(), asdict(settings)
     check_exportable(settings["pooling"], arch.get("causal_mask", True))
     state = hf_state_dict(model, arch["n_layers"])
     folder.mkdir(parents=True, exist_ok=True)
@@ -197,3 +188,20 @@ def export_for_transformers(
     special = {k: ENDOFTEXT for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     return folder
+
+
+def load(folder: Path, config: dict[str, Any]) -> tuple[SequenceClassifier, InferenceSettings]:
+    """A folder written by ``export.py format=hf``, read back without transformers."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    ours = dict(config["gpt_classifier"])
+    arch = ours.pop("architecture")
+    weights_path = folder / "model.safetensors"
+    try:
+        state = from_hf_state_dict(load_file(str(weights_path)), arch["n_layers"])
+    except (SafetensorError, OSError, KeyError) as err:
+        raise ModelLoadError(f"{weights_path} could not be read ({err}); export it again") from err
+    settings = InferenceSettings.from_config(ours)
+    model = build_classifier(arch, len(settings.label_names), settings.pooling, state, weights_path)
+    return model, settings

@@ -1,0 +1,191 @@
+"""A training run's parts, built from its Hydra config: every user mistake fails here,
+with the key to change, before any weights or data are read."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import FSDPStrategy
+from omegaconf import DictConfig, OmegaConf
+
+from gpt_classifier.data.datamodule import SMSSpamDataModule
+from gpt_classifier.finetuning.methods import FineTuningMethod
+from gpt_classifier.model.classifier import SequenceClassifier
+from gpt_classifier.model.config import PRESETS
+from gpt_classifier.model.gpt import GPT
+from gpt_classifier.reporting.tensorboard import skip_tensorflow_import
+from gpt_classifier.training.module import ClassifierModule
+from gpt_classifier.training.precision import PRECISION_RECORD, resolve_precision
+from gpt_classifier.training.resume import AtomicCheckpointIO
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and what to set."""
+
+
+def build(cfg: DictConfig, key: str) -> Any:
+    """``instantiate`` the node at ``key`` (dotted), with the constructor's own message on
+    bad values."""
+    try:
+        return instantiate(OmegaConf.select(cfg, key), _convert_="all")
+    except InstantiationException as err:
+        raise ConfigError(f"{key}: {err.__cause__ or err}") from err
+
+
+def build_method(cfg: DictConfig) -> FineTuningMethod:
+    """The fine-tuning method of the ``freeze`` group, checked against the preset's
+    architecture before any weights are loaded."""
+    method = build(cfg, "freeze")
+    if cfg.model.name in PRESETS:
+        try:
+            method.check(PRESETS[cfg.model.name])
+        except ValueError as err:
+            raise ConfigError(f"{err} (model={cfg.model.name})") from err
+    return method
+
+
+def build_backbone(model_cfg: DictConfig) -> GPT:
+    """The GPT-2 backbone the ``model`` config names: pretrained weights or a random
+    preset."""
+    overrides = {
+        "drop_rate": float(model_cfg.drop_rate),
+        "causal_mask": bool(model_cfg.get("causal_mask", True)),
+    }
+    if not model_cfg.pretrained:
+        return GPT.from_preset(model_cfg.name, **overrides)
+    if not model_cfg.weights:
+        raise ConfigError(
+            f"model={model_cfg.name} has no pretrained weights: set model.weights=<Hub name or "
+            "local folder>, or model.pretrained=false for random initialisation."
+        )
+    return GPT.from_pretrained(model_cfg.weights, **overrides)
+
+
+def build_module(
+    cfg: DictConfig, backbone: GPT, label_names: list[str], fsdp: bool
+) -> ClassifierModule:
+    """The LightningModule: the backbone with its head, the method, the optimizer."""
+    method = build_method(cfg)
+    try:
+        method.check(backbone.cfg)  # the weights' own architecture
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    model = SequenceClassifier(backbone, cfg.classifier.num_classes, cfg.classifier.pooling,
+                               cfg.classifier.head_seed)  # fmt: skip
+    # Under FSDP the strategy wraps the blocks for it (trainer.strategy.activation_checkpointing).
+    model.activation_checkpointing = bool(cfg.model.get("activation_checkpointing")) and not fsdp
+    scheduler = build(cfg, "scheduler") if cfg.get("scheduler") else None
+    return ClassifierModule(model, method, build(cfg, "optimizer"), scheduler,
+                            label_names=label_names)  # fmt: skip
+
+
+def build_datamodule(
+    cfg: DictConfig, context_length: int, splits_dir: Path | None
+) -> SMSSpamDataModule:
+    """The data module of ``cfg.data``, sized to the model's context."""
+    weights = cfg.model.get("weights")
+    # OpenAI's checkpoint folder ships GPT-2's BPE files: nothing to download.
+    ships_bpe = cfg.model.pretrained and weights and (Path(weights) / "encoder.json").is_file()
+    return instantiate(
+        cfg.data,
+        context_length=context_length,
+        splits_dir=str(splits_dir) if splits_dir else None,
+        tokenizer_dir=str(weights) if ships_bpe else None,
+        _convert_="all",
+    )
+
+
+def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The Trainer's arguments: the accelerator group's device and precision, then the
+    trainer group's (devices, num_nodes, strategy, loop settings)."""
+    settings: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if isinstance(settings.get("strategy"), dict):
+        settings["strategy"] = build(cfg, "trainer.strategy")
+    cache_dir = OmegaConf.select(cfg, "paths.cache_dir", default=None)
+    record = Path(cache_dir) / PRECISION_RECORD if cache_dir else None
+    accelerator = cfg.accelerator.accelerator
+    return {
+        "accelerator": accelerator,
+        "precision": resolve_precision(accelerator, cfg.accelerator.precision, record),
+        **settings,
+        # The data module gives each process its share itself (data.datamodule).
+        "use_distributed_sampler": False,
+    }
+
+
+def build_trainer(
+    cfg: DictConfig, output_dir: Path, callbacks: list[L.Callback], resume_step: int | None = None
+) -> L.Trainer:
+    """A Lightning Trainer with the configured accelerator, strategy, loggers and callbacks.
+
+    ``resume_step``: the logging step a resumed run continues from; TensorBoard hides what
+    the interrupted run logged from there on, so no step appears twice.
+    """
+    skip_tensorflow_import()
+    settings = trainer_settings(cfg)
+    loggers = []
+    for logger_cfg in (cfg.get("logger") or {}).values():
+        if logger_cfg:
+            tensorboard = str(logger_cfg.get("_target_", "")).endswith("TensorBoardLogger")
+            extra = {"purge_step": resume_step} if tensorboard and resume_step is not None else {}
+            loggers.append(instantiate(logger_cfg, **extra))
+    # A callback set to null (e.g. callbacks.step_checkpoint=null) is turned off.
+    configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    # FSDP writes its sharded checkpoints its own way.
+    fsdp = isinstance(settings.get("strategy"), FSDPStrategy)
+    plugins: list[Any] = [] if fsdp else [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # One preemption mechanism: submitit's (SIGUSR2, then requeue; GracefulStop and
+        # requeued_run), not also Lightning's own SIGUSR1 requeue.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    try:
+        return L.Trainer(logger=loggers or False, callbacks=[*configured, *callbacks],
+                         default_root_dir=str(output_dir), plugins=plugins or None,
+                         **settings)  # fmt: skip
+    except (ValueError, RuntimeError, TypeError) as err:
+        trainer = run_choices_now().get("trainer", "?")
+        raise ConfigError(
+            f"trainer={trainer} with accelerator={cfg.accelerator.accelerator}, "
+            f"trainer.devices={cfg.trainer.devices}: {err}"
+        ) from err
+
+
+def run_choices_now() -> dict[str, str]:
+    """This process's config group choices (empty outside a Hydra app)."""
+    return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+
+
+def in_multirun() -> bool:
+    """Whether this is a job of a Hydra sweep (``-m``)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def check_writable(cfg: DictConfig, output_dir: Path) -> None:
+    """Fail before any work when the run's folders cannot be written."""
+    folders = {"hydra.run.dir (the output folder)": output_dir}
+    for name, callback in (cfg.get("callbacks") or {}).items():
+        if callback and callback.get("dirpath"):
+            folders[f"callbacks.{name}.dirpath"] = Path(callback.dirpath)
+    for what, folder in folders.items():
+        probe = folder / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(
+                f"{what}={folder} cannot be written ({err.strerror or err}); point it at a "
+                "folder you can write, or free space there"
+            ) from err

@@ -1,0 +1,173 @@
+"""Every command in README.md and docs/ runs as written.
+
+Commands are taken from the ```bash blocks. The inference entry points (predict, eval,
+export) run for real on a trained gpt2-tiny run; `python train.py` runs for real in the
+README's smoke form; every other `train.py`/`baseline.py`/`serve.py` command is composed
+by Hydra with its overrides as written (a full run of gpt2-xl is hours), and a sweep's
+every value is composed. Scripts that measure for minutes are checked against their own
+`--help` (every flag the docs use exists). `<placeholders>` become real paths.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shlex
+import subprocess
+import sys
+from importlib.metadata import metadata
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+# Commands that reach the network or never return; what the test does instead.
+NOT_RUN = {
+    "tensorboard": "a server that runs until stopped",
+    "curl": "needs a running serve.py (tests/test_serving.py sends these requests)",
+}
+
+
+def doc_commands() -> list[tuple[str, str]]:
+    """(page:line, command) of every command in the pages' bash blocks."""
+    found = []
+    for page in PAGES:
+        text = page.read_text()
+        for match in re.finditer(r"```bash\n(.*?)```", text, re.S):
+            first_line = text[: match.start(1)].count("\n") + 1
+            lines = match.group(1).split("\n")
+            number = 0
+            while number < len(lines):
+                start, line = number, lines[number]
+                while line.endswith("\\") and number + 1 < len(lines):
+                    number += 1
+                    line = line[:-1] + " " + lines[number].strip()
+                number += 1
+                words = shlex.split(line, comments=True)
+                if words:
+                    where = f"{page.relative_to(REPO)}:{first_line + start}"
+                    found += [(where, " ".join(map(shlex.quote, part)))
+                              for part in split_and(words)]  # fmt: skip
+    return found
+
+
+def split_and(words: list[str]) -> list[list[str]]:
+    """``a && b`` as two commands; a trailing ``&`` dropped."""
+    parts, current = [], []
+    for word in [*words, "&&"]:
+        if word == "&&":
+            parts.append(current)
+            current = []
+        elif word != "&":
+            current.append(word)
+    return [p for p in parts if p]
+
+
+COMMANDS = doc_commands()
+
+
+def test_the_pages_hold_commands():
+    assert len(COMMANDS) > 40
+    assert {where.split(":")[0] for where, _ in COMMANDS} >= {"README.md", "docs/cluster.md"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, trained_run, sms_file) -> Path:
+    """A folder as a user has it: the SMS file, a few text files, and the trained run."""
+    folder = tmp_path_factory.mktemp("user")
+    (folder / "SMSSpamCollection").symlink_to(sms_file)
+    (folder / "texts.txt").write_text("Sorry, I'll call later\nWINNER!! Claim your prize now\n")
+    rows = sms_file.read_text(encoding="utf-8").splitlines()[:20]
+    (folder / "my_sms.tsv").write_text("\n".join(rows) + "\n")
+    (folder / "data.tsv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def fill(word: str, run: Path, folder: Path) -> str:
+    """A word with its ``<placeholder>`` replaced by something real."""
+    key, _, value = word.partition("=")
+    if "<" not in value:
+        return word
+    if key in ("ckpt_path", "hydra.run.dir"):
+        return f"{key}={run}"
+    if key == "hydra.launcher.partition":
+        return f"{key}=gpu"
+    return f"{key}={folder / re.sub(r'[^A-Za-z0-9]+', '_', value).strip('_')}"
+
+
+def hydra_compose(config_name: str, words: list[str]) -> None:
+    """Compose ``config_name`` with the overrides as Hydra would, each sweep value too."""
+    flags_with_values = {"--cfg", "-c", "--package", "-p"}
+    overrides = [
+        w
+        for i, w in enumerate(words)
+        if not w.startswith("-") and (i == 0 or words[i - 1] not in flags_with_values)
+    ]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices = []
+    for override, word in zip(parsed, overrides):
+        if override.is_sweep_override():
+            sweep = override.value()
+            values = sweep.list if hasattr(sweep, "list") else [sweep]
+            choices.append([f"{override.get_key_element()}={v}" for v in values])
+        else:
+            choices.append([word])
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        for combination in itertools.product(*choices):
+            compose(config_name, overrides=list(combination), return_hydra_config=True)
+
+
+def check_script(words: list[str]) -> None:
+    """A measuring script: it exists, and its --help knows every flag used."""
+    script = REPO / words[1]
+    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for flag in (w.split("=")[0] for w in words[2:] if w.startswith("--") and w != "--"):
+        assert flag in result.stdout, f"{script.name} has no {flag}"
+
+
+def check_pip(words: list[str]) -> None:
+    extras = metadata("gpt-classifier").get_all("Provides-Extra") or []
+    for word in words[2:]:
+        for extra in re.findall(r"\[([^\]]+)\]", word):
+            assert set(extra.split(",")) <= set(extras), f"no extra {extra}"
+
+
+@pytest.mark.parametrize(("where", "command"), COMMANDS, ids=[w for w, _ in COMMANDS])
+def test_documented_command_runs(where, command, request, tmp_path):
+    words = shlex.split(command)
+    if words[0] in NOT_RUN:
+        pytest.skip(NOT_RUN[words[0]])
+    if words[0] == "pip":
+        return check_pip(words)
+    if words[:3] == ["python", "-m", "pytest"]:
+        return  # this suite
+    assert words[0] == "python", f"{where}: how to run {command!r}?"
+    entry = words[1]
+    if entry.startswith("scripts/"):
+        return check_script(words)
+    runs = entry in ("predict.py", "eval.py", "export.py") and "hub_repo" not in command
+    smoke = entry == "train.py" and "model.pretrained=false" in words and "-m" not in words
+    if not (runs or smoke):  # composed only: the placeholders need not exist
+        config = {"train.py": "train", "baseline.py": "baseline", "serve.py": "serve",
+                  "export.py": "export"}[entry]  # fmt: skip
+        return hydra_compose(config, [fill(w, tmp_path / "run", tmp_path) for w in words[2:]])
+    workdir = request.getfixturevalue("workdir")
+    filled = [fill(w, request.getfixturevalue("trained_run"), tmp_path) for w in words[2:]]
+    command_line = [sys.executable, str(REPO / entry), *filled, f"hydra.run.dir={tmp_path / 'out'}"]
+    if smoke:  # its own cache, and a quiet log
+        command_line += [
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            "callbacks.progress_bar.refresh_rate=0",
+        ]
+    result = subprocess.run(command_line, cwd=workdir, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, f"{where}: {command}\n{result.stderr[-3000:]}"
+    if smoke:
+        assert (tmp_path / "out" / "metrics.json").is_file()
