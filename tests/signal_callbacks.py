@@ -24,3 +24,16 @@ class SignalInValidation(L.Callback):
             return
         self.marker.write_text("sent\n")
         os.kill(os.getpid(), self.signum)
+
+
+class SignalAtTrainStart(L.Callback):
+    """Sends this process ``signum`` as training starts, before the frozen-prefix pass
+    (configured callbacks run before train.py's own), once (``marker``)."""
+
+    def __init__(self, marker: str, signum: str = "SIGTERM") -> None:
+        self.marker, self.signum = Path(marker), signal.Signals[signum]
+
+    def on_train_start(self, trainer, pl_module):
+        if not self.marker.exists():
+            self.marker.write_text("sent\n")
+            os.kill(os.getpid(), self.signum)

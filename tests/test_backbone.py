@@ -170,7 +170,7 @@ def test_too_long_input_is_a_clear_error():
 
 
 def test_split_fused_qkv_matches_gpt2_c_attn_layout():
-    from gpt_classifier.model.weights import split_fused_qkv
+    from gpt_classifier.model.weight_names import split_fused_qkv
 
     fused = {"trf_blocks.0.att.qkv.weight": torch.arange(12.0).view(6, 2),
              "trf_blocks.0.att.qkv.bias": torch.arange(6.0), "other": torch.ones(1)}  # fmt: skip

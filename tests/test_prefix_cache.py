@@ -14,7 +14,7 @@ import torch
 from gpt_classifier import GPT, SequenceClassifier
 from gpt_classifier.data.datamodule import SMSSpamDataModule
 from gpt_classifier.finetuning import LoRA, TrainAll, TrainHead, TrainLastBlocks
-from gpt_classifier.training import prefix_callback
+from gpt_classifier.training import prefix_cache, prefix_callback
 from gpt_classifier.training.module import ClassifierModule
 from gpt_classifier.training.prefix_cache import PrefixCache, evict_oldest
 from gpt_classifier.training.prefix_callback import PrefixCacheCallback
@@ -306,13 +306,13 @@ def test_the_callback_keeps_its_folder_within_max_gb(sms_file, tmp_path, caplog)
     stale = tmp_path / "prefix-stale.safetensors"
     stale.write_bytes(b"x" * 15_000_000)  # with the run's ~10 MB, over the 20 MB budget
     os.utime(stale, (1000, 1000))
-    with caplog.at_level(logging.INFO, logger=prefix_callback.__name__):
+    with caplog.at_level(logging.INFO, logger=prefix_cache.__name__):
         fit(sms_file, cache=True, persist_dir=tmp_path, epochs=1, batches=2,
             max_gb=0.02)  # fmt: skip
     assert not stale.exists()
     assert f"removed {stale} (least recently used; prefix_cache.max_gb=0.02)" in caplog.text
     # A cache bigger than the budget is not written at all.
-    with caplog.at_level(logging.INFO, logger=prefix_callback.__name__):
+    with caplog.at_level(logging.INFO, logger=prefix_cache.__name__):
         fit(sms_file, cache=True, persist_dir=tmp_path / "small", epochs=1, batches=2,
             max_gb=1e-6)  # fmt: skip
     assert "exceed prefix_cache.max_gb" in caplog.text

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import lightning as L
@@ -138,6 +139,36 @@ def test_sigterm_during_validation_exits_143_and_resumes_to_the_same_result(
     assert stored["global_step"] == STEPS_PER_EPOCH - 20
     ok(run([sys.executable, "train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"]))
     assert final_metrics(run_dir) == final_metrics(reference)
+
+
+def test_sigterm_during_the_prefix_pass_stops_there_and_resumes_to_the_same_result(
+    sms_file, tmp_path
+):
+    # The signal comes as training starts, before the one pass over the frozen prefix: the
+    # run stops at the pass's first batch, saves no partial cache,
+    # and the resume makes the pass and the run whole.
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    sigterm = [
+        "+callbacks.sigterm._target_=tests.signal_callbacks.SignalAtTrainStart",
+        f"+callbacks.sigterm.marker={tmp_path / 'sent'}",
+        f"paths.cache_dir={cache}",
+    ]
+    result = run(command(sms_file, run_dir, *LORA, *sigterm))
+    output = result.stdout + result.stderr
+    assert result.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Training stopped by SIGTERM at epoch 0, step 0" in output
+    assert "Prefix cache: computed" not in output
+    assert not list(cache.rglob("prefix-*.safetensors"))
+    log_lines = (run_dir / "train.log").read_text().splitlines()
+    stamps = [datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f") for line in log_lines
+              if "SIGTERM received" in line or "Training stopped by SIGTERM" in line]  # fmt: skip
+    assert len(stamps) == 2 and (stamps[1] - stamps[0]).total_seconds() < 5
+    ok(run([sys.executable, "train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"]))
+    # The same run uninterrupted, its prefix computed from a cold cache too (under
+    # bfloat16 the stored prefix depends a little on how the pass batched the messages).
+    twin = tmp_path / "twin"
+    ok(run(command(sms_file, twin, *LORA, f"paths.cache_dir={tmp_path / 'twin-cache'}")))
+    assert final_metrics(run_dir) == final_metrics(twin)
 
 
 def test_ctrl_c_during_the_last_validation_skips_the_final_test_and_says_how_to_run_it(
@@ -295,6 +326,12 @@ def _check_resume_config(composed, run_dir: Path, checkpoint: Path) -> None:
     with pytest.raises(ResumeConfigError, match="model=gpt2-small: the run in .* was trained "
                        "with model=gpt2-tiny; a resume keeps it"):  # fmt: skip
         config_for_resume(composed("ckpt_path=last", "model=gpt2-small"), checkpoint)
+    # What would re-split the data within the run is refused, naming both values.
+    for change, before in (("seed=999", "seed=123"), ("data.train_frac=0.6", "data.train_frac=0.7"),
+                           ("data.seed=5", "data.seed=123")):  # fmt: skip
+        with pytest.raises(ResumeConfigError, match=f"{change}: the run in .* was trained with "
+                           f"{before}.* start a new run"):  # fmt: skip
+            config_for_resume(composed("ckpt_path=last", change), checkpoint)
 
 
 class ScheduledAccuracy(L.LightningModule):
@@ -353,3 +390,23 @@ def test_best_and_last_checkpoints_follow_the_run_and_survive_a_resume(tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == ["best-epoch01.ckpt", "last.ckpt"]
     assert stored(folder / "last.ckpt")["global_step"] == 12
     assert stored(folder / "best-epoch01.ckpt")["global_step"] == 6
+
+
+def test_a_second_ctrl_c_stops_at_once_and_exits_130(tmp_path, caplog):
+    """The first Ctrl-C asks for a checkpoint after the step; a second one stops at once:
+    Lightning then exits 1 after its graceful shutdown, which becomes a shell's 130."""
+    from gpt_classifier.training import signals
+
+    stop = signals.GracefulStop()
+    stop._on_signal(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):
+        stop._on_signal(signal.SIGINT, None)
+
+    class Shutdown:  # what Lightning's fit does after a KeyboardInterrupt
+        def fit(self, *args, **kwargs):
+            raise SystemExit(1)
+
+    with pytest.raises(SystemExit) as exited:
+        signals.fit(Shutdown(), None, None, None, tmp_path, stop)
+    assert exited.value.code == 130
+    assert "second Ctrl-C" in caplog.text and f"hydra.run.dir={tmp_path}" in caplog.text

@@ -18,11 +18,11 @@ from gpt_classifier.data.datamodule import SMSSpamDataModule
 from gpt_classifier.data.download import ChecksumError, DownloadError
 from gpt_classifier.data.sms import (
     DataFormatError,
-    balance_and_split,
     ensure_sms_file,
     parse_messages,
     parse_messages_like_pandas,
 )
+from gpt_classifier.data.splits import balance_and_split
 
 
 def test_verbatim_parse_of_the_real_file(sms_file):

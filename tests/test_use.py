@@ -558,3 +558,27 @@ def test_a_sharded_checkpoint_folder_loads_and_exports_as_one_model(run_dir, tmp
     assert (exported / "model.safetensors").is_file()
     torch.testing.assert_close(TextClassifier.load(exported).probabilities(texts), expected,
                                atol=1e-6, rtol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_weights_are_read_straight_into_the_parameters(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    from gpt_classifier.checkpoints import load_frozen_weights_in_place
+
+    torch.manual_seed(0)
+    model = SequenceClassifier(GPT.from_preset("gpt2-tiny"), 2).to(dtype)
+    state = {f"model.{k}": v for k, v in model.state_dict(keep_vars=True).items()}
+    frozen = {k: v.detach().clone() for k, v in state.items() if "trf_blocks.1" not in k}
+    save_file(frozen, str(tmp_path / "frozen.safetensors"))
+    with torch.no_grad():
+        for tensor in state.values():
+            tensor.zero_()
+    trained = {k: v for k, v in state.items() if k not in frozen}
+    checkpoint = {"frozen_weights": str(tmp_path / "frozen.safetensors"), "state_dict": trained}
+    assert load_frozen_weights_in_place(checkpoint, tmp_path / "last.ckpt", state)
+    for name, tensor in frozen.items():
+        assert torch.equal(state[name], tensor), name
+    # A file naming tensors the model lacks is left to the general path.
+    save_file({"model.nope": torch.zeros(1)}, str(tmp_path / "frozen.safetensors"))
+    assert not load_frozen_weights_in_place(checkpoint, tmp_path / "last.ckpt", state)

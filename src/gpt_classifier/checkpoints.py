@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from gpt_classifier.model.weights import split_fused_qkv
+from gpt_classifier.model.weight_names import split_fused_qkv
 
 FROZEN_WEIGHTS_FILE = "frozen.safetensors"
 # In a sharded checkpoint folder (FSDP with state_dict_type=sharded, as Lightning writes
@@ -140,32 +140,53 @@ def locate_frozen_weights(checkpoint_path: str | Path | None, recorded: str) -> 
     )
 
 
+# safetensors' dtype names, for reading a file straight into tensors.
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                       "F64": torch.float64, "I64": torch.int64}  # fmt: skip
+
+
 def load_frozen_weights_in_place(
     checkpoint: dict[str, Any], checkpoint_path: str | Path | None, state: dict[str, torch.Tensor]
 ) -> bool:
-    """Copy a checkpoint's frozen weights into the tensors of ``state`` (a module's state
-    dict, ``keep_vars``) one at a time, so that no second copy of the model is ever held;
-    False (nothing copied) where the file's names are not all in ``state`` (a checkpoint
-    of an earlier version: use :func:`complete_state_dict`)."""
-    from safetensors import SafetensorError, safe_open
-
+    """Read a checkpoint's frozen weights straight into the tensors of ``state`` (a
+    module's state dict, ``keep_vars``), so that no second copy of the model is held,
+    not even as mapped pages of the file; False (nothing read) where the file's names
+    are not all in ``state`` (a checkpoint of an earlier version: use
+    :func:`complete_state_dict`)."""
     recorded = checkpoint.get("frozen_weights")
     if not recorded:
         return False
     path = locate_frozen_weights(checkpoint_path, str(recorded))
     try:
-        with safe_open(str(path), framework="pt") as f:
-            names = list(f.keys())  # noqa: SIM118 - safe_open is no mapping
-            if not set(names) <= set(state):
+        with path.open("rb") as f:
+            # The safetensors layout: an 8-byte header size, a JSON header, the data.
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            start = f.tell()
+            entries = {k: v for k, v in header.items() if k != "__metadata__"}
+            if not set(entries) <= set(state):
                 return False
             with torch.no_grad():
-                for name in names:
-                    state[name].copy_(f.get_tensor(name))
-    except (SafetensorError, OSError) as err:
+                for name, entry in entries.items():
+                    target = state[name]
+                    dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+                    begin, end = entry["data_offsets"]
+                    if dtype != target.dtype or list(entry["shape"]) != list(target.shape):
+                        raise ValueError(f"tensor {name} is {entry['dtype']} {entry['shape']}")
+                    if end - begin != target.numel() * target.element_size():
+                        raise ValueError(f"tensor {name} has {end - begin} bytes")
+                    f.seek(start + begin)
+                    if not target.is_contiguous() or target.device.type != "cpu":
+                        target.copy_(torch.frombuffer(bytearray(f.read(end - begin)), dtype=dtype)
+                                     .view(target.shape))  # fmt: skip
+                    elif f.readinto(target.detach().view(-1).view(torch.uint8).numpy()) != (
+                        end - begin
+                    ):
+                        raise ValueError(f"the file ends inside tensor {name}")
+    except (OSError, ValueError, KeyError) as err:
         raise RuntimeError(
             f"{path} could not be read ({err}); the run's files are damaged"
         ) from err
-    missing = set(state) - set(names) - set(checkpoint["state_dict"])
+    missing = set(state) - set(entries) - set(checkpoint["state_dict"])
     if missing:
         raise RuntimeError(f"{checkpoint_path} and {path} lack {sorted(missing)[:5]}")
     return True

@@ -1,4 +1,5 @@
-"""Writing files whole or not at all: the one atomic-write helper of the package."""
+"""Files: writing them whole or not at all (the one atomic-write helper of the package),
+and reading the text files users give, with errors that say what to do."""
 
 from __future__ import annotations
 
@@ -29,3 +30,36 @@ def write_text_atomically(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8, the bytes given on any OS) through :func:`atomic_path`."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8", newline="")
+
+
+UTF8_BOM = b"\xef\xbb\xbf"
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def user_file(path: str | Path, key: str) -> Path:
+    """``path`` as given by ``key=path``, checked to be a file (not a folder)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"{key}={path} is a folder; give the file itself")
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={path} does not exist")
+    return path
+
+
+def read_user_text(path: str | Path, key: str) -> str:
+    """The UTF-8 text of a file given by ``key=path``, without the byte-order mark that
+    Excel and Windows editors write; a folder, a zip or bytes that are not UTF-8 are
+    errors naming the file and line."""
+    path = user_file(path, key)
+    raw = path.read_bytes()
+    if raw.startswith(ZIP_MAGIC):
+        raise ValueError(f"{key}={path} is a zip archive, not text; unzip it and give the file")
+    raw = raw.removeprefix(UTF8_BOM)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{path}, line {line}: bytes {raw[err.start : err.end]!r} are not UTF-8; re-save "
+            "the file as UTF-8"
+        ) from err

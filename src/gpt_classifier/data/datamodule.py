@@ -30,13 +30,15 @@ from gpt_classifier.data.sms import (
     FILE_SIZE,
     MIRROR_URL,
     UCI_URL,
-    Splits,
-    balance_and_split,
     check_labels,
-    check_split_sizes,
     ensure_sms_file,
     parse_messages,
     parse_messages_like_pandas,
+)
+from gpt_classifier.data.splits import (
+    Splits,
+    balance_and_split,
+    check_split_sizes,
     write_split_csv,
 )
 from gpt_classifier.data.tokenizer import get_tokenizer

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from gpt_classifier.checkpoints import find_checkpoint
+from gpt_classifier.checkpoints import find_checkpoint, is_checkpoint
 from gpt_classifier.data.batching import Collator, plan_batches, truncate
 from gpt_classifier.data.tokenizer import get_tokenizer
 from gpt_classifier.inference import hf_format, native_format, onnx_format
@@ -69,7 +69,8 @@ class TextClassifier:
         if path.is_dir() and (path / "config.json").is_file():
             config = read_config(path / "config.json")
             return cls(*FORMATS[export_format(path, config)].load(path, config), device)
-        if path.is_dir() and not (path / "checkpoints").is_dir() and not any(path.glob("*.ckpt")):
+        run_folder = (path / "checkpoints").is_dir() or any(path.glob("*.ckpt"))
+        if path.is_dir() and not run_folder and not is_checkpoint(path):
             raise ModelLoadError(
                 f"{path} is neither an export folder (config.json + model.safetensors) nor a "
                 "training run with checkpoints/; pass ckpt_path=<file.ckpt> or a run folder."

@@ -34,7 +34,7 @@ from gpt_classifier.data.tokenizer import PAD_TOKEN_ID, gpt2_bpe_files
 from gpt_classifier.inference.loading import InferenceSettings, ModelLoadError, build_classifier
 from gpt_classifier.model.classifier import SequenceClassifier
 from gpt_classifier.model.lora import merged_state_dict
-from gpt_classifier.model.weights import BLOCK_NAMES, CONV1D
+from gpt_classifier.model.weight_names import BLOCK_NAMES, CONV1D
 
 ENDOFTEXT = "<|endoftext|>"
 # Ours (inside backbone.trf_blocks.<i>.) -> GPT-2's (inside transformer.h.<i>.), but for

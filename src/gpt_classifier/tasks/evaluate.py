@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import time
@@ -14,6 +15,7 @@ from omegaconf import DictConfig
 
 from gpt_classifier.checkpoints import find_checkpoint
 from gpt_classifier.data.sms import parse_messages
+from gpt_classifier.files import read_user_text, user_file
 from gpt_classifier.inference import ModelLoadError, TextClassifier
 from gpt_classifier.reporting.plots import confusion_figure
 from gpt_classifier.reporting.reports import write_json
@@ -59,14 +61,12 @@ def classification_report(
 
 def read_labelled_file(path: Path, names: list[str]) -> tuple[list[str], list[int]]:
     """``label<TAB>text`` lines (the SMS format) or a ``Label,Text`` CSV (``splits/*.csv``)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"labelled_file={path} does not exist")
     mapping = {name: i for i, name in enumerate(names)}
     if path.suffix.lower() != ".csv":
-        messages = parse_messages(path, mapping)
+        messages = parse_messages(user_file(path, "labelled_file"), mapping)
         return [m.text for m in messages], [mapping[m.label] for m in messages]
     texts, labels = [], []
-    with path.open(encoding="utf-8", newline="") as f:
+    with io.StringIO(read_user_text(path, "labelled_file"), newline="") as f:
         reader = csv.DictReader(f)
         if not {"Label", "Text"} <= set(reader.fieldnames or []):
             raise ValueError(f"{path} needs the header Label,Text; it has {reader.fieldnames}")

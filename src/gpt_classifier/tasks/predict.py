@@ -10,6 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig
 
 from gpt_classifier.data.sms import parse_messages
+from gpt_classifier.files import read_user_text, user_file
 from gpt_classifier.inference import Prediction, TextClassifier
 
 log = logging.getLogger(__name__)
@@ -17,9 +18,7 @@ log = logging.getLogger(__name__)
 
 def read_texts(path: Path, column: str = "text") -> list[str]:
     """Texts from a CSV/TSV column (with a header) or from a file of one text per line."""
-    if not path.is_file():
-        raise FileNotFoundError(f"input={path} does not exist")
-    raw = path.read_text(encoding="utf-8")
+    raw = read_user_text(path, "input")
     if path.suffix.lower() in (".csv", ".tsv"):
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
         rows = csv.DictReader(raw.splitlines(), delimiter=delimiter)
@@ -90,7 +89,8 @@ def predict(cfg: DictConfig) -> list[Prediction]:
         texts = read_texts(Path(cfg.input), cfg.column)
     else:
         names = classifier.settings.label_names
-        messages = parse_messages(Path(sms_path), {name: i for i, name in enumerate(names)})
+        file = user_file(sms_path, "data.path")
+        messages = parse_messages(file, {name: i for i, name in enumerate(names)})
         texts, file_labels = [m.text for m in messages], [m.label for m in messages]
     predictions = classifier.classify(texts, batch_size=cfg.batch_size, progress=True)
     if cfg.text is not None:

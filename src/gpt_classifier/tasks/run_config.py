@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 RUN_CONFIG_FILE = "run_config.yaml"
 # Overrides a resume command always carries; they are not changes to the run.
 RESUME_KEYS = ("ckpt_path",)
+# What the split and the tokens depend on: a resume must not change them (the run's
+# splits/ and the messages each split holds stay those its first start made).
+DATA_KEYS = ("seed", "data.seed", "data.path", "data.train_frac", "data.validation_frac",
+             "data.balance", "data.book_compat", "data.labels", "data.padding",
+             "data.max_length", "data.truncation_side")  # fmt: skip
 
 
 class ResumeConfigError(ValueError):
@@ -74,6 +79,7 @@ def config_for_resume(cfg: DictConfig, checkpoint: Path) -> DictConfig:
         return cfg
     record = OmegaConf.load(path)
     resumed = OmegaConf.create(OmegaConf.to_container(record.config, resolve=False))
+    original = resumed.copy()
     overrides, choices = _hydra_state()
     changed = []
     for override in OverridesParser.create().parse_overrides(overrides):
@@ -96,6 +102,16 @@ def config_for_resume(cfg: DictConfig, checkpoint: Path) -> DictConfig:
             OmegaConf.update(resumed, key, value, force_add=True)
         if before != value:
             changed.append(f"{key}: {before} -> {value}")
+    for key in DATA_KEYS:
+        before, after = (OmegaConf.select(c, key, default=None) for c in (original, resumed))
+        moved = key == "data.path" and before is not None and not Path(before).exists()
+        if before != after and not moved:
+            raise ResumeConfigError(
+                f"{key}={after}: the run in {checkpoint.parent.parent} was trained with "
+                f"{key}={before}, and changing it within the run would change its data split "
+                f"(its splits/ and what each split holds). Resume without {key}=, or start a "
+                f"new run (without ckpt_path and hydra.run.dir) to train with {key}={after}."
+            )
     # An ``auto`` setting continues as it resolved when the run started (precision=auto
     # measures the CPU: a resume must not train on in another precision), unless this
     # command sets the key itself.

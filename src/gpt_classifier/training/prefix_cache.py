@@ -281,3 +281,20 @@ def touch(file: Path) -> None:
     """Mark ``file`` recently used (evicted last)."""
     with contextlib.suppress(OSError):  # read-only folder: only the eviction order suffers
         os.utime(file)
+
+
+def save_within_budget(cache: PrefixCache, file: Path, fingerprint: str, max_bytes: int) -> None:
+    """Write ``cache`` to ``file``, then keep its folder within ``max_bytes``; a cache
+    over the budget, or a disk that cannot take it, costs reuse, not the run."""
+    if cache.nbytes > max_bytes:
+        log.warning("Prefix cache not saved: its %.2f GB exceed prefix_cache.max_gb=%.2f",
+                    cache.nbytes / 1e9, max_bytes / 1e9)  # fmt: skip
+        return
+    try:
+        cache.save(file, fingerprint)
+    except OSError as err:
+        log.warning("Prefix cache not saved to %s (%s)", file, err)
+        return
+    for old in evict_oldest(file.parent, max_bytes, keep=file):
+        log.info("Prefix cache: removed %s (least recently used; prefix_cache.max_gb=%g)",
+                 old, max_bytes / 1e9)  # fmt: skip

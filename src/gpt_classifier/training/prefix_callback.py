@@ -15,12 +15,19 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader
 
 from gpt_classifier.model.classifier import CachedPrefix, SequenceClassifier
 from gpt_classifier.training.distributed import all_gather_objects
-from gpt_classifier.training.prefix_cache import CACHE_DTYPES, PrefixCache, evict_oldest, touch
+from gpt_classifier.training.prefix_cache import (
+    CACHE_DTYPES,
+    PrefixCache,
+    save_within_budget,
+    touch,
+)
+from gpt_classifier.training.signals import GracefulStop
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +167,13 @@ class PrefixCacheCallback(L.Callback):
         start = time.perf_counter()
         tokens = 0
 
+        stoppers = [c for c in trainer.callbacks if isinstance(c, GracefulStop)]
+        fitting = trainer.state.fn == TrainerFn.FITTING
+
         def progress(count: int, count_tokens: int) -> None:
             nonlocal tokens
+            for stop in stoppers if fitting else []:
+                stop.stop_if_asked(trainer)  # a signal: stop now, not after the whole pass
             tokens += count_tokens
             if bar is not None:
                 bar.update(count)
@@ -187,7 +199,7 @@ class PrefixCacheCallback(L.Callback):
                  "in host memory (%s)", who, len(todo), asked, seconds, rate, received,
                  self.cache.nbytes / 2**20, self.cache.dtype)  # fmt: skip
         if cache_file is not None and trainer.is_global_zero:
-            self._save(cache_file)
+            save_within_budget(self.cache, cache_file, self._fingerprint, self.max_bytes)
 
     def _exchange(self, trainer: L.Trainer, computed: list[bytes]) -> int:
         """Send the entries this process computed to every other process and take
@@ -217,25 +229,6 @@ class PrefixCacheCallback(L.Callback):
                 self._reused_from = str(self._file)
                 touch(self._file)  # recently used: evicted last
         return self._file
-
-    def _save(self, file: Path) -> None:
-        """Write the cache file, then keep the folder within ``max_gb``."""
-        if self.cache is None:
-            return
-        if self.cache.nbytes > self.max_bytes:
-            log.warning(
-                "Prefix cache not saved: its %.2f GB exceed prefix_cache.max_gb=%.2f",
-                self.cache.nbytes / 1e9, self.max_bytes / 1e9,
-            )  # fmt: skip
-            return
-        try:
-            self.cache.save(file, self._fingerprint)
-        except OSError as err:  # a full or read-only disk costs reuse, not the run
-            log.warning("Prefix cache not saved to %s (%s)", file, err)
-            return
-        for old in evict_oldest(file.parent, self.max_bytes, keep=file):
-            log.info("Prefix cache: removed %s (least recently used; prefix_cache.max_gb=%g)",
-                     old, self.max_bytes / 1e9)  # fmt: skip
 
     # ------------------------------------------------------------------ feeding steps
 

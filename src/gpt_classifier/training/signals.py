@@ -64,6 +64,7 @@ class GracefulStop(L.Callback):
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.forced = False  # a second Ctrl-C: stopped at once
         self._previous: dict[int, Any] = {}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -76,6 +77,7 @@ class GracefulStop(L.Callback):
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.signum is not None and signum == signal.SIGINT:
+            self.forced = True
             raise KeyboardInterrupt  # the second Ctrl-C
         self.signum = signum
         log.warning(
@@ -99,6 +101,16 @@ class GracefulStop(L.Callback):
             return
         if mid_accumulation(trainer):
             return  # the accumulated gradients would be lost; stop after the step
+        self._checkpoint_and_stop(trainer)
+
+    def stop_if_asked(self, trainer: L.Trainer) -> None:
+        """Between the batches of a long pass before training (the frozen prefix), in a
+        one-process run: stop there as after a step. (Processes of a data-parallel run
+        cannot agree on a moment there, and stop after the pass's first step instead.)"""
+        if trainer.world_size == 1 and (self.signum is not None or trainer.received_sigterm):
+            self._checkpoint_and_stop(trainer)
+
+    def _checkpoint_and_stop(self, trainer: L.Trainer) -> None:
         signum = self.signum or signal.SIGTERM
         dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
         path = Path(dirpath or trainer.default_root_dir) / INTERRUPTED_CHECKPOINT
@@ -141,6 +153,16 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDa
                     "checkpoint with:\n%s", trainer.current_epoch, trainer.global_step,
                     _resume_hint(output_dir))  # fmt: skip
         raise SystemExit(128 + signal.SIGTERM) from None
+    except SystemExit:  # after SIGTERMException, which is one too
+        if not stop.forced:
+            raise
+        # Lightning exits 1 after a KeyboardInterrupt; a shell reports 130 for Ctrl-C.
+        log.warning(
+            "Stopped at once by a second Ctrl-C, without a checkpoint of this step. "
+            "Resume from the furthest checkpoint with:\n%s",
+            _resume_hint(output_dir),
+        )
+        raise SystemExit(128 + signal.SIGINT) from None
     # A signal after the last training step (during the last validation): every process
     # skips the final test, as one alone would wait for the others there.
     if trainer.strategy.reduce_boolean_decision(stop.signum is not None, all=False):

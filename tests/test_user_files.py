@@ -1,0 +1,54 @@
+"""Files users give: folders, damaged zips, byte-order marks and other encodings are
+named with what to do, never read as something else."""
+
+from __future__ import annotations
+
+import zipfile
+
+import pytest
+
+from gpt_classifier.data.sms import DataFormatError, ensure_sms_file
+from gpt_classifier.tasks.evaluate import read_labelled_file
+from gpt_classifier.tasks.predict import read_texts
+
+BOM = "\ufeff"
+
+
+def test_a_folder_is_named_as_a_folder(tmp_path):
+    with pytest.raises(IsADirectoryError, match=f"data.path={tmp_path} is a folder"):
+        ensure_sms_file(tmp_path, tmp_path / "data")
+    with pytest.raises(IsADirectoryError, match=f"input={tmp_path} is a folder"):
+        read_texts(tmp_path)
+    with pytest.raises(IsADirectoryError, match=f"labelled_file={tmp_path} is a folder"):
+        read_labelled_file(tmp_path, ["ham", "spam"])
+
+
+def test_a_truncated_zip_is_not_read_as_text(tmp_path, sms_file):
+    whole = tmp_path / "sms.zip"
+    with zipfile.ZipFile(whole, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.write(sms_file, "SMSSpamCollection")
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 3])
+    with pytest.raises(DataFormatError, match="starts like a zip archive .* download it again"):
+        ensure_sms_file(cut, tmp_path / "data")
+    with pytest.raises(ValueError, match="is a zip archive, not text"):
+        read_texts(cut)
+
+
+def test_texts_in_another_encoding_name_the_file_and_line(tmp_path):
+    latin = tmp_path / "texts.txt"
+    latin.write_bytes("fine\ncaf\xe9 at 5\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{latin}, line 2: bytes b'\\xe9' are not UTF-8"):
+        read_texts(latin)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column_or_text(tmp_path):
+    csv_file = tmp_path / "texts.csv"
+    csv_file.write_text(BOM + "text,id\nhello there,1\n", encoding="utf-8")
+    assert read_texts(csv_file) == ["hello there"]
+    txt = tmp_path / "texts.txt"
+    txt.write_text(BOM + "first\nsecond\n", encoding="utf-8")
+    assert read_texts(txt) == ["first", "second"]
+    labelled = tmp_path / "labelled.csv"
+    labelled.write_text(BOM + "Label,Text\nspam,win now\nham,see you\n", encoding="utf-8")
+    assert read_labelled_file(labelled, ["ham", "spam"]) == (["win now", "see you"], [1, 0])
