@@ -16,12 +16,13 @@ FRAMEWORKS = ("lightning", "pytorch_lightning", "hydra", "omegaconf")
 ALLOWED = {
     "model": {"model"},
     "finetuning": {"finetuning", "model"},
-    "data": {"data", "files", "lightning"},
+    "data": {"data", "files", "sweep_reuse", "lightning"},
     "checkpoints.py": {"model"},
     "files.py": set(),
+    "sweep_reuse.py": set(),
     "inference": {"inference", "model", "finetuning", "data", "checkpoints", "files"},
     "training": {"training", "model", "finetuning", "data", "checkpoints", "reporting",
-                 "files", "lightning"},
+                 "files", "sweep_reuse", "lightning"},
     "reporting": {"reporting", "files", "hydra", "omegaconf"},
 }  # fmt: skip
 

@@ -11,13 +11,14 @@ import lightning as L
 import pytest
 import torch
 
-from gpt_classifier import GPT, SequenceClassifier
+from gpt_classifier import GPT, SequenceClassifier, sweep_reuse
 from gpt_classifier.data.datamodule import SMSSpamDataModule
 from gpt_classifier.finetuning import LoRA, TrainAll, TrainHead, TrainLastBlocks
-from gpt_classifier.training import prefix_cache, prefix_callback
+from gpt_classifier.training import prefix_callback, prefix_store
 from gpt_classifier.training.module import ClassifierModule
-from gpt_classifier.training.prefix_cache import PrefixCache, evict_oldest
+from gpt_classifier.training.prefix_cache import PrefixCache
 from gpt_classifier.training.prefix_callback import PrefixCacheCallback
+from gpt_classifier.training.prefix_store import evict_oldest
 
 METHODS = {
     "last_block": lambda: TrainLastBlocks(1),
@@ -156,11 +157,18 @@ def test_dynamic_padding_equals_padding_to_longest(sms_file):
     assert dynamic_acc == longest_acc
 
 
+@pytest.fixture(autouse=True)
+def _new_process():
+    """Each test starts as a new process would: nothing handed on from another test."""
+    sweep_reuse.forget()
+
+
 def test_cache_persists_across_runs(sms_file, tmp_path, caplog):
     first, cb1, _ = fit(sms_file, cache=True, persist_dir=tmp_path, epochs=1, batches=10)
     assert cb1.cache.computed == len(cb1.cache.entries) > 1000
     files = list(tmp_path.glob("prefix-*.safetensors"))
     assert len(files) == 1
+    sweep_reuse.forget()  # as a new process: nothing handed on in memory
     with caplog.at_level(logging.INFO, logger=prefix_callback.__name__):
         second, cb2, _ = fit(sms_file, cache=True, persist_dir=tmp_path, epochs=1, batches=10)
     assert cb2.cache.computed == 0  # the whole prefix came from disk
@@ -306,13 +314,14 @@ def test_the_callback_keeps_its_folder_within_max_gb(sms_file, tmp_path, caplog)
     stale = tmp_path / "prefix-stale.safetensors"
     stale.write_bytes(b"x" * 15_000_000)  # with the run's ~10 MB, over the 20 MB budget
     os.utime(stale, (1000, 1000))
-    with caplog.at_level(logging.INFO, logger=prefix_cache.__name__):
+    with caplog.at_level(logging.INFO, logger=prefix_store.__name__):
         fit(sms_file, cache=True, persist_dir=tmp_path, epochs=1, batches=2,
             max_gb=0.02)  # fmt: skip
     assert not stale.exists()
     assert f"removed {stale} (least recently used; prefix_cache.max_gb=0.02)" in caplog.text
     # A cache bigger than the budget is not written at all.
-    with caplog.at_level(logging.INFO, logger=prefix_cache.__name__):
+    sweep_reuse.forget()
+    with caplog.at_level(logging.INFO, logger=prefix_store.__name__):
         fit(sms_file, cache=True, persist_dir=tmp_path / "small", epochs=1, batches=2,
             max_gb=1e-6)  # fmt: skip
     assert "exceed prefix_cache.max_gb" in caplog.text

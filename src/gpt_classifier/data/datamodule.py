@@ -42,10 +42,15 @@ from gpt_classifier.data.splits import (
     write_split_csv,
 )
 from gpt_classifier.data.tokenizer import get_tokenizer
+from gpt_classifier.sweep_reuse import reuse
 
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "validation", "test")
+# Settings that change how batches are drawn, not the splits or their tokens.
+LOADER_SETTINGS = frozenset(
+    {"batch_size", "eval_batch_size", "shuffle", "drop_last", "bucket_by_length", "num_workers"}
+)
 
 
 class SMSSpamDataModule(L.LightningDataModule):
@@ -113,8 +118,25 @@ class SMSSpamDataModule(L.LightningDataModule):
         self._file()  # downloads once; later runs find the verified file
 
     def setup(self, stage: str | None = None) -> None:
-        if not self.datasets:  # tokenized once per run, not per stage or epoch
-            self.datasets = self._tokenize(self.load_splits())
+        if self.datasets:
+            return  # tokenized once per run, not per stage or epoch
+        # A sweep's previous job may have read the same data: the key is the file's
+        # identity and every setting but the loaders'.
+        file = self._file().resolve()
+        stat = file.stat()
+        settings = {k: v for k, v in self.hparams.items() if k not in LOADER_SETTINGS}
+        key = (str(file), stat.st_size, stat.st_mtime_ns, repr(sorted(settings.items())),
+               self.max_length, self.tokenizer_dir)  # fmt: skip
+
+        def read() -> tuple[Splits, dict[str, TokenizedTexts]]:
+            splits = self.load_splits()
+            return splits, self._tokenize(splits)
+
+        splits, self.datasets = reuse("data", key, read)
+        if self.splits is None:  # reused: this job's checks and split files all the same
+            self.splits = splits
+            self._check_sizes(splits, file)
+            self._write_splits()
 
     def load_splits(self) -> Splits:
         """The texts and labels of each split (parsed, balanced and split once; the

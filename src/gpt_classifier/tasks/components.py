@@ -3,13 +3,16 @@ with the key to change, before any weights or data are read."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -24,6 +27,7 @@ from gpt_classifier.model.classifier import SequenceClassifier
 from gpt_classifier.model.config import PRESETS
 from gpt_classifier.model.gpt import GPT
 from gpt_classifier.reporting.tensorboard import skip_tensorflow_import
+from gpt_classifier.sweep_reuse import reuse
 from gpt_classifier.training.module import ClassifierModule
 from gpt_classifier.training.precision import PRECISION_RECORD, resolve_precision
 from gpt_classifier.training.resume import AtomicCheckpointIO
@@ -64,13 +68,47 @@ def build_backbone(model_cfg: DictConfig) -> GPT:
         "causal_mask": bool(model_cfg.get("causal_mask", True)),
     }
     if not model_cfg.pretrained:
-        return GPT.from_preset(model_cfg.name, **overrides)
+        # A random initialisation is the preset's and the RNG state's.
+        rng = hashlib.sha256(torch.random.get_rng_state().numpy().tobytes()).hexdigest()
+        key = ("preset", model_cfg.name, tuple(sorted(overrides.items())), rng)
+        return _shared(key, lambda: GPT.from_preset(model_cfg.name, **overrides))
     if not model_cfg.weights:
         raise ConfigError(
             f"model={model_cfg.name} has no pretrained weights: set model.weights=<Hub name or "
             "local folder>, or model.pretrained=false for random initialisation."
         )
-    return GPT.from_pretrained(model_cfg.weights, **overrides)
+    key = ("weights", _source_signature(model_cfg.weights), tuple(sorted(overrides.items())))
+    return _shared(key, lambda: GPT.from_pretrained(model_cfg.weights, **overrides))
+
+
+def _shared(key: tuple[Any, ...], build: Callable[[], GPT]) -> GPT:
+    """A new :class:`GPT` over the tensors a sweep's previous job built with the same key
+    (ClassifierModule.setup gives what trains its own copy), the torch RNG left as
+    ``build()`` would leave it; else ``build()``."""
+
+    def held() -> tuple[Any, ...]:
+        model = build()
+        state = {name: t.detach() for name, t in model.state_dict(keep_vars=True).items()}
+        head = getattr(model, "pretrained_head", None)
+        return model.cfg, state, torch.random.get_rng_state(), head
+
+    cfg, state, rng_after, head = reuse("backbone", key, held)
+    torch.random.set_rng_state(rng_after)
+    model = GPT.from_state_dict(cfg, state)
+    if head is not None:
+        model.pretrained_head = head
+    return model
+
+
+def _source_signature(source: str) -> tuple[Any, ...]:
+    """What identifies a weights source's content: each local file's name, size and
+    modification time; a Hub name as it is (its download cache pins the files)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return ("hub", str(source))
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    return ("local", str(path.resolve()),
+            tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))  # fmt: skip
 
 
 def build_module(

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
 from gpt_classifier.checkpoints import FROZEN_WEIGHTS_FILE
 from gpt_classifier.files import atomic_path
+from gpt_classifier.sweep_reuse import reuse
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +50,7 @@ class FrozenWeightsFile(L.Callback):
             self.path = path
             return
         if trainer.is_global_zero:
-            from safetensors.torch import save_file
-
-            with atomic_path(path) as tmp:
-                save_file({k: t.detach().cpu().contiguous() for k, t in frozen.items()}, str(tmp))
-            log.info("Frozen weights (%d tensors) written once to %s", len(frozen), path)
+            write_or_link(path, frozen)
         trainer.strategy.barrier("frozen_weights")  # other processes read it on resume
         self.path = path
 
@@ -65,3 +64,36 @@ class FrozenWeightsFile(L.Callback):
         for name in [n for n in state if n.startswith("model.") and n not in keep]:
             del state[name]
         checkpoint["frozen_weights"] = str(self.path.resolve())
+
+
+def write_or_link(path: Path, frozen: dict[str, torch.Tensor]) -> None:
+    """Write ``frozen`` to ``path``, or hard-link the file a sweep's previous job wrote
+    from these very tensors (same storage, shape, dtype, and version counter: no
+    in-place write since), where that file is as it left it."""
+    from safetensors.torch import save_file
+
+    def write() -> tuple[Path, tuple[int, int], list[torch.Tensor]]:
+        with atomic_path(path) as tmp:
+            save_file({k: t.detach().cpu().contiguous() for k, t in frozen.items()}, str(tmp))
+        log.info("Frozen weights (%d tensors) written once to %s", len(frozen), path)
+        # The tensors are held, so that no later tensor can take their memory and pass for them.
+        return path, _file_state(path), list(frozen.values())
+
+    keys = tuple((k, t.data_ptr(), tuple(t.shape), t.dtype, t._version) for k, t in frozen.items())
+    written, state, _ = reuse("frozen weights", keys, write)
+    if written == path:
+        return
+    try:
+        if _file_state(written) != state:
+            raise OSError(f"{written} changed since")
+        with atomic_path(path) as tmp:
+            os.link(written, tmp)
+        log.info("Frozen weights (%d tensors) in %s: a hard link to %s (the same tensors)",
+                 len(frozen), path, written)  # fmt: skip
+    except OSError:  # changed, gone, or no hard links on this file system
+        write()
+
+
+def _file_state(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns

@@ -87,6 +87,12 @@ class ClassifierModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.method.apply(self.model)
+        # The optimizer writes what trains in place; a sweep's later jobs share the
+        # loaded weights (gpt_classifier.sweep_reuse), which must not see that.
+        for p in self.model.parameters():
+            if p.requires_grad and not getattr(p, "_owns_storage", False):
+                p.data = p.data.clone()
+                p._owns_storage = True  # type: ignore[attr-defined]
         if self.parameter_counts is None:
             # Counted once, before a strategy wraps the model: under FSDP a later stage
             # would count each process's shards.

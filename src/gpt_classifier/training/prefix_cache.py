@@ -10,10 +10,8 @@ Lightning run.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -251,50 +249,3 @@ class PrefixCache:
                     str(tmp),
                     metadata={"fingerprint": fingerprint, "format": str(FILE_FORMAT)},
                 )
-
-
-def evict_oldest(directory: Path, max_bytes: int, keep: Path) -> list[Path]:
-    """Delete the least recently used cache files of ``directory`` until the rest fit in
-    ``max_bytes`` (``keep`` is never deleted); returns what was deleted."""
-    files = []
-    for file in directory.glob("prefix-*.safetensors"):
-        try:
-            stat = file.stat()
-        except OSError:  # removed by a concurrent job meanwhile
-            continue
-        files.append((stat.st_mtime, stat.st_size, file))
-    total = sum(size for _, size, _ in files)
-    deleted = []
-    for _, size, file in sorted(files):
-        if total <= max_bytes:
-            break
-        if file == keep:
-            continue
-        file.unlink(missing_ok=True)
-        file.with_name(file.name + ".lock").unlink(missing_ok=True)
-        total -= size
-        deleted.append(file)
-    return deleted
-
-
-def touch(file: Path) -> None:
-    """Mark ``file`` recently used (evicted last)."""
-    with contextlib.suppress(OSError):  # read-only folder: only the eviction order suffers
-        os.utime(file)
-
-
-def save_within_budget(cache: PrefixCache, file: Path, fingerprint: str, max_bytes: int) -> None:
-    """Write ``cache`` to ``file``, then keep its folder within ``max_bytes``; a cache
-    over the budget, or a disk that cannot take it, costs reuse, not the run."""
-    if cache.nbytes > max_bytes:
-        log.warning("Prefix cache not saved: its %.2f GB exceed prefix_cache.max_gb=%.2f",
-                    cache.nbytes / 1e9, max_bytes / 1e9)  # fmt: skip
-        return
-    try:
-        cache.save(file, fingerprint)
-    except OSError as err:
-        log.warning("Prefix cache not saved to %s (%s)", file, err)
-        return
-    for old in evict_oldest(file.parent, max_bytes, keep=file):
-        log.info("Prefix cache: removed %s (least recently used; prefix_cache.max_gb=%g)",
-                 old, max_bytes / 1e9)  # fmt: skip

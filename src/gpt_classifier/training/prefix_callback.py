@@ -21,12 +21,8 @@ from torch.utils.data import DataLoader
 
 from gpt_classifier.model.classifier import CachedPrefix, SequenceClassifier
 from gpt_classifier.training.distributed import all_gather_objects
-from gpt_classifier.training.prefix_cache import (
-    CACHE_DTYPES,
-    PrefixCache,
-    save_within_budget,
-    touch,
-)
+from gpt_classifier.training.prefix_cache import CACHE_DTYPES, PrefixCache
+from gpt_classifier.training.prefix_store import open_store, save_within_budget
 from gpt_classifier.training.signals import GracefulStop
 
 log = logging.getLogger(__name__)
@@ -222,12 +218,9 @@ class PrefixCacheCallback(L.Callback):
         if not self.persist or self.cache is None or self.dir is None:
             return None
         if self._file is None:
-            fingerprint = self.cache.fingerprint(str(trainer.precision))
-            self._fingerprint = fingerprint
-            self._file = self.dir / f"prefix-{fingerprint}.safetensors"
-            if self.cache.load(self._file, fingerprint):
-                self._reused_from = str(self._file)
-                touch(self._file)  # recently used: evicted last
+            self._file, self._fingerprint, self._reused_from = open_store(
+                self.cache, self.dir, str(trainer.precision)
+            )
         return self._file
 
     # ------------------------------------------------------------------ feeding steps
