@@ -225,15 +225,13 @@ def machine_kind(accelerator: str) -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def write_markdown(machine: str, workload: str, tables: str) -> None:
+def write_markdown(machine: str, workload: str, tables: str, command: str | None = None) -> None:
     """Put ``tables`` into docs/benchmarks.md as the section of ``machine`` and
     ``workload``, replacing the one measured there before."""
     start = f"<!-- {machine} | {workload} -->"
-    command = "python scripts/benchmark.py " + " ".join(
-        a if "/" not in a or a.startswith("-") else Path(a).name for a in sys.argv[1:]
-    )
+    command = command or documented_command(sys.argv[1:])
     section = (f"{start}\n### {workload}: {machine}\n\n```bash\n{command}\n```\n"
-               f"{tables.rstrip()}\n<!-- end -->\n")  # fmt: skip
+               f"{tables.strip()}\n<!-- end -->\n")  # fmt: skip
     text = DOCS.read_text()
     if start in text:
         before, rest = text.split(start, 1)
@@ -242,6 +240,27 @@ def write_markdown(machine: str, workload: str, tables: str) -> None:
         text = text.replace(END_MARK, section + "\n" + END_MARK)
     DOCS.write_text(text)
     print(f"written to {DOCS}", file=sys.stderr)
+
+
+def documented_command(argv: list[str]) -> str:
+    """This command as docs/benchmarks.md shows it: paths a reader has, no output options."""
+    words, skip = [], False
+    for i, word in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if word in ("--out", "--json", "--compare-label"):
+            skip = True
+            continue
+        if word == "--markdown":
+            continue
+        previous = argv[i - 1] if i else ""
+        if previous == "--compare-repo":
+            word = "<worktree-of-the-compared-commit>"
+        elif previous == "--data":
+            word = Path(word).name
+        words.append(word)
+    return "python scripts/benchmark.py " + " ".join(words)
 
 
 def main() -> None:
@@ -278,7 +297,12 @@ def main() -> None:
             for repo, label in checkouts
             for row in sweep_runs(args.sweep, args, out / f"r{repeat}", repo, label)
         ]
-        print_sweep_table(sweep_rows, args)
+        with contextlib.redirect_stdout(io.StringIO()) as tables:
+            print_sweep_table(sweep_rows, args)
+        print(tables.getvalue())
+        if args.markdown:
+            workload = f"{args.sweep}-job sweep, {args.models[0]} {args.freeze[0]}"
+            write_markdown(machine_kind(args.accelerator), workload, tables.getvalue())
         if args.json:
             args.json.write_text(json.dumps(sweep_rows, indent=2) + "\n")
         return

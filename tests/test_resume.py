@@ -194,10 +194,13 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(reference, sms_file, tm
                            signal.SIGKILL)  # fmt: skip
     assert process.wait(timeout=60) == -signal.SIGKILL
     assert not (run_dir / "metrics.json").exists()
+    splits = {p.name: p.stat().st_mtime_ns for p in (run_dir / "splits").iterdir()}
     # Only the run folder: the run's own config comes from run_config.yaml.
     ok(run([sys.executable, "train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"]))
     assert final_metrics(run_dir) == final_metrics(reference)
     assert curves(run_dir) == curves(reference)
+    # splits/ is the run's first start's, never rewritten within the run.
+    assert splits == {p.name: p.stat().st_mtime_ns for p in (run_dir / "splits").iterdir()}
     assert final_metrics(run_dir)["params/trainable"] < 50_000  # LoRA's adapters and head
 
 

@@ -4,6 +4,7 @@ and the split files each run keeps."""
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,8 +140,14 @@ def _undersample(rows: list[Message], seed: int) -> list[Message]:
 
 
 def write_split_csv(rows: Sequence[tuple[str, int]], path: Path) -> None:
-    """Write one split as ``Label,Text`` CSV (integer labels, split order)."""
-    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["Label", "Text"])
-        writer.writerows((label, text) for text, label in rows)
+    """Write one split as ``Label,Text`` CSV (integer labels, split order); a file that
+    already holds exactly that (a resumed run's) is left untouched."""
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["Label", "Text"])
+    writer.writerows((label, text) for text, label in rows)
+    data = table.getvalue().encode("utf-8")
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
