@@ -352,3 +352,19 @@ def test_the_prefix_pass_shows_a_progress_bar(sms_file, capfd):
     err = capfd.readouterr().err
     assert "Prefix cache: 100%" in err and "msg" in err and "tokens/s" in err, err[-2000:]
     assert "1382/1382" in err  # every distinct message of the three splits, in one pass
+
+
+def test_a_cache_file_damaged_in_place_is_not_trusted(tmp_path, caplog):
+    # The same size, a readable header, NaN over part of the hidden states: the checksum
+    # stored when the file was written tells, and the entries are recomputed.
+    _, cache = tiny_cache()
+    warmed(cache)
+    file = tmp_path / "prefix-x.safetensors"
+    cache.save(file, "x")
+    data = bytearray(file.read_bytes())
+    data[-64:] = b"\xff" * 64
+    file.write_bytes(bytes(data))
+    _, again = tiny_cache()
+    with caplog.at_level(logging.WARNING):
+        assert again.load(file, "x") == 0
+    assert "do not match their checksum" in caplog.text and "recomputing" in caplog.text

@@ -25,7 +25,7 @@ from gpt_classifier.model.pooling import positions_read
 log = logging.getLogger(__name__)
 
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FILE_FORMAT = 3  # tokens, lengths, extents, hidden; the fingerprint in the metadata
+FILE_FORMAT = 4  # tokens, lengths, extents, hidden; fingerprint and checksum in the metadata
 
 
 class PrefixCache:
@@ -202,10 +202,13 @@ class PrefixCache:
             return 0
         try:
             with safe_open(str(path), framework="pt") as f:
-                stored_for = (f.metadata() or {}).get("fingerprint")
+                metadata = f.metadata() or {}
+                stored_for = metadata.get("fingerprint")
                 if stored_for != fingerprint:
                     raise ValueError(f"it holds fingerprint {stored_for!r}, not {fingerprint!r}")
                 stored = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+            if checksum(stored) != metadata.get("sha256"):
+                raise ValueError("its contents do not match their checksum (damaged)")
             tokens = stored["tokens"].split(stored["lengths"].tolist())
             extents = stored["extents"].tolist()
             hidden = stored["hidden"]
@@ -236,16 +239,22 @@ class PrefixCache:
             self.load(path, fingerprint)  # what other jobs added since this one read it
             keys = list(self.entries)
             tokens = [torch.frombuffer(bytearray(k), dtype=torch.int64) for k in keys]
+            tensors = {
+                "tokens": torch.cat(tokens),
+                "lengths": torch.tensor([len(t) for t in tokens], dtype=torch.int64),
+                "extents": torch.tensor([len(self.entries[k]) for k in keys], dtype=torch.int64),
+                "hidden": torch.cat([self.entries[k] for k in keys]),
+            }
+            metadata = {"fingerprint": fingerprint, "format": str(FILE_FORMAT),
+                        "sha256": checksum(tensors)}  # fmt: skip
             with atomic_path(path) as tmp:
-                save_file(
-                    {
-                        "tokens": torch.cat(tokens),
-                        "lengths": torch.tensor([len(t) for t in tokens], dtype=torch.int64),
-                        "extents": torch.tensor(
-                            [len(self.entries[k]) for k in keys], dtype=torch.int64
-                        ),
-                        "hidden": torch.cat([self.entries[k] for k in keys]),
-                    },
-                    str(tmp),
-                    metadata={"fingerprint": fingerprint, "format": str(FILE_FORMAT)},
-                )
+                save_file(tensors, str(tmp), metadata=metadata)
+
+
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' bytes, by name: what a cache file stores of its contents."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
