@@ -15,8 +15,10 @@ def run_entry(
 ) -> subprocess.CompletedProcess:
     """``python <args>`` (an entry point and its overrides), its output captured."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # No standard input: predict.py reads texts from a pipe.
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+                          capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -142,6 +142,11 @@ def check_pip(words: list[str]) -> None:
 @pytest.mark.parametrize(("where", "command"), COMMANDS, ids=[w for w, _ in COMMANDS])
 def test_documented_command_runs(where, command, request, tmp_path):
     words = shlex.split(command)
+    stdin = None
+    if "|" in words:  # echo "..." | python ...: the echoed text on standard input
+        cut = words.index("|")
+        assert words[0] == "echo", f"{where}: how to run {command!r}?"
+        stdin, words = " ".join(words[1:cut]) + "\n", words[cut + 1 :]
     if words[0] in NOT_RUN:
         pytest.skip(NOT_RUN[words[0]])
     if words[0] == "pip":
@@ -167,7 +172,7 @@ def test_documented_command_runs(where, command, request, tmp_path):
             "callbacks.progress_bar.refresh_rate=0",
         ]
     result = subprocess.run(command_line, cwd=workdir, capture_output=True, text=True,
-                            timeout=600)  # fmt: skip
+                            input=stdin or "", timeout=600)  # fmt: skip
     assert result.returncode == 0, f"{where}: {command}\n{result.stderr[-3000:]}"
     if smoke:
         assert (tmp_path / "out" / "metrics.json").is_file()

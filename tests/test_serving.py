@@ -279,3 +279,12 @@ def test_the_api_answers_alone_and_batched(trained_run):
     assert [p["label"] for p in batched[0]["predictions"]] == [
         api.predict((True, [t]))["label"] for t in ("win a prize", "see you at 5")
     ]
+
+
+def test_a_deeply_nested_body_is_a_400_not_a_server_error():
+    from gpt_classifier.inference.server import BadRequest, parse_request
+
+    nested = b"[" * 30_000 + b"]" * 30_000  # 60 KB, under the size limit
+    with pytest.raises(BadRequest, match="nested too deeply") as refused:
+        parse_request(nested, max_texts=256)
+    assert refused.value.status == 400

@@ -582,3 +582,26 @@ def test_frozen_weights_are_read_straight_into_the_parameters(tmp_path, dtype):
     # A file naming tensors the model lacks is left to the general path.
     save_file({"model.nope": torch.zeros(1)}, str(tmp_path / "frozen.safetensors"))
     assert not load_frozen_weights_in_place(checkpoint, tmp_path / "last.ckpt", state)
+
+
+def test_predict_reads_texts_from_standard_input_without_hydra_quoting(run_dir, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "predictions.jsonl"
+    texts = "Sorry, I'll call later!\nWINNER!! Claim your £900 prize, call 09061701461 🎉\n"
+    result = subprocess.run(
+        [sys.executable, "predict.py", f"ckpt_path={run_dir}", f"output={out}",
+         f"hydra.run.dir={tmp_path / 'out'}"],
+        cwd=REPO, input=texts, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["text"] for r in rows] == texts.splitlines()
+
+
+def test_empty_or_whitespace_texts_are_refused_with_their_index(run_dir):
+    clf = TextClassifier.load(run_dir)
+    for texts, index in ((["fine", "   "], 1), ([""], 0), (["a", "b", "\t\n"], 2)):
+        with pytest.raises(ValueError, match=f"text {index} is empty or only whitespace"):
+            clf.classify(texts)

@@ -52,3 +52,20 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column_or_text(tmp_path):
     labelled = tmp_path / "labelled.csv"
     labelled.write_text(BOM + "Label,Text\nspam,win now\nham,see you\n", encoding="utf-8")
     assert read_labelled_file(labelled, ["ham", "spam"]) == (["win now", "see you"], [1, 0])
+
+
+def test_what_a_run_and_an_export_write_others_can_read(trained_run, tmp_path):
+    # Files get 0666 less the user's umask (0644 under 022), whatever wrote them
+    # (safetensors alone would make its files 0600).
+    import os
+
+    from gpt_classifier.inference import TextClassifier
+
+    mask = os.umask(0)
+    os.umask(mask)
+    want = 0o666 & ~mask
+    clf = TextClassifier.load(trained_run)
+    exported = [clf.export(tmp_path / fmt, format=fmt) for fmt in ("native", "hf")]
+    for folder in (trained_run / "checkpoints", *exported):
+        for file in folder.iterdir():
+            assert file.stat().st_mode & 0o777 == want, (file, oct(file.stat().st_mode))

@@ -15,15 +15,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path`` for the caller to write; it then replaces ``path``
     with ``os.replace``. Readers see the old file or the new one, a failed write leaves
     the old one intact, and concurrent writers never mix their bytes. The file gets the
-    permissions of any new file (the user's umask)."""
+    permissions of any new file (0666 less the user's umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
+        # Some writers (safetensors) create 0600 files: others on a shared machine must
+        # be able to read what a colleague trained or exported.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomically(path: str | Path, text: str) -> None:

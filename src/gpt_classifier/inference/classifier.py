@@ -88,9 +88,10 @@ class TextClassifier:
         out, cut = [], []
         s = self.settings
         limit = min(s.max_length, s.pad_to or s.max_length, self.model.cfg.context_length)
-        for index, ids in enumerate(self.tokenizer.encode_ordinary_batch(list(texts))):
-            if not ids:
-                raise ValueError(f"text {index} is empty; every text needs at least one token")
+        for index, text in enumerate(texts):
+            if not text.strip():  # whitespace has tokens, but nothing to classify
+                raise ValueError(f"text {index} is empty or only whitespace; give it some text")
+        for ids in self.tokenizer.encode_ordinary_batch(list(texts)):
             ids, was_cut = truncate(ids, limit, s.truncation_side)  # type: ignore[arg-type]
             out.append(ids)
             cut.append(was_cut)

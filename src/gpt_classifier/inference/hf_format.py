@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from gpt_classifier.data.tokenizer import PAD_TOKEN_ID, gpt2_bpe_files
+from gpt_classifier.files import atomic_path
 from gpt_classifier.inference.loading import InferenceSettings, ModelLoadError, build_classifier
 from gpt_classifier.model.classifier import SequenceClassifier
 from gpt_classifier.model.lora import merged_state_dict
@@ -164,7 +165,8 @@ def export(model: SequenceClassifier, settings: InferenceSettings, folder: Path)
     check_exportable(settings["pooling"], arch.get("causal_mask", True))
     state = hf_state_dict(model, arch["n_layers"])
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     config = hf_config(arch, list(settings["label_names"]))
     # Ours, ignored by transformers: what TextClassifier needs to read the folder back.
     config["gpt_classifier"] = {**settings, "architecture": arch}

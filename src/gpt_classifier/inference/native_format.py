@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt_classifier.checkpoints import complete_state_dict, read_checkpoint, upgrade_names
+from gpt_classifier.files import atomic_path
 from gpt_classifier.finetuning.methods import method_from_config
 from gpt_classifier.inference.loading import (
     EXPORT_FORMAT,
@@ -87,7 +88,8 @@ def export(model: SequenceClassifier, settings: InferenceSettings, folder: Path)
 
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in merged_state_dict(model).items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": EXPORT_FORMAT})
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": EXPORT_FORMAT})
     config = export_config(model, settings)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "README.md").write_text(_readme(config))

@@ -43,6 +43,8 @@ def parse_request(body: bytes, max_texts: int) -> tuple[bool, list[str]]:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BadRequest(400, f'the body is not JSON ({err}); send {{"text": "..."}}') from err
+    except RecursionError as err:  # e.g. 60 KB of [[[...]]], under the size limit
+        raise BadRequest(400, 'the JSON body is nested too deeply; send {"text": "..."}') from err
     if not isinstance(payload, dict):
         raise BadRequest(422, 'the JSON body must be an object: {"text": "..."} or '
                               '{"texts": ["...", ...]}')  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
@@ -76,14 +77,24 @@ def predict(cfg: DictConfig) -> list[Prediction]:
     sms_path = cfg.get("data", {}).get("path")
     given = [name for name, value in (("text", cfg.text), ("input", cfg.input),
                                       ("data.path", sms_path)) if value is not None]  # fmt: skip
-    if len(given) != 1:
+    piped = not given and not sys.stdin.isatty()
+    if len(given) != 1 and not piped:
         raise ValueError(
-            'give exactly one of text="...", input=<file> or data.path=<label<TAB>text file>'
+            "give exactly one of 'text=\"...\"', input=<file> or data.path=<label<TAB>text "
+            'file>, or pipe texts in, one a line (echo "Call me" | python predict.py ...)'
             + (f"; got {' and '.join(given)}" if given else "")
         )
     classifier = TextClassifier.load(cfg.ckpt_path, device=cfg.device)
     file_labels = None
-    if cfg.text is not None:
+    if piped:  # no Hydra quoting: any text as it is, one a line
+        texts = [line.removesuffix("\r") for line in sys.stdin.read().splitlines()]
+        if not texts:
+            raise ValueError("no texts: give 'text=\"...\"', input=<file> or data.path=<file>, "
+                             "or pipe texts in, one a line")  # fmt: skip
+        for line, text in enumerate(texts, start=1):
+            if not text.strip():
+                raise ValueError(f"standard input, line {line}: empty; give every line a text")
+    elif cfg.text is not None:
         texts = list(cfg.text) if isinstance(cfg.text, ListConfig) else [str(cfg.text)]
     elif cfg.input is not None:
         texts = read_texts(Path(cfg.input), cfg.column)
@@ -93,7 +104,7 @@ def predict(cfg: DictConfig) -> list[Prediction]:
         messages = parse_messages(file, {name: i for i, name in enumerate(names)})
         texts, file_labels = [m.text for m in messages], [m.label for m in messages]
     predictions = classifier.classify(texts, batch_size=cfg.batch_size, progress=True)
-    if cfg.text is not None:
+    if cfg.text is not None or piped:
         for text, p in zip(texts, predictions):
             probs = ", ".join(f"{name} {value:.4f}" for name, value in p.probabilities.items())
             print(f"{p.label}\t({probs})\t{text}")
