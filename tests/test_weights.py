@@ -294,3 +294,33 @@ def test_other_hub_repositories_need_the_hf_prefix(tmp_path, monkeypatch):
     assert set(repos) == {"someone/gpt2-tuned"}
     with pytest.raises(WeightLoadError, match="'hf:<owner>/<repo>' for another Hub repository"):
         GPT.from_pretrained("someone/gpt2-tuned")
+
+
+def test_model_weights_given_on_the_command_line_is_never_ignored(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from gpt_classifier.tasks.components import ConfigError, honour_weights
+
+    def composed(*overrides: str):
+        configs = str(Path(__file__).resolve().parents[1] / "configs")
+        with initialize_config_dir(configs, version_base="1.3"):
+            cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    try:
+        # gpt2-tiny trains from random weights unless weights are given: then it loads them.
+        cfg = composed("model=gpt2-tiny", f"model.weights={tmp_path}")
+        honour_weights(cfg)
+        assert cfg.model.pretrained is True
+        cfg = composed("model=gpt2-tiny", f"model.weights={tmp_path}", "model.pretrained=false")
+        with pytest.raises(ConfigError, match="model.weights=.* and model.pretrained=false "
+                           "contradict each other"):  # fmt: skip
+            honour_weights(cfg)
+        # The preset's own weights with model.pretrained=false: random weights, as asked.
+        cfg = composed("model=gpt2-small", "model.pretrained=false")
+        honour_weights(cfg)
+        assert cfg.model.pretrained is False
+    finally:
+        HydraConfig.instance().cfg = None  # no Hydra state for later tests

@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import FSDPStrategy
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gpt_classifier.data.datamodule import SMSSpamDataModule
 from gpt_classifier.finetuning.methods import FineTuningMethod
@@ -58,6 +58,29 @@ def build_method(cfg: DictConfig) -> FineTuningMethod:
         except ValueError as err:
             raise ConfigError(f"{err} (model={cfg.model.name})") from err
     return method
+
+
+def honour_weights(cfg: DictConfig) -> None:
+    """``model.weights`` given on the command line is never ignored: with a preset that
+    trains from random weights (``pretrained: false``, as gpt2-tiny) it is loaded; with
+    ``model.pretrained=false`` given too, the two contradict each other."""
+    given = {o.split("=", 1)[0].lstrip("+~") for o in _overrides()}
+    if cfg.model.pretrained or "model.weights" not in given or not cfg.model.weights:
+        return
+    if "model.pretrained" in given:
+        raise ConfigError(
+            f"model.weights={cfg.model.weights} and model.pretrained=false contradict each "
+            "other: drop model.pretrained=false to train from those weights, or drop "
+            "model.weights to train from random ones"
+        )
+    with open_dict(cfg):
+        cfg.model.pretrained = True
+    log.info("model.weights=%s given: training from those weights (model=%s alone would "
+             "start from random ones)", cfg.model.weights, cfg.model.name)  # fmt: skip
+
+
+def _overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def build_backbone(model_cfg: DictConfig) -> GPT:

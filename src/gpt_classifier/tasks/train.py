@@ -25,6 +25,7 @@ from gpt_classifier.tasks.components import (
     build_module,
     build_trainer,
     check_writable,
+    honour_weights,
     in_multirun,
 )
 from gpt_classifier.tasks.run_config import (
@@ -69,6 +70,7 @@ def train(cfg: DictConfig) -> float:
         resume_step = header["batches_that_stepped"]
         log.info("Resuming from %s (epoch %d, step %d)", checkpoint, header["epoch"],
                  header["global_step"])  # fmt: skip
+    honour_weights(cfg)
     check_writable(cfg, output_dir)
     # Everything a user can get wrong fails here, before any weights or data are read.
     build_method(cfg)
