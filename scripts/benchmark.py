@@ -214,15 +214,9 @@ def machine_kind(accelerator: str) -> str:
 
         if torch.cuda.is_available():
             return f"{torch.cuda.get_device_name()} (x{torch.cuda.device_count()})"
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
+    from gpt_classifier.training.precision import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def write_markdown(machine: str, workload: str, tables: str, command: str | None = None) -> None:

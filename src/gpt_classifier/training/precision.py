@@ -54,17 +54,21 @@ def measure_cpu_bf16_speedup(rounds: int = 3, seconds: float = 0.05) -> float:
     return best[torch.bfloat16] / best[torch.float32]
 
 
-def cpu_signature() -> str:
-    """What the probe's answer depends on: the CPU model, the threads torch uses and
-    torch's version (one record file may serve the several kinds of node of a cluster)."""
-    model = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform says."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_signature() -> str:
+    """What the probe's answer depends on: the CPU model, the threads torch uses and
+    torch's version (one record file may serve the several kinds of node of a cluster)."""
+    model = cpu_model()
     capability = torch.backends.cpu.get_cpu_capability()
     return f"{model}; {capability}; {torch.get_num_threads()} threads; torch {torch.__version__}"
 
