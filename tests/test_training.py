@@ -236,3 +236,28 @@ def test_unknown_option_lists_the_choices(tmp_path, sms_file):
     result = run_train(tmp_path, sms_file, "accelerator=tpu")
     assert result.returncode != 0
     assert "Available options" in result.stderr and "cpu" in result.stderr
+
+
+def test_the_sweep_summary_ranks_jobs_by_the_metric_and_marks_the_best(tmp_path):
+    from gpt_classifier.reporting.reports import write_sweep_summary
+
+    for job, (lr, acc) in enumerate([("1e-5", 0.81), ("5e-5", 0.93), ("1e-4", 0.88)]):
+        folder = tmp_path / str(job)
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text(f"- optimizer.lr={lr}\n- seed=1\n")
+        metrics = {"val/acc": acc, "test/acc": acc - 0.01, "test/examples": 300.0,
+                   "val/loss": 1 - acc}  # fmt: skip
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    write_sweep_summary(tmp_path, "val/acc")
+    table = [line for line in (tmp_path / "summary.md").read_text().splitlines()
+             if line.startswith("| ") and "optimizer.lr" in line]  # fmt: skip
+    assert [line.split(" | ")[2] for line in table] == ["optimizer.lr=5e-5", "optimizer.lr=1e-4",
+                                                         "optimizer.lr=1e-5"]  # fmt: skip
+    assert table[0].startswith("| **best** |") and "**best**" not in "".join(table[1:])
+    assert "| 300 |" in table[0] and "| 0.9300 |" in table[0]  # counts whole, rates 4 places
+    with (tmp_path / "summary.csv").open(newline="") as f:
+        assert [row["job"] for row in csv.DictReader(f)] == ["0", "1", "2"]  # jobs in order
+    write_sweep_summary(tmp_path, "val/loss")  # a loss ranks low first
+    first = next(line for line in (tmp_path / "summary.md").read_text().splitlines()
+                 if line.startswith("| **best**"))  # fmt: skip
+    assert "optimizer.lr=5e-5" in first

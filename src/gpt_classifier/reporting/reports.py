@@ -55,8 +55,9 @@ def _job_order(job_dir: Path) -> tuple[int, str]:
     return (int(job_dir.name), "") if job_dir.name.isdigit() else (1 << 30, job_dir.name)
 
 
-def write_sweep_summary(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Write ``summary.md`` and ``summary.csv`` into ``sweep_dir``."""
+def write_sweep_summary(sweep_dir: Path, metric: str = "val/acc") -> list[dict[str, Any]]:
+    """Write ``summary.csv`` (jobs in order) and ``summary.md`` (best ``metric`` first,
+    the best job marked) into ``sweep_dir``."""
     rows = sweep_rows(sweep_dir)
     if not rows:
         log.warning("No finished job with metrics.json under %s; no summary written", sweep_dir)
@@ -74,16 +75,26 @@ def write_sweep_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     lines = [f"# Sweep {sweep_dir}", ""]
     if common:
         lines += ["Overrides of every job: `" + " ".join(sorted(common)) + "`", ""]
-    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = [_cell(row.get(c, "")) for c in columns]
+    ranked = [row for row in rows if isinstance(row.get(metric), int | float)]
+    # Losses are best low; accuracy, precision, recall and F1 high.
+    ranked.sort(key=lambda row: row[metric], reverse="loss" not in metric)
+    ordered = ranked + [row for row in rows if row not in ranked]
+    if ranked:
+        lines += [f"Sorted by `{metric}`; the best job is marked.", ""]
+    lines += ["| best | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for row in ordered:
+        cells = ["**best**" if ranked and row is ranked[0] else ""]
+        cells += [_cell(c, row.get(c, "")) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     write_text_atomically(sweep_dir / "summary.md", "\n".join(lines) + "\n")
     log.info("Sweep summary of %d jobs: %s", len(rows), sweep_dir / "summary.md")
     return rows
 
 
-def _cell(value: Any) -> str:
+def _cell(column: str, value: Any) -> str:
+    """Counts as whole numbers, rates and times to 4 decimals."""
+    if isinstance(value, float) and value.is_integer() and column.endswith("examples"):
+        return str(int(value))
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value).replace("|", "\\|")
@@ -93,4 +104,4 @@ class SweepSummary(Callback):
     """Hydra callback: when a multirun ends, tabulate every job's final metrics."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        write_sweep_summary(Path(config.hydra.sweep.dir))
+        write_sweep_summary(Path(config.hydra.sweep.dir), config.get("optimize_metric", "val/acc"))
