@@ -257,6 +257,19 @@ def documented_command(argv: list[str]) -> str:
     return "python scripts/benchmark.py " + " ".join(words)
 
 
+def report(rows: list[dict[str, Any]], args: argparse.Namespace, workload: str,
+           tables: Any) -> None:  # fmt: skip
+    """Print what ``tables()`` prints; with --markdown also into docs/benchmarks.md, with
+    --json the rows as JSON."""
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        tables()
+    print(printed.getvalue())
+    if args.markdown:
+        write_markdown(machine_kind(args.accelerator), workload, printed.getvalue())
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["gpt2-small"])
@@ -291,14 +304,8 @@ def main() -> None:
             for repo, label in checkouts
             for row in sweep_runs(args.sweep, args, out / f"r{repeat}", repo, label)
         ]
-        with contextlib.redirect_stdout(io.StringIO()) as tables:
-            print_sweep_table(sweep_rows, args)
-        print(tables.getvalue())
-        if args.markdown:
-            workload = f"{args.sweep}-job sweep, {args.models[0]} {args.freeze[0]}"
-            write_markdown(machine_kind(args.accelerator), workload, tables.getvalue())
-        if args.json:
-            args.json.write_text(json.dumps(sweep_rows, indent=2) + "\n")
+        workload = f"{args.sweep}-job sweep, {args.models[0]} {args.freeze[0]}"
+        report(sweep_rows, args, workload, lambda: print_sweep_table(sweep_rows, args))
         return
     rows: list[dict[str, Any]] = []
     for model in args.models:
@@ -313,16 +320,13 @@ def main() -> None:
                             row["speedup"] = round(book["end_to_end_s"] / row["end_to_end_s"], 1)
                         rows.append(row)
                         print(json.dumps(row), file=sys.stderr)
-    with contextlib.redirect_stdout(io.StringIO()) as tables:
+
+    def tables() -> None:
         print_table(rows)
         if args.compare_repo:
             print_comparison(rows, args.compare_label)
-    print(tables.getvalue())
-    if args.markdown:
-        workload = f"one run, {args.epochs} epochs, {'/'.join(args.freeze)}"
-        write_markdown(machine_kind(args.accelerator), workload, tables.getvalue())
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+    report(rows, args, f"one run, {args.epochs} epochs, {'/'.join(args.freeze)}", tables)
 
 
 if __name__ == "__main__":
