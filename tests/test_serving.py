@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -52,33 +54,48 @@ def predict(url: str, payload) -> tuple[int, object]:
     return request(f"{url}/predict", json.dumps(payload).encode())
 
 
-@pytest.fixture(scope="module")
-def server(trained_run, tmp_path_factory):
-    """``python serve.py`` on a free loopback port, ready (``/health`` says ok)."""
+def start_server(ckpt: Path, folder: Path, *overrides: str) -> tuple[subprocess.Popen, str, list]:
+    """``python serve.py`` on a free loopback port, once ``/health`` says ok: the process,
+    its URL, and the ``/health`` statuses seen every 20 ms until then (0: refused)."""
     port = free_port()
-    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "serve.py", f"ckpt_path={trained_run}", f"port={port}",
-         "max_texts=8", "max_request_bytes=4096", "max_batch_size=8",
-         f"hydra.run.dir={Path(log.name).parent}"],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    with (folder / "serve.log").open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "serve.py", f"ckpt_path={ckpt}", f"port={port}",
+             f"hydra.run.dir={folder}", *overrides],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
+    statuses = [request_ok(f"{url}/health")]
+    while statuses[-1] != 200:
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_group(process)
+            pytest.fail(f"the server was not ready: {(folder / 'serve.log').read_text()[-3000:]}")
+        time.sleep(0.02)
+        statuses.append(request_ok(f"{url}/health"))
+    return process, url, statuses
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Whatever is left of the server's process group, killed."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(trained_run, tmp_path_factory):
+    """A server with small limits, shared by the tests that only send requests."""
+    process, url, _ = start_server(
+        trained_run, tmp_path_factory.mktemp("serve"), "max_texts=8", "max_request_bytes=4096",
+        "max_batch_size=8", "header_timeout=1",
+    )  # fmt: skip
+    yield url
+    os.kill(process.pid, signal.SIGTERM)
     try:
-        while request_ok(f"{url}/health") != 200:
-            assert process.poll() is None, Path(log.name).read_text()[-3000:]
-            assert time.monotonic() < deadline, "the server was not ready within 180 s"
-            time.sleep(0.3)
-        yield url
+        process.wait(timeout=30)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)  # LitServe's workers are in its group
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
+        stop_group(process)
 
 
 def request_ok(url: str) -> int:
@@ -288,3 +305,99 @@ def test_a_deeply_nested_body_is_a_400_not_a_server_error():
     with pytest.raises(BadRequest, match="nested too deeply") as refused:
         parse_request(nested, max_texts=256)
     assert refused.value.status == 400
+
+
+def group_alive(pgid: int) -> list[int]:
+    """The processes of group ``pgid`` still running (zombies are gone already)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                alive.append(int(stat.parent.name))
+    return alive
+
+
+def wait_gone(process: subprocess.Popen, within: float) -> float:
+    """Seconds until every process of the server's group has exited (fails after ``within``)."""
+    start = time.monotonic()
+    while group_alive(process.pid):
+        process.poll()  # reap the main, whose group id outlives it otherwise
+        if time.monotonic() - start > within:
+            left = group_alive(process.pid)
+            stop_group(process)
+            pytest.fail(f"processes {left} of the server still run {within} s later")
+        time.sleep(0.1)
+    took = time.monotonic() - start
+    process.wait(timeout=5)
+    return took
+
+
+def busy(url: str, requests: int) -> tuple[list, list]:
+    """``requests`` long requests sent at once in threads, and the statuses they get."""
+    body = json.dumps({"texts": ["please call me back about the prize " * 6] * 200}).encode()
+    statuses: list = []
+
+    def send() -> None:
+        try:
+            statuses.append(request(f"{url}/predict", body)[0])
+        except (urllib.error.URLError, ConnectionError) as err:
+            statuses.append(repr(err))
+
+    threads = [threading.Thread(target=send) for _ in range(requests)]
+    for thread in threads:
+        thread.start()
+    return threads, statuses
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_sigint_answers_requests_in_flight_then_stops_every_process(
+    trained_run, tmp_path, signum
+):
+    process, url, statuses = start_server(trained_run, tmp_path)
+    # The port opens while the model loads: a load balancer sees 503, never a refusal
+    # once the first answer has come.
+    answered = [s for s in statuses if s]
+    assert answered[0] == 503 and set(answered) == {503, 200}, statuses
+    threads, answers = busy(url, 12)
+    time.sleep(0.3)  # the requests are in flight
+    os.kill(process.pid, signum)  # the main process only, as kill, docker stop and k8s do
+    took = wait_gone(process, within=10)
+    for thread in threads:
+        thread.join()
+    assert answers == [200] * 12, answers
+    assert process.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    assert took < 10
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_the_other_processes_exit_by_themselves_when_the_main_is_killed(trained_run, tmp_path):
+    process, url, _ = start_server(trained_run, tmp_path)
+    others = set(group_alive(process.pid)) - {process.pid}
+    assert len(others) >= 3, others  # manager, model worker, HTTP process
+    os.kill(process.pid, signal.SIGKILL)
+    assert wait_gone(process, within=5) < 5
+    assert request_ok(f"{url}/health") == 0  # nothing keeps the port
+
+
+def test_a_connection_that_never_finishes_its_headers_is_closed(server):
+    port = int(server.rsplit(":", 1)[1])
+    for sent in (b"", b"GET /health HTTP/1.1\r\nHost: x\r\n"):  # nothing; half the headers
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(sent)
+            start = time.monotonic()
+            assert conn.recv(1024) == b""  # closed by the server (header_timeout=1)
+            assert time.monotonic() - start < 5
+    # A kept-alive connection: the first request is answered, a half second one times out.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"ok"):  # /health's body
+            answer += conn.recv(1024)
+        assert answer.startswith(b"HTTP/1.1 200")
+        conn.sendall(b"GET /health HTTP/1.1\r\n")
+        start = time.monotonic()
+        assert conn.recv(1024) == b""
+        assert time.monotonic() - start < 5

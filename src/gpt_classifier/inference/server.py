@@ -11,7 +11,9 @@ lists of texts, batches them across requests and answers each request in its ord
 
 import json
 import logging
+import multiprocessing
 import os
+import signal
 from collections.abc import Sequence
 from importlib import metadata, resources
 from pathlib import Path
@@ -23,6 +25,7 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpt_classifier.inference.classifier import Prediction, TextClassifier
+from gpt_classifier.inference.server_processes import exit_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +160,11 @@ class ClassifierAPI(ls.LitAPI):
         self.workers = workers
 
     def setup(self, device: str) -> None:
+        if multiprocessing.parent_process() is not None:  # a LitServe worker process
+            exit_with_parent()
+            # The main process stops the workers once the requests in flight are answered;
+            # a Ctrl-C in the terminal reaches every process of the group at once.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if device.startswith("cpu") and self.workers > 1:
             # Workers share the cores: each with a thread per core would oversubscribe them.
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -17,21 +18,21 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 def build_server(cfg: DictConfig):
     """The LitServer for ``cfg``; the model is loaded here once, so that a bad
     ``ckpt_path`` fails now with its own message instead of inside a worker process."""
-    import litserve as ls
-
     from gpt_classifier.inference.server import ClassifierAPI, Page, RequestCheck, model_info
+    from gpt_classifier.inference.server_processes import ClassifierServer
 
     if cfg.device not in DEVICES:
         raise ValueError(f"device={cfg.device!r} is not one of {list(DEVICES)}")
-    for key in ("max_batch_size", "batch_size", "workers", "max_request_bytes", "max_texts"):
-        if int(cfg[key]) < 1:
+    at_least_one = ("max_batch_size", "batch_size", "workers", "max_request_bytes", "max_texts")
+    for key in (*at_least_one, "header_timeout"):
+        if float(cfg[key]) < 1:
             raise ValueError(f"{key}={cfg[key]} must be at least 1")
     path = Path(cfg.ckpt_path).expanduser()
     info = model_info(TextClassifier.load(path, device="cpu"), path)
     api = ClassifierAPI(str(path), batch_size=int(cfg.batch_size), workers=int(cfg.workers),
                         max_batch_size=int(cfg.max_batch_size),
                         batch_timeout=float(cfg.batch_timeout))  # fmt: skip
-    return ls.LitServer(
+    return ClassifierServer(
         api,
         accelerator=cfg.device,
         workers_per_device=int(cfg.workers),
@@ -48,9 +49,15 @@ def build_server(cfg: DictConfig):
 
 
 def serve(cfg: DictConfig) -> None:
-    """Run the server until Ctrl-C."""
+    """Run the server until SIGTERM or Ctrl-C, then stop all of its processes."""
+    from gpt_classifier.inference.server_processes import HeaderTimeoutProtocol, stop_together
+
     server = build_server(cfg)
     log.info("Serving %s on http://%s:%d/ (POST /predict, GET /health, GET /info)",
              cfg.ckpt_path, cfg.host, cfg.port)  # fmt: skip
-    server.run(host=cfg.host, port=int(cfg.port), log_level=cfg.log_level,
+    stop_together()
+    http = partial(HeaderTimeoutProtocol, header_timeout=float(cfg.header_timeout))
+    server.run(host=cfg.host, port=int(cfg.port), log_level=cfg.log_level, http=http,
                generate_client_file=False, num_api_servers=1)  # fmt: skip
+    if server.worker_failed:
+        raise RuntimeError("the model worker failed to load the model (its error is above)")
