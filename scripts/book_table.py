@@ -68,7 +68,7 @@ def run_config(run_dir: Path) -> dict[str, Any]:
 
 def machine(config: dict[str, Any]) -> str:
     """What a run ran on: the GPU's name, or the CPU's and its core count."""
-    accelerator = config.get("accelerator", {}).get("accelerator", "cpu")
+    accelerator = config.get("trainer", {}).get("accelerator", "cpu")
     wants_gpu = accelerator in ("gpu", "cuda", "auto")
     try:
         import torch

@@ -101,7 +101,7 @@ def measure(model: str, method: str, trainer: str, steps: int, extra: list[str])
             out = Path(tmp) / f"run{n}"
             command = [
                 sys.executable, "train.py", f"model={model}", "model.pretrained=false",
-                f"freeze={method}", f"trainer={trainer}", "accelerator.precision=32-true",
+                f"freeze={method}", f"trainer={trainer}", "trainer.precision=32-true",
                 f"+trainer.max_steps={n}", "trainer.limit_val_batches=0",
                 "trainer.limit_test_batches=1", "callbacks.progress_bar.refresh_rate=0",
                 "callbacks.step_checkpoint=null", f"hydra.run.dir={out}", *extra,

@@ -86,7 +86,7 @@ def trained_run(tmp_path_factory, sms_file) -> Path:
 
     out = tmp_path_factory.mktemp("trained") / "run"
     # float32, as inference runs: the tests compare eval.py with the run's metrics.
-    ok(run_entry("train.py", "model=gpt2-tiny", "accelerator=cpu", "accelerator.precision=32-true",
+    ok(run_entry("train.py", "model=gpt2-tiny", "accelerator=cpu", "trainer.precision=32-true",
                  f"data.path={sms_file}", "trainer.max_epochs=2", f"hydra.run.dir={out}",
                  "callbacks.progress_bar.refresh_rate=0"))  # fmt: skip
     return out

@@ -111,7 +111,7 @@ def test_ddp_sim_sweep_is_one_sweep_and_matches_one_process_runs(tmp_path, sms_f
     metrics.json per job, every message evaluated once, and the same results as
     one-process runs with the global batch (2 processes x 8 = 16)."""
     # float32 whatever the CPU (precision=auto picks bf16-mixed where bfloat16 is fast).
-    jobs = ("freeze=last_block,lora", "trainer.max_epochs=1", "accelerator.precision=32-true")
+    jobs = ("freeze=last_block,lora", "trainer.max_epochs=1", "trainer.precision=32-true")
     ok(run_train(tmp_path / "ref", sms_file, *jobs, "data.batch_size=16", multirun=True))
     ddp = ok(run_train(tmp_path / "ddp", sms_file, *jobs, "trainer=ddp_sim", multirun=True))
     sweep, ref_sweep = tmp_path / "ddp" / "sweep", tmp_path / "ref" / "sweep"
@@ -185,7 +185,7 @@ def test_trainer_fsdp_trains_like_ddp_and_resumes_from_its_shards(tmp_path, sms_
     from gpt_classifier.inference import TextClassifier
 
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
-    common = ("freeze=all", "accelerator.precision=32-true")
+    common = ("freeze=all", "trainer.precision=32-true")
     ok(run_train(tmp_path / "ddp", sms_file, *common, "trainer=ddp_sim", "trainer.max_epochs=2"))
     fsdp = (*common, *CPU_FSDP, "model.activation_checkpointing=true")
     first = ok(run_train(tmp_path / "fsdp", sms_file, *fsdp, "trainer.max_epochs=1"))

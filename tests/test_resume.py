@@ -315,15 +315,15 @@ def _check_resume_config(composed, run_dir: Path, checkpoint: Path) -> None:
     )
 
     save_run_config(composed("model=gpt2-tiny", "freeze=lora", "optimizer.lr=1e-4"), run_dir,
-                    {"accelerator.precision": "bf16-mixed"})  # fmt: skip
+                    {"trainer.precision": "bf16-mixed"})  # fmt: skip
 
     resumed = config_for_resume(composed("ckpt_path=last", "trainer.max_epochs=9"), checkpoint)
     assert resumed.model.name == "gpt2-tiny" and resumed.freeze.rank == 16
     # precision=auto measured the CPU at the run's start: the resume trains on in what it chose
-    assert resumed.accelerator.precision == "bf16-mixed"
-    chosen = config_for_resume(composed("ckpt_path=last", "accelerator.precision=32-true"),
+    assert resumed.trainer.precision == "bf16-mixed"
+    chosen = config_for_resume(composed("ckpt_path=last", "trainer.precision=32-true"),
                                checkpoint)  # fmt: skip
-    assert chosen.accelerator.precision == "32-true"  # unless the command says otherwise
+    assert chosen.trainer.precision == "32-true"  # unless the command says otherwise
     assert resumed.optimizer.lr == 1e-4 and resumed.trainer.max_epochs == 9
     assert resumed.ckpt_path == str(checkpoint)
     with pytest.raises(ResumeConfigError, match="model=gpt2-small: the run in .* was trained "
@@ -335,6 +335,16 @@ def _check_resume_config(composed, run_dir: Path, checkpoint: Path) -> None:
         with pytest.raises(ResumeConfigError, match=f"{change}: the run in .* was trained with "
                            f"{before}.* start a new run"):  # fmt: skip
             config_for_resume(composed("ckpt_path=last", change), checkpoint)
+    # A run started when the accelerator group wrote accelerator.* resumes with trainer.*.
+    record = OmegaConf.load(run_dir / "run_config.yaml")
+    with open_dict(record):
+        record.config.accelerator = {"accelerator": "cpu", "precision": "auto"}
+        del record.config.trainer["accelerator"], record.config.trainer["precision"]
+        record.resolved = {"accelerator.precision": "bf16-mixed"}
+    OmegaConf.save(record, run_dir / "run_config.yaml")
+    older = config_for_resume(composed("ckpt_path=last"), checkpoint)
+    assert "accelerator" not in older
+    assert (older.trainer.accelerator, older.trainer.precision) == ("cpu", "bf16-mixed")
 
 
 class ScheduledAccuracy(L.LightningModule):

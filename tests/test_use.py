@@ -312,7 +312,7 @@ def test_checkpoints_keep_frozen_weights_once(run_dir, tmp_path):
 def lora_run_dir(tmp_path_factory, sms_file) -> Path:
     """A briefly trained gpt2-tiny run with adapters on every linear layer and the head."""
     out = tmp_path_factory.mktemp("lora") / "run"
-    ok(run_entry("train.py", "model=gpt2-tiny", "accelerator=cpu", "accelerator.precision=32-true",
+    ok(run_entry("train.py", "model=gpt2-tiny", "accelerator=cpu", "trainer.precision=32-true",
            f"data.path={sms_file}", "freeze=lora", "freeze.head=both", "freeze.alpha=32",
            "optimizer.lr=1e-3", "trainer.max_epochs=1", f"hydra.run.dir={out}",
            "callbacks.progress_bar.refresh_rate=0"))  # fmt: skip

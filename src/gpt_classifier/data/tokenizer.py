@@ -43,7 +43,7 @@ def get_tokenizer(folder: str | Path | None = None) -> tiktoken.Encoding:
 
 
 # Where tiktoken gets GPT-2's BPE files (tiktoken_ext.openai_public.gpt2), with its hashes.
-_BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 _ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 _VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 
@@ -55,8 +55,8 @@ def gpt2_bpe_files() -> tuple[bytes, bytes]:
 
     try:
         return (
-            read_file_cached(_BPE_URL + "encoder.json", _ENCODER_JSON_SHA256),
-            read_file_cached(_BPE_URL + "vocab.bpe", _VOCAB_BPE_SHA256),
+            read_file_cached(BPE_URL + "encoder.json", _ENCODER_JSON_SHA256),
+            read_file_cached(BPE_URL + "vocab.bpe", _VOCAB_BPE_SHA256),
         )
     except Exception as err:  # tiktoken raises requests' errors when offline
         raise RuntimeError(

@@ -169,18 +169,16 @@ def build_datamodule(
 
 
 def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
-    """The Trainer's arguments: the accelerator group's device and precision, then the
-    trainer group's (devices, num_nodes, strategy, loop settings)."""
+    """The Trainer's arguments (``trainer.*``; the accelerator group sets ``accelerator``
+    and ``precision`` there), with ``precision: auto`` resolved for the device."""
     settings: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
     if isinstance(settings.get("strategy"), dict):
         settings["strategy"] = build(cfg, "trainer.strategy")
     cache_dir = OmegaConf.select(cfg, "paths.cache_dir", default=None)
     record = Path(cache_dir) / PRECISION_RECORD if cache_dir else None
-    accelerator = cfg.accelerator.accelerator
     return {
-        "accelerator": accelerator,
-        "precision": resolve_precision(accelerator, cfg.accelerator.precision, record),
         **settings,
+        "precision": resolve_precision(settings["accelerator"], settings["precision"], record),
         # The data module gives each process its share itself (data.datamodule).
         "use_distributed_sampler": False,
     }
@@ -218,7 +216,7 @@ def build_trainer(
     except (ValueError, RuntimeError, TypeError) as err:
         trainer = run_choices_now().get("trainer", "?")
         raise ConfigError(
-            f"trainer={trainer} with accelerator={cfg.accelerator.accelerator}, "
+            f"trainer={trainer} with trainer.accelerator={cfg.trainer.accelerator}, "
             f"trainer.devices={cfg.trainer.devices}: {err}"
         ) from err
 

@@ -20,6 +20,7 @@ from gpt_classifier.inference import ModelLoadError, TextClassifier
 from gpt_classifier.reporting.plots import confusion_figure
 from gpt_classifier.reporting.reports import write_json
 from gpt_classifier.reporting.tensorboard import skip_tensorflow_import
+from gpt_classifier.tasks.preflight import check_inference
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ def data_path(cfg: DictConfig) -> str | None:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Write ``metrics.json``, the confusion matrix and a per-class report."""
+    check_inference(cfg)
     output_dir = Path(cfg.paths.output_dir)
     classifier = TextClassifier.load(cfg.ckpt_path, device=cfg.device)
     names = classifier.settings.label_names

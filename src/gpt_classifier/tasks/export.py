@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from gpt_classifier.inference import TextClassifier
+from gpt_classifier.tasks.preflight import check_inference
 
 log = logging.getLogger(__name__)
 
@@ -15,6 +16,7 @@ log = logging.getLogger(__name__)
 def export(cfg: DictConfig) -> Path:
     """Write the export folder ``cfg.out`` (``cfg.format``: native or hf) and, with
     ``cfg.hub_repo``, upload it to the Hugging Face Hub."""
+    check_inference(cfg)
     fmt = cfg.get("format", "native")
     folder = TextClassifier.load(cfg.ckpt_path).export(cfg.out, format=fmt)
     log.info("Exported %s to %s (format=%s)", cfg.ckpt_path, folder, fmt)

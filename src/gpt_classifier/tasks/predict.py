@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig
 from gpt_classifier.data.sms import parse_messages
 from gpt_classifier.files import read_user_text, user_file
 from gpt_classifier.inference import Prediction, TextClassifier
+from gpt_classifier.tasks.preflight import check_inference
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def write_predictions(
 def predict(cfg: DictConfig) -> list[Prediction]:
     """Classify ``cfg.text`` (one text or a list), the texts of ``cfg.input``, or the
     messages of an SMS-format ``cfg.data.path``."""
+    check_inference(cfg)
     sms_path = cfg.get("data", {}).get("path")
     given = [name for name, value in (("text", cfg.text), ("input", cfg.input),
                                       ("data.path", sms_path)) if value is not None]  # fmt: skip

@@ -77,7 +77,7 @@ def config_for_resume(cfg: DictConfig, checkpoint: Path) -> DictConfig:
     if not path.is_file():
         log.warning("%s not found: resuming with this command's config, not the run's", path)
         return cfg
-    record = OmegaConf.load(path)
+    record = _moved_accelerator_keys(OmegaConf.load(path))
     resumed = OmegaConf.create(OmegaConf.to_container(record.config, resolve=False))
     original = resumed.copy()
     overrides, choices = _hydra_state()
@@ -126,6 +126,20 @@ def config_for_resume(cfg: DictConfig, checkpoint: Path) -> DictConfig:
     if changed:
         log.info("Resuming with the run's config, changed by this command: %s", "; ".join(changed))
     return resumed
+
+
+def _moved_accelerator_keys(record: DictConfig) -> DictConfig:
+    """A run started before the accelerator group wrote ``trainer.accelerator`` and
+    ``trainer.precision`` kept them as ``accelerator.*``: moved, so that it resumes."""
+    old = record.config.get("accelerator")
+    if isinstance(old, DictConfig):
+        with open_dict(record):
+            record.config.trainer.update(old)
+            del record.config["accelerator"]
+            resolved = record.get("resolved") or {}
+            record.resolved = {k.replace("accelerator.", "trainer.", 1): v
+                               for k, v in resolved.items()}  # fmt: skip
+    return record
 
 
 def run_choices(output_dir: Path) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from gpt_classifier.inference import TextClassifier
+from gpt_classifier.tasks.preflight import check_inference
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def serve(cfg: DictConfig) -> None:
     """Run the server until SIGTERM or Ctrl-C, then stop all of its processes."""
     from gpt_classifier.inference.server_processes import HeaderTimeoutProtocol, stop_together
 
+    check_inference(cfg)
     server = build_server(cfg)
     log.info("Serving %s on http://%s:%d/ (POST /predict, GET /health, GET /info)",
              cfg.ckpt_path, cfg.host, cfg.port)  # fmt: skip

@@ -28,6 +28,7 @@ from gpt_classifier.tasks.components import (
     honour_weights,
     in_multirun,
 )
+from gpt_classifier.tasks.preflight import check_training
 from gpt_classifier.tasks.run_config import (
     config_for_resume,
     finished_run,
@@ -71,6 +72,7 @@ def train(cfg: DictConfig) -> float:
         log.info("Resuming from %s (epoch %d, step %d)", checkpoint, header["epoch"],
                  header["global_step"])  # fmt: skip
     honour_weights(cfg)
+    check_training(cfg, output_dir)
     check_writable(cfg, output_dir)
     # Everything a user can get wrong fails here, before any weights or data are read.
     build_method(cfg)
@@ -88,7 +90,7 @@ def train(cfg: DictConfig) -> float:
     # strategy inside fit, or by the cluster, and run this function too).
     rank_zero = is_rank_zero_process()
     if rank_zero:
-        save_run_config(cfg, output_dir, {"accelerator.precision": trainer.precision})
+        save_run_config(cfg, output_dir, {"trainer.precision": trainer.precision})
 
     L.seed_everything(cfg.seed, workers=True)
     backbone = build_backbone(cfg.model)

@@ -1,0 +1,223 @@
+"""The pre-flight: every missing piece a task needs (weights, tokenizer files, data), found
+at once before any work, each with its fix, so that a new user offline is not sent round
+one download failure at a time."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from omegaconf import DictConfig
+
+from gpt_classifier.data.sms import FILE_NAME
+from gpt_classifier.data.tokenizer import BPE_URL
+from gpt_classifier.model.weights import HUB_MODELS, HUB_PREFIX
+
+EXIT_STATUS = 2
+# One connection attempt per host, all at once: offline, the answer comes in this long.
+REACH_TIMEOUT_S = 2.0
+_SHORT_NAMES = [name for name in HUB_MODELS if "/" not in name]
+SMOKE_RUN = "model.pretrained=false (random weights: a smoke run, not a classifier)"
+
+
+@dataclass(frozen=True)
+class Missing:
+    """One piece a task cannot start without, and what the user can do about it."""
+
+    what: str
+    fixes: tuple[str, ...]
+
+
+def check_training(cfg: DictConfig, output_dir: Path) -> None:
+    """``train.py``'s pre-flight: exits with status 2 and every missing piece listed."""
+    _probe([BPE_URL, "https://huggingface.co", *(cfg.data.get("urls") or [])])
+    missing = [
+        *_old_keys(cfg),
+        *_weights(cfg.model),
+        *_tokenizer(cfg.model.weights if cfg.model.pretrained else None),
+        *_sms_data(cfg.data),
+    ]
+    if missing:
+        _stop(missing, output_dir)
+
+
+def check_inference(cfg: DictConfig) -> None:
+    """The pre-flight of the tasks that load a trained model (predict, eval, export,
+    serve): the model's path and GPT-2's tokenizer files."""
+    _probe([BPE_URL])
+    missing = _tokenizer(None)
+    path = Path(str(cfg.ckpt_path)).expanduser()
+    if not path.exists():
+        missing.insert(0, Missing(
+            f"ckpt_path={cfg.ckpt_path} does not exist",
+            ("ckpt_path=<a run folder (outputs/train/runs/...), one of its .ckpt files, or an "
+             "export folder>",),
+        ))  # fmt: skip
+    if missing:
+        _stop(missing, Path(cfg.paths.output_dir))
+
+
+# ----------------------------------------------------------------------------- the checks
+
+
+def _old_keys(cfg: DictConfig) -> list[Missing]:
+    if "accelerator" not in cfg:
+        return []
+    return [Missing(
+        "accelerator.* keys: the accelerator group now sets Lightning's own "
+        "trainer.accelerator and trainer.precision",
+        ("write trainer.precision=... and trainer.accelerator=... instead of accelerator.*",),
+    )]  # fmt: skip
+
+
+def _weights(model: DictConfig) -> list[Missing]:
+    if not model.pretrained:
+        return []
+    source = str(model.weights)
+    if Path(source).expanduser().exists():
+        return []  # the loader checks what is in it, with its own messages
+    repo = source[len(HUB_PREFIX) :] if source.startswith(HUB_PREFIX) else HUB_MODELS.get(source)
+    if repo is None:
+        return [Missing(
+            f"model.weights={source} is neither an existing path nor a known GPT-2 name",
+            (f"model.weights=<a Hub name: {', '.join(sorted(_SHORT_NAMES))}, "
+             "hf:<owner>/<repo>, or a folder>", SMOKE_RUN),
+        )]  # fmt: skip
+    if _hub_cached(repo) or _reachable("https://huggingface.co"):
+        return []
+    return [Missing(
+        f"GPT-2 weights {repo!r} (model.weights={source}): not in the Hugging Face cache "
+        f"and the Hub cannot be reached{_offline_note()}",
+        ("model.weights=/path/to/folder (a save_pretrained folder with model.safetensors and "
+         "config.json, or OpenAI's checkpoint folder)", "run once with network access: the "
+         "download is cached under HF_HOME", SMOKE_RUN),
+    )]  # fmt: skip
+
+
+def _tokenizer(folder: str | None) -> list[Missing]:
+    if folder is not None:
+        path = Path(folder).expanduser()
+        path = path if path.is_dir() else path.parent
+        if (path / "encoder.json").is_file() and (path / "vocab.bpe").is_file():
+            return []
+    if _tiktoken_cached() or _reachable(BPE_URL):
+        return []
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    where = f"TIKTOKEN_CACHE_DIR={cache}" if cache else "tiktoken's cache"
+    return [Missing(
+        f"GPT-2's tokenizer files (tiktoken's gpt2 encoding): not in {where} and "
+        f"{urlparse(BPE_URL).hostname} cannot be reached",
+        ("TIKTOKEN_CACHE_DIR=/path/to/a/tiktoken/cache (copied from a machine where "
+         "tiktoken.get_encoding('gpt2') ran once)", "model.weights=<OpenAI's checkpoint folder, "
+         "which has encoder.json and vocab.bpe>"),
+    )]  # fmt: skip
+
+
+def _sms_data(data: DictConfig) -> list[Missing]:
+    if data.get("path") is not None or "urls" not in data:
+        return []  # a given file is checked by the data module, naming it
+    target = Path(data.data_dir) / FILE_NAME
+    if target.is_file() or any(_reachable(url) for url in data.urls):
+        return []
+    return [Missing(
+        f"the SMS Spam Collection: not at {target}, and none of its download hosts "
+        f"({', '.join(sorted({urlparse(u).hostname or u for u in data.urls}))}) can be reached",
+        (f"data.path=/path/to/{FILE_NAME} (or the UCI zip)",
+         f"put the file at {target}"),
+    )]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- caches, network
+
+
+def _hub_cached(repo: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(name: str) -> bool:
+        return isinstance(try_to_load_from_cache(repo, name), str)
+
+    return cached("config.json") and (cached("model.safetensors") or cached("pytorch_model.bin"))
+
+
+def _tiktoken_cached() -> bool:
+    # tiktoken keeps each downloaded file under the SHA-1 of its URL (tiktoken.load).
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    folder = Path(cache) if cache else Path(tempfile.gettempdir()) / "data-gym-cache"
+    files = ("vocab.bpe", "encoder.json")
+    return all((folder / hashlib.sha1((BPE_URL + f).encode()).hexdigest()).is_file() for f in files)
+
+
+_REACHED: dict[str, bool] = {}
+
+
+def _probe(urls: list[str]) -> None:
+    """Try every host at once, each once, so that offline the pre-flight takes seconds."""
+    hosts = {urlparse(url).hostname or "" for url in urls} - set(_REACHED)
+    if _hub_offline():
+        _REACHED["huggingface.co"] = False
+        hosts.discard("huggingface.co")
+
+    def connects(host: str) -> bool:
+        try:
+            with socket.create_connection((host, 443), timeout=REACH_TIMEOUT_S):
+                return True
+        except OSError:
+            return False
+
+    pool = ThreadPoolExecutor(max(1, len(hosts)))
+    futures = {host: pool.submit(connects, host) for host in hosts}
+    for host, future in futures.items():
+        try:  # getaddrinfo has no timeout of its own: bound the whole attempt
+            _REACHED[host] = future.result(timeout=REACH_TIMEOUT_S + 0.5)
+        except TimeoutError:
+            _REACHED[host] = False
+    pool.shutdown(wait=False)
+
+
+def _reachable(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    if host not in _REACHED:
+        _probe([url])
+    return _REACHED[host]
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no")
+
+
+def _offline_note() -> str:
+    return " (HF_HUB_OFFLINE=1)" if _hub_offline() else ""
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _stop(missing: list[Missing], output_dir: Path) -> None:
+    lines = [f"Cannot start: {len(missing)} thing(s) missing. Nothing was run."]
+    for number, item in enumerate(missing, 1):
+        lines.append(f"  {number}. {item.what}")
+        lines.extend(f"     fix: {fix}" for fix in item.fixes)
+    message = "\n".join(lines)
+    _remove_empty_run_folder(output_dir)
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise RuntimeError(message)
+    print(message, file=sys.stderr)
+    raise SystemExit(EXIT_STATUS)
+
+
+def _remove_empty_run_folder(output_dir: Path) -> None:
+    """Hydra has made the run folder by now: when it holds nothing but Hydra's own files
+    (its log, ``.hydra/``), the failed start leaves no folder behind."""
+    if not output_dir.is_dir():
+        return
+    hydras = {".hydra"} | {p.name for p in output_dir.glob("*.log")}
+    if {p.name for p in output_dir.iterdir()} <= hydras:
+        shutil.rmtree(output_dir, ignore_errors=True)

@@ -1,0 +1,99 @@
+"""The pre-flight: a new user offline learns every missing piece at once, with its fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from entry_points import run_entry
+
+# Imported first by the Python of the entry point: a machine with no network at all,
+# whatever the machine running the tests can reach.
+NO_NETWORK = """
+import socket
+
+def _refuse(*args, **kwargs):
+    raise socket.gaierror(socket.EAI_NONAME, "no network in this test")
+
+socket.getaddrinfo = _refuse
+socket.create_connection = _refuse
+"""
+
+
+@pytest.fixture
+def offline(tmp_path) -> dict[str, str]:
+    """The environment of a fresh machine offline: empty caches, no network."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NO_NETWORK)
+    for cache in ("tiktoken", "hf"):
+        (tmp_path / cache).mkdir()
+    return {"PYTHONPATH": str(site), "TIKTOKEN_CACHE_DIR": str(tmp_path / "tiktoken"),
+            "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+            "HYDRA_FULL_ERROR": "0"}  # fmt: skip
+
+
+def test_train_lists_every_missing_piece_with_its_fix_and_leaves_no_run_folder(tmp_path, offline):
+    run_dir = tmp_path / "run"
+    result = run_entry("train.py", f"hydra.run.dir={run_dir}",
+                       f"data.data_dir={tmp_path / 'data'}", env=offline, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    said = result.stderr
+    assert "Cannot start: 3 thing(s) missing" in said
+    assert "GPT-2 weights 'openai-community/gpt2'" in said and "model.weights=" in said
+    assert "model.pretrained=false" in said  # a smoke run
+    assert "tokenizer files" in said and "TIKTOKEN_CACHE_DIR=" in said
+    assert "SMS Spam Collection" in said and "data.path=" in said
+    assert "Traceback" not in said + result.stdout
+    assert not run_dir.exists()
+
+
+def test_hydra_full_error_still_shows_the_traceback(tmp_path, offline):
+    result = run_entry("train.py", f"hydra.run.dir={tmp_path / 'run'}", "model.pretrained=false",
+                       f"data.data_dir={tmp_path / 'data'}",
+                       env={**offline, "HYDRA_FULL_ERROR": "1"}, timeout=120)  # fmt: skip
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "Cannot start: 2 thing(s) missing" in result.stderr
+
+
+def test_a_given_data_file_and_random_weights_need_only_the_tokenizer(tmp_path, offline, sms_file):
+    result = run_entry("train.py", f"hydra.run.dir={tmp_path / 'run'}", "model.pretrained=false",
+                       f"data.path={sms_file}", env=offline, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert "Cannot start: 1 thing(s) missing" in result.stderr
+    assert "tokenizer files" in result.stderr
+
+
+@pytest.mark.parametrize("entry", ["predict.py", "eval.py", "export.py", "serve.py"])
+def test_the_model_tasks_check_their_model_path_and_tokenizer(tmp_path, offline, entry):
+    missing = tmp_path / "no-such-run"
+    text = ["text=hello"] if entry == "predict.py" else []
+    result = run_entry(entry, f"ckpt_path={missing}", f"hydra.run.dir={tmp_path / 'out'}", *text,
+                       env=offline, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Cannot start: 2 thing(s) missing" in result.stderr
+    assert f"ckpt_path={missing} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_old_accelerator_keys_are_named_with_their_new_names(tmp_path, sms_file):
+    result = run_entry("train.py", f"hydra.run.dir={tmp_path / 'run'}", "model=gpt2-tiny",
+                       f"data.path={sms_file}", "+accelerator.precision=32-true",
+                       timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert "trainer.precision=" in result.stderr
+
+
+def test_lightnings_trainer_keys_reach_the_trainer():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(Path(__file__).parents[1] / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["trainer.accelerator=cpu", "trainer.precision=16-mixed",
+                                          "trainer.devices=1", "paths.cache_dir=null"])  # fmt: skip
+        chosen = compose("train", overrides=["accelerator=cuda"])
+    from gpt_classifier.tasks.components import trainer_settings
+
+    settings = trainer_settings(cfg)
+    assert (settings["accelerator"], settings["precision"], settings["devices"]) == (
+        "cpu", "16-mixed", 1)  # fmt: skip
+    assert chosen.trainer.accelerator == "gpu"  # the group still picks the device
