@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from entry_points import ok, run_entry
+from entry_points import ok, run_entry, run_train
 
 from gpt_classifier import GPT, GPTConfig, SequenceClassifier
 from gpt_classifier.data.batching import Collator
@@ -605,3 +605,28 @@ def test_empty_or_whitespace_texts_are_refused_with_their_index(run_dir):
     for texts, index in ((["fine", "   "], 1), ([""], 0), (["a", "b", "\t\n"], 2)):
         with pytest.raises(ValueError, match=f"text {index} is empty or only whitespace"):
             clf.classify(texts)
+
+
+@pytest.mark.parametrize(("method", "name"), [("last_block", "last_blocks"), ("lora", "lora")])
+def test_load_from_checkpoint_gives_a_module_that_tests_as_the_run_did(
+    tmp_path, sms_file, method, name
+):
+    import lightning as L
+
+    from gpt_classifier.data.datamodule import SMSSpamDataModule
+    from gpt_classifier.training.module import ClassifierModule
+
+    run = tmp_path / "run"
+    ok(run_train(tmp_path, sms_file, f"freeze={method}", "trainer.max_epochs=1",
+                 "trainer.precision=32-true"))  # fmt: skip
+    module = ClassifierModule.load_from_checkpoint(run)  # the run's best checkpoint
+    assert module.label_names == ["ham", "spam"] and module.method.name == name
+    data = SMSSpamDataModule(path=str(sms_file), context_length=module.model.cfg.context_length)
+    trainer = L.Trainer(accelerator="cpu", precision="32-true", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    tested = trainer.test(module, datamodule=data, verbose=False)[0]
+    recorded = json.loads((run / "metrics.json").read_text())
+    assert tested["test/acc"] == pytest.approx(recorded["test/acc"], abs=1e-6)
+    # ... and it trains on: the method's parameters are trainable again.
+    module.setup("fit")
+    assert any(p.requires_grad for p in module.parameters())

@@ -75,7 +75,6 @@ def write_predictions(
 def predict(cfg: DictConfig) -> list[Prediction]:
     """Classify ``cfg.text`` (one text or a list), the texts of ``cfg.input``, or the
     messages of an SMS-format ``cfg.data.path``."""
-    check_inference(cfg)
     sms_path = cfg.get("data", {}).get("path")
     given = [name for name, value in (("text", cfg.text), ("input", cfg.input),
                                       ("data.path", sms_path)) if value is not None]  # fmt: skip
@@ -86,6 +85,7 @@ def predict(cfg: DictConfig) -> list[Prediction]:
             'file>, or pipe texts in, one a line (echo "Call me" | python predict.py ...)'
             + (f"; got {' and '.join(given)}" if given else "")
         )
+    check_inference(cfg)
     classifier = TextClassifier.load(cfg.ckpt_path, device=cfg.device)
     file_labels = None
     if piped:  # no Hydra quoting: any text as it is, one a line

@@ -11,6 +11,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,9 +19,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt_classifier.checkpoints import complete_state_dict, load_frozen_weights_in_place
-from gpt_classifier.finetuning.methods import FineTuningMethod, TrainLastBlocks, count_parameters
+from gpt_classifier.checkpoints import (
+    complete_state_dict,
+    find_checkpoint,
+    is_checkpoint,
+    load_frozen_weights_in_place,
+    read_checkpoint,
+)
+from gpt_classifier.finetuning.methods import (
+    FineTuningMethod,
+    TrainLastBlocks,
+    count_parameters,
+    method_from_config,
+)
 from gpt_classifier.model.classifier import SequenceClassifier
+from gpt_classifier.model.config import GPTConfig
+from gpt_classifier.model.gpt import GPT
 from gpt_classifier.training.metrics import SplitMetrics
 
 log = logging.getLogger(__name__)
@@ -84,6 +98,44 @@ class ClassifierModule(L.LightningModule):
         self.test_split_names: list[str] = ["test"]
         # (trainable, total) parameters once the fine-tuning method is applied (setup()).
         self.parameter_counts: tuple[int, int] | None = None
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path,
+        map_location: str | torch.device | None = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> ClassifierModule:
+        """The module of one of ``train.py``'s checkpoints (a ``.ckpt`` file, a sharded
+        folder, or a run folder: its best), its frozen weights read from the run's
+        ``frozen.safetensors``, ready for ``trainer.test``/``predict`` or to train on.
+
+        Lightning's own would call ``__init__`` with the saved hyperparameters, which
+        describe the model rather than hold it. ``kwargs`` go to ``__init__``
+        (``optimizer``, ``scheduler``); loading is always strict.
+        """
+        if hparams_file is not None or strict is False:
+            raise ValueError("hparams_file and strict=False do not apply: a checkpoint of "
+                             "train.py holds its whole description and loads strictly")  # fmt: skip
+        path = Path(checkpoint_path)
+        if path.is_dir() and not is_checkpoint(path):
+            path = find_checkpoint(path, best=True)
+        checkpoint = read_checkpoint(path)
+        hparams = checkpoint.get("hyper_parameters") or {}
+        if "backbone_config" not in hparams:
+            raise ValueError(f"{path} is not a checkpoint of train.py (no backbone_config)")
+        complete_state_dict(checkpoint, path)
+        with torch.device("meta"):  # no time spent on weights about to be replaced
+            backbone = GPT(GPTConfig.from_dict(hparams["backbone_config"]))
+            model = SequenceClassifier(backbone, hparams["num_classes"], hparams["pooling"])
+        method = method_from_config(hparams.get("finetuning"))
+        method.apply(model)  # the layers it adds (LoRA) are in the state dict
+        module = cls(model, method, label_names=hparams.get("label_names"),
+                     positive_class=hparams.get("positive_class", 1), **kwargs)  # fmt: skip
+        module.load_state_dict(checkpoint["state_dict"], strict=True, assign=True)
+        return module if map_location is None else module.to(map_location)
 
     def setup(self, stage: str) -> None:
         self.method.apply(self.model)
