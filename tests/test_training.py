@@ -87,7 +87,15 @@ def hparams_sessions(logdir: Path, timeout: float = 120) -> dict[str, tuple[dict
 
 
 def test_short_run_learns_and_reports_consistently(tmp_path, sms_file):
-    ok(run_train(tmp_path, sms_file, "logger=many"))
+    result = ok(run_train(tmp_path, sms_file, "logger=many"))
+    # Each log line once (Lightning's own console handler is gone), and the final
+    # evaluation as a table of the splits, to 4 decimals.
+    said = [line for line in (result.stdout + result.stderr).splitlines() if "][" in line]
+    assert sum("Seed set to" in line for line in said) == 1, said
+    assert not any(line.startswith("INFO: ") for line in result.stderr.splitlines())
+    table = result.stdout + result.stderr
+    assert "metric      train     val    test" in table
+    assert "examples     1045     149     300" in table
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
     # Two epochs of the last block of gpt2-tiny learn something: chance is 0.5 and ln 2.

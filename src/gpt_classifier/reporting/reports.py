@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from gpt_classifier.files import write_text_atomically
 
 log = logging.getLogger(__name__)
+
+
+SPLITS = ("train", "val", "test")
 
 
 def write_json(path: Path, values: Mapping[str, Any]) -> None:
@@ -89,6 +92,18 @@ def write_sweep_summary(sweep_dir: Path, metric: str = "val/acc") -> list[dict[s
     write_text_atomically(sweep_dir / "summary.md", "\n".join(lines) + "\n")
     log.info("Sweep summary of %d jobs: %s", len(rows), sweep_dir / "summary.md")
     return rows
+
+
+def results_table(metrics: Mapping[str, Any], splits: Sequence[str] = SPLITS) -> str:
+    """The final evaluation as a table: a row per metric, a column per split."""
+    names = sorted({k.split("/", 1)[1] for k in metrics if k.split("/", 1)[0] in splits})
+    rows = [["metric", *splits]]
+    rows += [[name, *(_cell(name, metrics.get(f"{split}/{name}", "")) for split in splits)]
+             for name in names]  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(row, widths))) for row in rows]  # fmt: skip
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
 def _cell(column: str, value: Any) -> str:

@@ -193,6 +193,7 @@ def build_trainer(
     the interrupted run logged from there on, so no step appears twice.
     """
     skip_tensorflow_import()
+    _one_console_line_each()
     settings = trainer_settings(cfg)
     loggers = []
     for logger_cfg in (cfg.get("logger") or {}).values():
@@ -219,6 +220,15 @@ def build_trainer(
             f"trainer={trainer} with trainer.accelerator={cfg.trainer.accelerator}, "
             f"trainer.devices={cfg.trainer.devices}: {err}"
         ) from err
+
+
+def _one_console_line_each() -> None:
+    """The ``lightning`` package logger prints to the console itself and passes each
+    record on to the root logger as well, which Hydra has set up: every line came twice."""
+    if logging.getLogger().hasHandlers():
+        lightning_log = logging.getLogger("lightning")
+        for handler in list(lightning_log.handlers):
+            lightning_log.removeHandler(handler)
 
 
 def run_choices_now() -> dict[str, str]:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from gpt_classifier.checkpoints import checkpoint_header
 from gpt_classifier.finetuning.methods import count_parameters
 from gpt_classifier.model.pooling import pooling_rule
-from gpt_classifier.reporting.reports import write_json
+from gpt_classifier.reporting.reports import results_table, write_json
 from gpt_classifier.reporting.tensorboard import hparams_for_dashboard, log_final_hparams
 from gpt_classifier.tasks.components import (
     ConfigError,
@@ -72,13 +72,14 @@ def train(cfg: DictConfig) -> float:
         log.info("Resuming from %s (epoch %d, step %d)", checkpoint, header["epoch"],
                  header["global_step"])  # fmt: skip
     honour_weights(cfg)
-    check_training(cfg, output_dir)
-    check_writable(cfg, output_dir)
-    # Everything a user can get wrong fails here, before any weights or data are read.
+    # Everything a user can get wrong fails here, before any weights or data are read:
+    # the config's values, then what is missing from the machine.
     build_method(cfg)
     pooling_rule(cfg.classifier.pooling)
     build(cfg, "optimizer")
     prefix_cache: PrefixCacheCallback = build(cfg, "prefix_cache")
+    check_training(cfg, output_dir)
+    check_writable(cfg, output_dir)
     timer.excluded = lambda: prefix_cache.seconds  # reported apart, as time/prefix_s
     stop, random_state = signals.GracefulStop(), KeepRandomState()
     callbacks = [timer, prefix_cache, ResumeState(), stop, random_state]
@@ -142,7 +143,7 @@ def final_metrics(trainer: L.Trainer, module: L.LightningModule, timings: dict[s
     metrics.update({"params/trainable": trainable, "params/total": total})
     metrics.update({k: None if v is None else round(v, 3) for k, v in timings.items()})
     metrics["best_checkpoint"] = best
-    log.info("Final metrics: %s", {k: v for k, v in metrics.items() if k.endswith("acc")})
+    log.info("Final evaluation of %s:\n%s", best or "the last weights", results_table(metrics))
     return metrics
 
 
