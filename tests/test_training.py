@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import socket
 import subprocess
@@ -269,3 +270,33 @@ def test_the_sweep_summary_ranks_jobs_by_the_metric_and_marks_the_best(tmp_path)
     first = next(line for line in (tmp_path / "summary.md").read_text().splitlines()
                  if line.startswith("| **best**"))  # fmt: skip
     assert "optimizer.lr=5e-5" in first
+
+
+def test_early_stopping_is_off_by_default_and_stops_after_patience(tmp_path, sms_file):
+    # Learning rate 0: val/acc never improves, so patience 1 stops after the second epoch.
+    ok(run_train(tmp_path, sms_file, "optimizer.lr=0.0", "trainer.max_epochs=5",
+                 "callbacks.early_stopping.patience=1"))  # fmt: skip
+    assert len(scalars(tmp_path / "run")["val/acc"]) == 2
+    bad = run_train(tmp_path / "bad", sms_file, "callbacks.early_stopping.patience=0")
+    assert bad.returncode != 0 and "callbacks.early_stopping.patience=0" in bad.stderr
+
+
+def test_logger_mlflow_keeps_the_runs_params_and_final_metrics(tmp_path, sms_file):
+    import mlflow  # a dev dependency (the extra is mlflow-skinny)
+    store = f"file:{tmp_path / 'mlruns'}"
+    ok(run_train(tmp_path, sms_file, "logger=mlflow", f"logger.mlflow.tracking_uri={store}"))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlflow.set_tracking_uri(store)
+    [run] = mlflow.search_runs(experiment_names=["gpt-classifier"], output_format="list")
+    assert run.data.params["choice/model"] == "gpt2-tiny"
+    assert run.data.params["optimizer/lr"] == "5e-05"
+    assert run.data.metrics["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert run.data.metrics["final/train/acc"] == pytest.approx(metrics["train/acc"], abs=1e-6)
+    assert run.data.tags["run_dir"] == str(tmp_path / "run")
+
+
+def test_logger_wandb_logs_offline_into_the_run_folder(tmp_path, sms_file):
+    ok(run_train(tmp_path, sms_file, "logger=wandb", "trainer.max_epochs=1"))
+    [offline_run] = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    assert list(offline_run.glob("run-*.wandb"))

@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -198,11 +199,17 @@ def build_trainer(
     loggers = []
     for logger_cfg in (cfg.get("logger") or {}).values():
         if logger_cfg:
-            tensorboard = str(logger_cfg.get("_target_", "")).endswith("TensorBoardLogger")
+            target = str(logger_cfg.get("_target_", ""))
+            tensorboard = target.endswith("TensorBoardLogger")
             extra = {"purge_step": resume_step} if tensorboard and resume_step is not None else {}
+            if target.endswith("MLFlowLogger") and str(logger_cfg.tracking_uri).startswith("file:"):
+                # MLflow 3 refuses its file store (kept, in maintenance) unless asked for.
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             loggers.append(instantiate(logger_cfg, **extra))
-    # A callback set to null (e.g. callbacks.step_checkpoint=null) is turned off.
-    configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    # A callback set to null (e.g. callbacks.step_checkpoint=null) is turned off, and so
+    # is one whose factory returns None (early_stopping without a patience).
+    built = (instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c)
+    configured = [callback for callback in built if callback is not None]
     # FSDP writes its sharded checkpoints its own way.
     fsdp = isinstance(settings.get("strategy"), FSDPStrategy)
     plugins: list[Any] = [] if fsdp else [AtomicCheckpointIO()]
@@ -220,6 +227,22 @@ def build_trainer(
             f"trainer={trainer} with trainer.accelerator={cfg.trainer.accelerator}, "
             f"trainer.devices={cfg.trainer.devices}: {err}"
         ) from err
+
+
+def early_stopping(
+    patience: int | None, monitor: str = "val/acc", mode: str | None = None,
+    min_delta: float = 0.0,
+) -> EarlyStopping | None:  # fmt: skip
+    """Lightning's ``EarlyStopping`` on ``monitor``, or None (off) while ``patience`` is
+    null; ``mode`` null: ``min`` for a loss, else ``max``."""
+    if patience is None:
+        return None
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        raise ConfigError(f"callbacks.early_stopping.patience={patience!r}: give a whole "
+                          "number of epochs (1 or more), or null to turn it off")  # fmt: skip
+    mode = mode or ("min" if monitor.endswith("loss") else "max")
+    return EarlyStopping(monitor=monitor, patience=patience, mode=mode, min_delta=min_delta,
+                         verbose=True)  # fmt: skip
 
 
 def _one_console_line_each() -> None:

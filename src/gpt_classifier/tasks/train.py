@@ -151,8 +151,10 @@ def write_final_metrics(cfg: DictConfig, trainer: L.Trainer, output_dir: Path,
                         metrics: dict[str, Any]) -> None:  # fmt: skip
     """``metrics.json``, and the run's row in TensorBoard's HParams view."""
     write_json(output_dir / "metrics.json", metrics)
+    params = hparams_for_dashboard(OmegaConf.to_container(cfg, resolve=True),
+                                   run_choices(output_dir))  # fmt: skip
     for logger in trainer.loggers:
         if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
-            params = hparams_for_dashboard(OmegaConf.to_container(cfg, resolve=True),
-                                           run_choices(output_dir))  # fmt: skip
             log_final_hparams(logger, params, metrics)
+        elif isinstance(logger, L.pytorch.loggers.MLFlowLogger | L.pytorch.loggers.WandbLogger):
+            logger.log_hyperparams(params)  # the run's config, beside its logged metrics
