@@ -185,6 +185,20 @@ def test_transformers_export_loads_and_predicts_like_ours(run_dir, tmp_path):
     # And back: our loader reads the transformers folder too.
     again = TextClassifier.load(out).probabilities(texts)
     torch.testing.assert_close(again, ours, atol=1e-5, rtol=0)
+    # The model card: what the model says, what it was made from and how, how well it did.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "text-classification"
+    assert "**Labels**: `ham`, `spam`" in card.text
+    assert "random initialisation, `model=gpt2-tiny`" in card.text  # the base weights
+    assert "**Fine-tuning**: `freeze=last_block`" in card.text
+    assert "`SMSSpamCollection` (477,907 bytes)" in card.text
+    assert "train 1,045, validation 149, test 300" in card.text
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert f"| acc | {metrics['test/acc']:.4f} |" in card.text
+    assert "python train.py model=gpt2-tiny accelerator=cpu" in card.text
 
 
 def test_a_transformers_classifier_starts_training_with_its_head(tmp_path):

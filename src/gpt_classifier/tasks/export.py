@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from gpt_classifier.inference import TextClassifier
+from gpt_classifier.tasks.model_card import run_folder, write_model_card
 from gpt_classifier.tasks.preflight import check_inference
 
 log = logging.getLogger(__name__)
@@ -18,7 +19,10 @@ def export(cfg: DictConfig) -> Path:
     ``cfg.hub_repo``, upload it to the Hugging Face Hub."""
     check_inference(cfg)
     fmt = cfg.get("format", "native")
-    folder = TextClassifier.load(cfg.ckpt_path).export(cfg.out, format=fmt)
+    classifier = TextClassifier.load(cfg.ckpt_path)
+    folder = classifier.export(cfg.out, format=fmt)
+    if fmt == "hf":
+        write_model_card(folder, list(classifier.settings.label_names), run_folder(cfg.ckpt_path))
     log.info("Exported %s to %s (format=%s)", cfg.ckpt_path, folder, fmt)
     if cfg.get("hub_repo"):
         from huggingface_hub import HfApi
