@@ -19,6 +19,7 @@ from importlib.metadata import metadata
 from pathlib import Path
 
 import pytest
+from entry_points import ok, run_train
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -85,6 +86,14 @@ def workdir(tmp_path_factory, trained_run, sms_file) -> Path:
     (folder / "my_sms.tsv").write_text("\n".join(rows) + "\n")
     (folder / "data.tsv").write_text("\n".join(rows) + "\n")
     return folder
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, sms_file) -> Path:
+    """A briefly trained gpt2-tiny LoRA run, for the commands that need one."""
+    out = tmp_path_factory.mktemp("lora")
+    ok(run_train(out, sms_file, "freeze=lora", "trainer.max_epochs=1"))
+    return out / "run"
 
 
 def fill(word: str, run: Path, folder: Path) -> str:
@@ -164,7 +173,8 @@ def test_documented_command_runs(where, command, request, tmp_path):
                   "export.py": "export"}[entry]  # fmt: skip
         return hydra_compose(config, [fill(w, tmp_path / "run", tmp_path) for w in words[2:]])
     workdir = request.getfixturevalue("workdir")
-    filled = [fill(w, request.getfixturevalue("trained_run"), tmp_path) for w in words[2:]]
+    run = request.getfixturevalue("lora_run" if "ckpt_path=<lora-run>" in words else "trained_run")
+    filled = [fill(w, run, tmp_path) for w in words[2:]]
     command_line = [sys.executable, str(REPO / entry), *filled, f"hydra.run.dir={tmp_path / 'out'}"]
     if smoke:  # its own cache, and a quiet log
         command_line += [

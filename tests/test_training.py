@@ -283,6 +283,7 @@ def test_early_stopping_is_off_by_default_and_stops_after_patience(tmp_path, sms
 
 def test_logger_mlflow_keeps_the_runs_params_and_final_metrics(tmp_path, sms_file):
     import mlflow  # a dev dependency (the extra is mlflow-skinny)
+
     store = f"file:{tmp_path / 'mlruns'}"
     ok(run_train(tmp_path, sms_file, "logger=mlflow", f"logger.mlflow.tracking_uri={store}"))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

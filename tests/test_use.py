@@ -644,3 +644,42 @@ def test_load_from_checkpoint_gives_a_module_that_tests_as_the_run_did(
     # ... and it trains on: the method's parameters are trainable again.
     module.setup("fit")
     assert any(p.requires_grad for p in module.parameters())
+
+
+def test_a_lora_run_exports_a_peft_adapter_that_gives_our_probabilities(
+    tmp_path, sms_file, run_dir
+):
+    """export.py format=peft: PeftModel on the format=hf base (written to base/, as the run
+    started from random weights) gives the checkpoint's probabilities."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    run = tmp_path / "run"
+    # Two of the three attention projections and one MLP layer, in the last block only:
+    # the fused c_attn adapter has rank 2 x 4 with a zero block for the keys.
+    ok(run_train(tmp_path, sms_file, "freeze=lora", "freeze.rank=4", "freeze.alpha=8",
+                 "freeze.blocks=1", "freeze.targets=[att.W_query,att.W_value,ff.fc]",
+                 "trainer.max_epochs=1", "trainer.precision=32-true",
+                 "optimizer.lr=1e-3"))  # fmt: skip
+    out = tmp_path / "peft"
+    ok(run_entry("export.py", f"ckpt_path={run}", f"out={out}", "format=peft",
+                 f"hydra.run.dir={tmp_path / 'export'}"))  # fmt: skip
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {"attn.c_attn": 8} and config["layers_to_transform"] == [1]
+    base = AutoModelForSequenceClassification.from_pretrained(out / "base")
+    model = PeftModel.from_pretrained(base, out).eval()
+    ours = TextClassifier.load(run)
+    texts = [SPAM, HAM, "see you at 5, bring the keys"]
+    with torch.no_grad():
+        theirs = torch.cat([
+            model(input_ids=torch.tensor(ours.encode([t])[0])).logits.softmax(-1) for t in texts
+        ])  # fmt: skip
+    torch.testing.assert_close(theirs, ours.probabilities(texts), atol=1e-5, rtol=0)
+    # The adapters matter: the base alone answers otherwise.
+    with torch.no_grad(), model.disable_adapter():
+        bare = model(input_ids=torch.tensor(ours.encode([SPAM])[0])).logits.softmax(-1)
+    assert not torch.allclose(bare, theirs[:1], atol=1e-4)
+    # A run without LoRA has no adapter to export.
+    refused = run_entry("export.py", f"ckpt_path={run_dir}", f"out={tmp_path / 'x'}",
+                        "format=peft", f"hydra.run.dir={tmp_path / 'export2'}")  # fmt: skip
+    assert refused.returncode != 0 and "format=peft needs a LoRA run" in refused.stderr

@@ -17,7 +17,7 @@ import torch
 from gpt_classifier.checkpoints import find_checkpoint, is_checkpoint
 from gpt_classifier.data.batching import Collator, plan_batches, truncate
 from gpt_classifier.data.tokenizer import get_tokenizer
-from gpt_classifier.inference import hf_format, native_format, onnx_format
+from gpt_classifier.inference import hf_format, native_format, onnx_format, peft_format
 from gpt_classifier.inference.loading import InferenceSettings, ModelLoadError, read_config
 from gpt_classifier.model.classifier import SequenceClassifier
 
@@ -147,15 +147,21 @@ class TextClassifier:
 
     # ------------------------------------------------------------------ export
 
-    def export(self, folder: str | Path, format: str = "native") -> Path:
+    def export(
+        self, folder: str | Path, format: str = "native", base_model: str | None = None
+    ) -> Path:
         """Write the model into ``folder`` in ``format``: ``native`` (safetensors + JSON),
-        ``hf`` (a ``GPT2ForSequenceClassification`` folder for 🤗 transformers) or ``onnx``.
-        LoRA adapters are merged into the weights they adapt: an export is a plain model.
+        ``hf`` (a ``GPT2ForSequenceClassification`` folder for 🤗 transformers) or ``onnx``,
+        with LoRA adapters merged into the weights they adapt (a plain model); or ``peft``
+        (a LoRA run's adapters, unmerged, for ``peft.PeftModel``; ``base_model``: the Hub
+        id of the weights it started from, else their ``hf`` export goes to ``base/``).
         """
         if not isinstance(self.model, torch.nn.Module):
             raise ValueError("this model was loaded from an ONNX export; export its checkpoint")
+        if format == "peft":
+            return peft_format.export(self.model, self.settings, Path(folder), base_model)
         if format not in FORMATS:
-            raise ValueError(f"format={format!r}; choose one of {', '.join(FORMATS)}")
+            raise ValueError(f"format={format!r}; choose one of {', '.join([*FORMATS, 'peft'])}")
         return FORMATS[format].export(self.model, self.settings, Path(folder))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from gpt_classifier.inference import TextClassifier
-from gpt_classifier.tasks.model_card import run_folder, write_model_card
+from gpt_classifier.tasks.model_card import hub_base_model, run_folder, write_model_card
 from gpt_classifier.tasks.preflight import check_inference
 
 log = logging.getLogger(__name__)
@@ -20,9 +20,10 @@ def export(cfg: DictConfig) -> Path:
     check_inference(cfg)
     fmt = cfg.get("format", "native")
     classifier = TextClassifier.load(cfg.ckpt_path)
-    folder = classifier.export(cfg.out, format=fmt)
+    run = run_folder(cfg.ckpt_path)
+    folder = classifier.export(cfg.out, format=fmt, base_model=hub_base_model(run))
     if fmt == "hf":
-        write_model_card(folder, list(classifier.settings.label_names), run_folder(cfg.ckpt_path))
+        write_model_card(folder, list(classifier.settings.label_names), run)
     log.info("Exported %s to %s (format=%s)", cfg.ckpt_path, folder, fmt)
     if cfg.get("hub_repo"):
         from huggingface_hub import HfApi

@@ -28,6 +28,17 @@ def run_folder(ckpt_path: str | Path) -> Path | None:
     return None
 
 
+def hub_base_model(run: Path | None) -> str | None:
+    """The Hub id of the weights a run started from (None: random, local or unknown)."""
+    if run is None:
+        return None
+    model = OmegaConf.load(run / RUN_CONFIG_FILE).config.model
+    weights = str(model.get("weights"))
+    if not model.get("pretrained", True):
+        return None
+    return weights[len(HUB_PREFIX) :] if weights.startswith(HUB_PREFIX) else HUB_MODELS.get(weights)
+
+
 def write_model_card(folder: Path, label_names: list[str], run: Path | None) -> Path:
     """``folder/README.md``: the labels, and with the run's folder, the base weights, the
     fine-tuning method, the data file, the split sizes, the test metrics and the command."""
@@ -90,13 +101,13 @@ def _run_facts(run: Path) -> dict[str, Any]:
     record = OmegaConf.to_container(OmegaConf.load(run / RUN_CONFIG_FILE))
     config, choices = record["config"], record.get("choices") or {}
     model = config["model"]
-    weights = str(model.get("weights"))
+    base = hub_base_model(run)
     if not model.get("pretrained", True):
-        base, weights_said = None, f"none (random initialisation, `model={model['name']}`)"
+        weights_said = f"none (random initialisation, `model={model['name']}`)"
     else:
-        repo = weights[len(HUB_PREFIX) :] if weights.startswith(HUB_PREFIX) else None
-        base = repo or HUB_MODELS.get(weights)
-        weights_said = f"`{base}`" if base else f"`{Path(weights).name}` (a local folder)"
+        weights_said = (
+            f"`{base}`" if base else f"`{Path(str(model['weights'])).name}` (a local folder)"
+        )
     freeze = {k: v for k, v in (config.get("freeze") or {}).items() if not k.startswith("_")}
     method = f"`freeze={choices.get('freeze', '?')}`" + (
         f" ({', '.join(f'{k}={v}' for k, v in freeze.items())})" if freeze else "")  # fmt: skip
