@@ -186,3 +186,18 @@ def test_documented_command_runs(where, command, request, tmp_path):
     assert result.returncode == 0, f"{where}: {command}\n{result.stderr[-3000:]}"
     if smoke:
         assert (tmp_path / "out" / "metrics.json").is_file()
+
+
+def test_install_sizes_cover_every_extra():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    result = subprocess.run([sys.executable, "scripts/install_sizes.py"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines()
+            if line.startswith("| ")}  # fmt: skip
+    assert {f"`.[{extra}]` adds" for extra in extras if extra != "dev"} <= set(rows), rows
+    base = rows["base (`pip install -e .`, CPU torch)"]
+    assert "torch" in base and float(base.split("|")[2].replace(",", "")) > 500
