@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import FSDPStrategy
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from gpt_classifier.data.datamodule import SMSSpamDataModule
 from gpt_classifier.finetuning.methods import FineTuningMethod
@@ -29,15 +29,12 @@ from gpt_classifier.model.config import PRESETS
 from gpt_classifier.model.gpt import GPT
 from gpt_classifier.reporting.tensorboard import skip_tensorflow_import
 from gpt_classifier.sweep_reuse import reuse
+from gpt_classifier.tasks.preflight import ConfigError
 from gpt_classifier.training.module import ClassifierModule
 from gpt_classifier.training.precision import PRECISION_RECORD, resolve_precision
 from gpt_classifier.training.resume import AtomicCheckpointIO
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and what to set."""
 
 
 def build(cfg: DictConfig, key: str) -> Any:
@@ -59,29 +56,6 @@ def build_method(cfg: DictConfig) -> FineTuningMethod:
         except ValueError as err:
             raise ConfigError(f"{err} (model={cfg.model.name})") from err
     return method
-
-
-def honour_weights(cfg: DictConfig) -> None:
-    """``model.weights`` given on the command line is never ignored: with a preset that
-    trains from random weights (``pretrained: false``, as gpt2-tiny) it is loaded; with
-    ``model.pretrained=false`` given too, the two contradict each other."""
-    given = {o.split("=", 1)[0].lstrip("+~") for o in _overrides()}
-    if cfg.model.pretrained or "model.weights" not in given or not cfg.model.weights:
-        return
-    if "model.pretrained" in given:
-        raise ConfigError(
-            f"model.weights={cfg.model.weights} and model.pretrained=false contradict each "
-            "other: drop model.pretrained=false to train from those weights, or drop "
-            "model.weights to train from random ones"
-        )
-    with open_dict(cfg):
-        cfg.model.pretrained = True
-    log.info("model.weights=%s given: training from those weights (model=%s alone would "
-             "start from random ones)", cfg.model.weights, cfg.model.name)  # fmt: skip
-
-
-def _overrides() -> list[str]:
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def build_backbone(model_cfg: DictConfig) -> GPT:

@@ -5,6 +5,7 @@ one download failure at a time."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import socket
@@ -15,17 +16,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
 from gpt_classifier.data.sms import FILE_NAME
 from gpt_classifier.data.tokenizer import BPE_URL
 from gpt_classifier.model.weights import HUB_MODELS, HUB_PREFIX
+
+log = logging.getLogger(__name__)
 
 EXIT_STATUS = 2
 # One connection attempt per host, all at once: offline, the answer comes in this long.
 REACH_TIMEOUT_S = 2.0
 _SHORT_NAMES = [name for name in HUB_MODELS if "/" not in name]
 SMOKE_RUN = "model.pretrained=false (random weights: a smoke run, not a classifier)"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and what to set."""
 
 
 @dataclass(frozen=True)
@@ -36,8 +44,14 @@ class Missing:
     fixes: tuple[str, ...]
 
 
-def check_training(cfg: DictConfig, output_dir: Path) -> None:
-    """``train.py``'s pre-flight: exits with status 2 and every missing piece listed."""
+def check_training(cfg: DictConfig) -> None:
+    """``train.py``'s pre-flight, before Lightning is even imported: ``model.weights``
+    honoured, then every missing piece listed (exit status 2). A resume takes the run's
+    own config, so it is checked as it loads instead."""
+    honour_weights(cfg)
+    if cfg.get("ckpt_path"):
+        return
+    output_dir = Path(cfg.paths.output_dir)
     _probe([BPE_URL, "https://huggingface.co", *(cfg.data.get("urls") or [])])
     missing = [
         *_old_keys(cfg),
@@ -47,6 +61,31 @@ def check_training(cfg: DictConfig, output_dir: Path) -> None:
     ]
     if missing:
         _stop(missing, output_dir)
+
+
+def honour_weights(cfg: DictConfig) -> None:
+    """``model.weights`` given on the command line is never ignored: with a preset that
+    trains from random weights (``pretrained: false``, as gpt2-tiny) it is loaded; with
+    ``model.pretrained=false`` given too, the two contradict each other."""
+    given = given_on_command_line()
+    if cfg.model.pretrained or "model.weights" not in given or not cfg.model.weights:
+        return
+    if "model.pretrained" in given:
+        raise ConfigError(
+            f"model.weights={cfg.model.weights} and model.pretrained=false contradict each "
+            "other: drop model.pretrained=false to train from those weights, or drop "
+            "model.weights to train from random ones"
+        )
+    with open_dict(cfg):
+        cfg.model.pretrained = True
+    log.info("model.weights=%s given: training from those weights (model=%s alone would "
+             "start from random ones)", cfg.model.weights, cfg.model.name)  # fmt: skip
+
+
+def given_on_command_line() -> set[str]:
+    """The keys this command's overrides set (none outside a Hydra app)."""
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    return {override.split("=", 1)[0].lstrip("+~") for override in overrides}
 
 
 def check_inference(cfg: DictConfig) -> None:

@@ -25,10 +25,8 @@ from gpt_classifier.tasks.components import (
     build_module,
     build_trainer,
     check_writable,
-    honour_weights,
     in_multirun,
 )
-from gpt_classifier.tasks.preflight import check_training
 from gpt_classifier.tasks.run_config import (
     config_for_resume,
     finished_run,
@@ -71,14 +69,12 @@ def train(cfg: DictConfig) -> float:
         resume_step = header["batches_that_stepped"]
         log.info("Resuming from %s (epoch %d, step %d)", checkpoint, header["epoch"],
                  header["global_step"])  # fmt: skip
-    honour_weights(cfg)
-    # Everything a user can get wrong fails here, before any weights or data are read:
-    # the config's values, then what is missing from the machine.
+    # Everything a user can get wrong fails here, before any weights or data are read
+    # (what is missing from the machine failed before, in the entry point's pre-flight).
     build_method(cfg)
     pooling_rule(cfg.classifier.pooling)
     build(cfg, "optimizer")
     prefix_cache: PrefixCacheCallback = build(cfg, "prefix_cache")
-    check_training(cfg, output_dir)
     check_writable(cfg, output_dir)
     timer.excluded = lambda: prefix_cache.seconds  # reported apart, as time/prefix_s
     stop, random_state = signals.GracefulStop(), KeepRandomState()
