@@ -85,7 +85,36 @@ def workdir(tmp_path_factory, trained_run, sms_file) -> Path:
     rows = sms_file.read_text(encoding="utf-8").splitlines()[:20]
     (folder / "my_sms.tsv").write_text("\n".join(rows) + "\n")
     (folder / "data.tsv").write_text("\n".join(rows) + "\n")
+    write_own_data(folder, sms_file)
     return folder
+
+
+def write_own_data(folder: Path, sms_file: Path) -> None:
+    """The files the README's "Your own data" commands name, from SMS messages in three
+    classes (spam, and short or long ham)."""
+    import csv
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gpt_classifier.data.sms import parse_messages
+
+    rows = []
+    for m in parse_messages(sms_file, {"ham": 0, "spam": 1})[:600]:
+        label = 2 if m.label == "spam" else 1 if len(m.text) < 40 else 0
+        rows.append((m.text, label))
+    with (folder / "reviews.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows((text, ["long", "short", "spam"][label]) for text, label in rows)
+    for name, part in (("train.jsonl", rows[:450]), ("test.jsonl", rows[450:])):
+        lines = [json.dumps({"review": text, "rating": label + 1}) for text, label in part]
+        (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    names = ["world", "sports", "business"]
+    pq.write_table(pa.table({"title": [t[:20] for t, _ in rows], "body": [t[20:] for t, _ in rows],
+                             "label": [names[label] for _, label in rows]}),
+                   folder / "news.parquet")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +196,9 @@ def test_documented_command_runs(where, command, request, tmp_path):
     if entry.startswith("scripts/"):
         return check_script(words)
     runs = entry in ("predict.py", "eval.py", "export.py") and "hub_repo" not in command
-    smoke = entry == "train.py" and "model.pretrained=false" in words and "-m" not in words
+    own_data = entry == "train.py" and "data=files" in words  # on the workdir's files
+    smoke = own_data or (entry == "train.py" and "model.pretrained=false" in words
+                         and "-m" not in words)  # fmt: skip
     if not (runs or smoke):  # composed only: the placeholders need not exist
         config = {"train.py": "train", "baseline.py": "baseline", "serve.py": "serve",
                   "export.py": "export"}[entry]  # fmt: skip
@@ -181,6 +212,8 @@ def test_documented_command_runs(where, command, request, tmp_path):
             f"paths.cache_dir={tmp_path / 'cache'}",
             "callbacks.progress_bar.refresh_rate=0",
         ]
+    if own_data:  # as written, on the smallest model, briefly
+        command_line += ["model=gpt2-tiny", "trainer.max_epochs=1"]
     result = subprocess.run(command_line, cwd=workdir, capture_output=True, text=True,
                             input=stdin or "", timeout=600)  # fmt: skip
     assert result.returncode == 0, f"{where}: {command}\n{result.stderr[-3000:]}"

@@ -61,6 +61,44 @@ def balance_and_split(
     )
 
 
+def stratified_split(
+    rows: Sequence[Message], labels: Mapping[str, int], fractions: Mapping[str, float],
+    seed: int, source: str,
+) -> dict[str, list[tuple[str, int]]]:  # fmt: skip
+    """``rows`` divided into the named splits by ``fractions`` (normalised) within each
+    label, so that every split keeps the labels' proportions; each split shuffled.
+
+    ``train`` takes what the others' shares leave. A label too rare to give every split
+    one row is an error naming it, its count and how many it would need.
+    """
+    total = sum(fractions.values())
+    shares = {name: fraction / total for name, fraction in fractions.items()}
+    by_label: dict[str, list[str]] = {}
+    for row in rows:
+        by_label.setdefault(row.label, []).append(row.text)
+    random = np.random.RandomState(seed)
+    out: dict[str, list[tuple[str, int]]] = {name: [] for name in shares}
+    for label in sorted(by_label, key=labels.__getitem__):
+        texts = by_label[label]
+        cuts = {name: int(len(texts) * share) for name, share in shares.items() if name != "train"}
+        if any(cut == 0 for cut in cuts.values()) or len(texts) - sum(cuts.values()) < 1:
+            need = max(int(np.ceil(1 / share)) for share in shares.values())
+            raise DataFormatError(
+                f"{source}: label {label!r} has {len(texts)} row(s), too few to split "
+                f"stratified into {'/'.join(shares)} (it needs at least {need}); add rows, "
+                "leave the label out (data.labels=[...]), or give the splits as files"
+            )
+        order = random.permutation(len(texts))
+        start = 0
+        for name in shares:
+            size = cuts.get(name, len(texts) - sum(cuts.values()))
+            out[name].extend((texts[i], labels[label]) for i in order[start : start + size])
+            start += size
+    for name, split in out.items():
+        out[name] = [split[i] for i in random.permutation(len(split))]
+    return out
+
+
 def minimum_messages(
     train_frac: float, validation_frac: float, needs: Mapping[str, int]
 ) -> int | None:

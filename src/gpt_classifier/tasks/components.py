@@ -118,7 +118,15 @@ def build_module(
         method.check(backbone.cfg)  # the weights' own architecture
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    model = SequenceClassifier(backbone, cfg.classifier.num_classes, cfg.classifier.pooling,
+    num_classes = cfg.classifier.num_classes
+    if num_classes == "auto":
+        num_classes = len(label_names)
+    elif num_classes != len(label_names):
+        raise ConfigError(
+            f"classifier.num_classes={num_classes}, but the data has {len(label_names)} labels "
+            f"{label_names}: leave it as auto, or give data.labels the classes to keep"
+        )
+    model = SequenceClassifier(backbone, num_classes, cfg.classifier.pooling,
                                cfg.classifier.head_seed)  # fmt: skip
     # Under FSDP the strategy wraps the blocks for it (trainer.strategy.activation_checkpointing).
     model.activation_checkpointing = bool(cfg.model.get("activation_checkpointing")) and not fsdp

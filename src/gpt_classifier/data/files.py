@@ -1,0 +1,195 @@
+"""``FilesDataModule``: your own labelled texts from CSV, TSV, JSONL/JSON or Parquet files.
+
+Files are read with 🤗 ``datasets`` (Arrow, memory-mapped). The labels are the training
+split's (sorted), unless ``labels`` fixes their order or a subset; one file is split
+stratified by label, and pre-split files are used as given.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from gpt_classifier.data.datamodule import SMSSpamDataModule
+from gpt_classifier.data.sms import DataFormatError, Message
+from gpt_classifier.data.splits import Splits, _undersample, stratified_split
+from gpt_classifier.files import UTF8_BOM, ZIP_MAGIC, user_file
+
+log = logging.getLogger(__name__)
+
+# Suffix: (datasets builder, its options).
+READERS: dict[str, tuple[str, dict[str, Any]]] = {
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t"}),
+    ".jsonl": ("json", {}),
+    ".json": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+SPLITS = ("train", "validation", "test")
+SHOWN = 10  # rows named in an error, at most
+
+
+class FilesDataModule(SMSSpamDataModule):
+    """The SMS data module's batching, caching and checks, on rows read from files."""
+
+    def __init__(
+        self,
+        path: str | None = None,
+        files: Mapping[str, str | None] | None = None,
+        text_column: str | Sequence[str] = "text",
+        text_separator: str = " ",
+        label_column: str = "label",
+        labels: Sequence[str] | None = None,
+        balance: bool = False,
+        **settings: Any,
+    ) -> None:
+        files = {name: (files or {}).get(name) for name in SPLITS}
+        if path is not None and files["train"] is not None:
+            raise ValueError("give data.path (one file, split here) or data.files.train (and "
+                             "optionally validation/test), not both")  # fmt: skip
+        if path is None and files["train"] is None:
+            raise ValueError("give data.path=<one file to split> or data.files.train=<file> "
+                             "(CSV/TSV with a header row, JSONL/JSON or Parquet)")  # fmt: skip
+        super().__init__(path=path, labels={}, balance=balance, **settings)
+        self.files = files
+        self.text_columns = [text_column] if isinstance(text_column, str) else list(text_column)
+        self.text_separator = text_separator
+        self.label_column = label_column
+        self.fixed_labels = None if labels is None else [str(label) for label in labels]
+        # Part of what a sweep's data reuse is keyed by (SMSSpamDataModule.setup).
+        self.hparams.update(files=files, text_column=self.text_columns, label_column=label_column,
+                            text_separator=text_separator, labels=self.fixed_labels)  # fmt: skip
+
+    def _file(self) -> Path:
+        key = "data.path" if self.path is not None else "data.files.train"
+        return user_file(self.path or self.files["train"], key)
+
+    def prepare_data(self) -> None:
+        self._file()
+
+    def load_splits(self) -> Splits:
+        if self.splits is not None:
+            return self.splits
+        hp = self.hparams
+        key = "data.path" if self.path is not None else "data.files.train"
+        train_rows = self._read(self._file(), key)
+        names = self.fixed_labels or sorted({row.label for row in train_rows})
+        self.labels = {name: index for index, name in enumerate(names)}
+        self._check_labels(train_rows, key)
+        given = {name: self.files[name] for name in ("validation", "test") if self.files[name]}
+        rows = {"train": train_rows}
+        for name, file in given.items():
+            rows[name] = self._read(user_file(file, f"data.files.{name}"), f"data.files.{name}")
+            self._check_labels(rows[name], f"data.files.{name}")
+        if hp.balance:
+            rows["train"] = _undersample(rows["train"], hp.seed)
+        missing = [name for name in SPLITS if name not in rows]
+        fractions = {"train": hp.train_frac, "validation": hp.validation_frac,
+                     "test": 1 - hp.train_frac - hp.validation_frac}  # fmt: skip
+        split = {name: [(r.text, self.labels[r.label]) for r in rows[name]] for name in rows}
+        if missing:
+            wanted = {name: fractions[name] for name in ("train", *missing)}
+            split.update(stratified_split(rows["train"], self.labels, wanted, hp.seed, key))
+            log.info("%s split off %s (stratified by label, %s)", ", ".join(missing), key,
+                     "/".join(f"{wanted[n]:g}" for n in wanted))  # fmt: skip
+        self.splits = Splits(**{name: split[name] for name in SPLITS})
+        self._warn_of_leaks()
+        self._check_sizes(self.splits, self._file())
+        log.info("Data: %s, %d labels (%s): train %d / validation %d / test %d", key,
+                 len(names), ", ".join(names), *(len(split[n]) for n in SPLITS))  # fmt: skip
+        self._write_splits()
+        return self.splits
+
+    # ------------------------------------------------------------------ reading
+
+    def _read(self, path: Path, key: str) -> list[Message]:
+        """The (label, text) rows of one file, every problem named by row and column."""
+        table = read_table(path, key)
+        columns = list(table.column_names)
+        absent = [c for c in [*self.text_columns, self.label_column] if c not in columns]
+        if absent:
+            which = "data.text_column" if self.label_column not in absent else "data.label_column"
+            raise DataFormatError(f"{key}={path}: no column {absent} (set {which}); its columns "
+                                  f"are {columns}")  # fmt: skip
+        feature = table.features[self.label_column]
+        names = getattr(feature, "names", None)  # a ClassLabel keeps its names
+        texts = [table[c] for c in self.text_columns]
+        labels = table[self.label_column]
+        problems: dict[str, list[int]] = {}
+        rows = []
+        for i, (label, *parts) in enumerate(zip(labels, *texts), start=1):
+            if label is None or (isinstance(label, str) and not label.strip()):
+                problems.setdefault(f"an empty {self.label_column!r}", []).append(i)
+                continue
+            if any(part is None for part in parts):
+                problems.setdefault(f"a null text ({', '.join(self.text_columns)})", []).append(i)
+                continue
+            text = self.text_separator.join(str(part) for part in parts)
+            if not text.strip():
+                problems.setdefault("an empty text", []).append(i)
+                continue
+            rows.append(Message(label=names[label] if names else str(label), text=text))
+        if problems:
+            said = "; ".join(
+                f"{len(where)} row(s) with {what}: rows "
+                + ", ".join(map(str, where[:SHOWN])) + (", ..." if len(where) > SHOWN else "")
+                for what, where in problems.items()
+            )  # fmt: skip
+            raise DataFormatError(f"{key}={path}: {said} (data rows counted from 1); fill or "
+                                  "remove them")  # fmt: skip
+        if not rows:
+            raise DataFormatError(f"{key}={path} has no rows")
+        return rows
+
+    def _check_labels(self, rows: list[Message], key: str) -> None:
+        for i, row in enumerate(rows, start=1):
+            if row.label not in self.labels:
+                known = list(self.labels)
+                where = "data.labels" if self.fixed_labels else "the training data"
+                raise DataFormatError(f"{key}, row {i}: label {row.label!r} is not one of "
+                                      f"{where}'s {known}")  # fmt: skip
+
+    def _warn_of_leaks(self) -> None:
+        seen: dict[str, str] = {}
+        shared = 0
+        for name, split in self.splits.items():
+            for text in {text for text, _ in split}:
+                if seen.setdefault(text, name) != name:
+                    shared += 1
+        if shared:
+            log.warning("%d text(s) appear in more than one split: test metrics over them "
+                        "measure memory, not generalisation", shared)  # fmt: skip
+
+
+def read_table(path: Path, key: str):  # -> datasets.Dataset
+    """One file as a ``datasets.Dataset``, its format taken from its suffix."""
+    try:
+        from datasets import load_dataset
+    except ImportError as err:
+        raise ImportError(
+            'data=files reads files with 🤗 datasets: pip install -e ".[data]"'
+        ) from err
+    suffix = path.suffix.lower()
+    if suffix not in READERS:
+        raise DataFormatError(
+            f"{key}={path}: the suffix {suffix or '(none)'!r} is not one of "
+            f"{', '.join(READERS)}; rename the file to say its format"
+        )
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head.startswith(ZIP_MAGIC):
+        raise DataFormatError(f"{key}={path} is a zip archive; unzip it and give the file")
+    builder, options = READERS[suffix]
+    if builder == "csv":  # Excel and Windows editors start CSV files with a BOM
+        options = {**options, "encoding": "utf-8-sig"}
+    elif head.startswith(UTF8_BOM):
+        raise DataFormatError(f"{key}={path} starts with a UTF-8 byte-order mark, which JSON "
+                              "readers refuse; re-save it as UTF-8 without BOM")  # fmt: skip
+    try:
+        return load_dataset(builder, data_files=str(path), split="train", **options)
+    except Exception as err:  # noqa: BLE001 - each reader raises its own kinds
+        cause = err.__cause__ or err
+        said = f"{type(cause).__name__}: {cause}"[:1500]
+        raise DataFormatError(f"{key}={path} could not be read as {suffix[1:]}: {said}") from err

@@ -1,0 +1,135 @@
+"""data=files: a user's own CSV/JSONL/Parquet files, any labels, any number of classes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+from entry_points import ok, run_entry
+
+from gpt_classifier.data.files import FilesDataModule
+from gpt_classifier.data.sms import DataFormatError, parse_messages
+
+LABELS = ["long", "short", "spam"]
+
+
+def three_classes(sms_file: Path) -> list[dict[str, str]]:
+    """The SMS messages with three labels: spam, and ham split by length."""
+    rows = []
+    for message in parse_messages(sms_file, {"ham": 0, "spam": 1}):
+        label = "spam" if message.label == "spam" else "short" if len(message.text) < 40 else "long"
+        rows.append({"text": message.text, "label": label})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, str]], bom: bool = False) -> Path:
+    with path.open("w", newline="", encoding="utf-8-sig" if bom else "utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def train_args(tmp_path: Path, *data: str) -> list[str]:
+    return ["train.py", "model=gpt2-tiny", "accelerator=cpu", "data=files", *data,
+            "trainer.max_epochs=1", "trainer.precision=32-true",
+            f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}",
+            "callbacks.progress_bar.refresh_rate=0"]  # fmt: skip
+
+
+def test_a_three_class_csv_trains_splits_stratified_and_predicts_by_name(tmp_path, sms_file):
+    rows = three_classes(sms_file)[:1500]
+    data = write_csv(tmp_path / "messages.csv", rows, bom=True)  # as Excel saves it
+    ok(run_entry(*train_args(tmp_path, f"data.path={data}")))
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test/examples"] + metrics["val/examples"] + metrics["train/examples"] == 1500
+    counts = {label: sum(r["label"] == label for r in rows) for label in LABELS}
+    with (run / "splits" / "test.csv").open(encoding="utf-8", newline="") as f:
+        test = [int(r["Label"]) for r in csv.DictReader(f)]
+    for index, label in enumerate(LABELS):  # each label's share, within one row
+        assert abs(test.count(index) - 0.2 * counts[label]) <= 1, (label, test.count(index))
+    predicted = ok(run_entry("predict.py", f"ckpt_path={run}", "text=hello there",
+                             f"hydra.run.dir={tmp_path / 'predict'}"))  # fmt: skip
+    assert re.search(r"\b(long|short|spam)\b", predicted.stdout), predicted.stdout
+
+
+def test_pre_split_jsonl_files_are_used_as_given(tmp_path, sms_file):
+    rows = three_classes(sms_file)
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:600])
+    test = write_jsonl(tmp_path / "test.jsonl", rows[600:800])
+    module = FilesDataModule(files={"train": str(train), "test": str(test)},
+                             splits_dir=str(tmp_path / "splits"))  # fmt: skip
+    splits = module.load_splits()
+    assert module.label_names == LABELS
+    assert len(splits.test) == 200  # as given
+    assert len(splits.train) + len(splits.validation) == 600  # validation split off train
+    assert {label for _, label in splits.validation} == {0, 1, 2}
+    assert (tmp_path / "splits" / "validation.csv").is_file()
+
+
+def test_labels_fix_the_order_and_num_classes_follows_them(tmp_path, sms_file):
+    rows = three_classes(sms_file)[:900]
+    data = write_csv(tmp_path / "m.csv", rows)
+    module = FilesDataModule(path=str(data), labels=["spam", "short", "long"])
+    module.load_splits()
+    assert module.label_names == ["spam", "short", "long"]
+    with pytest.raises(DataFormatError, match=r"row \d+: label 'long' is not one of "
+                                              r"data.labels's \['spam', 'short'\]"):  # fmt: skip
+        FilesDataModule(path=str(data), labels=["spam", "short"]).load_splits()
+
+
+def test_multiple_text_columns_are_joined(tmp_path):
+    rows = [{"title": f"t{i}", "body": f"b{i}", "label": "a" if i % 2 else "b"} for i in range(40)]
+    data = write_csv(tmp_path / "m.csv", rows)
+    module = FilesDataModule(path=str(data), text_column=["title", "body"], text_separator=": ")
+    texts = {text for text, _ in module.load_splits().train}
+    assert texts <= {f"t{i}: b{i}" for i in range(40)} and texts
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "says"),
+    [
+        ("message,label\nhi,a\n", "m.csv", r"no column \['text'\] \(set data.text_column\); "
+                                           r"its columns are \['message', 'label'\]"),
+        ("text,label\nhi,a\n,b\n   ,a\nyo,\n", "m.csv",
+         r"an empty text: rows 3; 1 row\(s\) with an empty 'label': rows 4"),
+        ("text,label\nhi,a\n,b\nyo,a\n", "m.csv", r"1 row\(s\) with a null text \(text\): rows 2"),
+        ("text,label\nhi,a\n", "m.txt", r"the suffix '.txt' is not one of .csv, .tsv"),
+        ('{"text": "hi", "label": "a"\n', "m.jsonl", r"could not be read as jsonl"),
+        ("text,label\n" + "".join(f"t{i},a\n" for i in range(30)) + "x,b\ny,b\n", "m.csv",
+         r"label 'b' has 2 row\(s\), too few to split stratified into train/validation/test "
+         r"\(it needs at least 10\)"),
+    ],
+)  # fmt: skip
+def test_bad_files_are_named_with_the_row_and_column(tmp_path, content, name, says):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataFormatError, match=says):
+        FilesDataModule(path=str(path)).load_splits()
+
+
+def test_a_label_in_test_that_training_lacks_is_refused(tmp_path):
+    train = write_csv(tmp_path / "train.csv", [{"text": f"t{i}", "label": "ab"[i % 2]}
+                                                for i in range(30)])  # fmt: skip
+    test = write_csv(
+        tmp_path / "test.csv", [{"text": "x", "label": "a"}, {"text": "y", "label": "c"}]
+    )
+    with pytest.raises(DataFormatError, match=r"data.files.test, row 2: label 'c' is not one "
+                                              r"of the training data's \['a', 'b'\]"):  # fmt: skip
+        FilesDataModule(files={"train": str(train), "test": str(test)}).load_splits()
+
+
+def test_num_classes_that_disagrees_with_the_data_names_both(tmp_path, sms_file):
+    data = write_csv(tmp_path / "m.csv", three_classes(sms_file)[:300])
+    result = run_entry(*train_args(tmp_path, f"data.path={data}", "classifier.num_classes=2"))
+    assert result.returncode != 0
+    assert "classifier.num_classes=2, but the data has 3 labels" in result.stderr
