@@ -133,3 +133,34 @@ def test_num_classes_that_disagrees_with_the_data_names_both(tmp_path, sms_file)
     result = run_entry(*train_args(tmp_path, f"data.path={data}", "classifier.num_classes=2"))
     assert result.returncode != 0
     assert "classifier.num_classes=2, but the data has 3 labels" in result.stderr
+
+
+def test_class_weights_auto_weigh_the_training_loss_by_inverse_frequency(tmp_path, sms_file):
+    rows = three_classes(sms_file)[:900]  # imbalanced: mostly long or short ham
+    data = write_csv(tmp_path / "m.csv", rows)
+    ok(run_entry(*train_args(tmp_path, f"data.path={data}", "classifier.class_weights=auto")))
+    from gpt_classifier.training.module import ClassifierModule
+
+    module = ClassifierModule.load_from_checkpoint(tmp_path / "run")
+    with (tmp_path / "run" / "splits" / "train.csv").open(encoding="utf-8", newline="") as f:
+        labels = [int(r["Label"]) for r in csv.DictReader(f)]
+    counts = [labels.count(i) for i in range(3)]
+    want = [len(labels) / (3 * count) for count in counts]
+    assert module.hparams.class_weights == pytest.approx(want)
+    assert sum(w * c for w, c in zip(want, counts)) == pytest.approx(len(labels))  # mean 1
+    import torch
+
+    logits, targets = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 1, 0])
+    module.metrics["split_train"].reset()
+    batch = {"input_ids": None, "lengths": None, "labels": targets}
+    module.forward = lambda batch: logits  # the loss alone, on known logits
+    loss, _ = module._step(batch, "train")
+    weighted = torch.nn.functional.cross_entropy(logits, targets, weight=torch.tensor(want))
+    assert float(loss) == pytest.approx(float(weighted), rel=1e-6)
+    unweighted, _ = module._step(batch, "val")  # validation and test stay unweighted
+    assert float(unweighted) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, targets)), rel=1e-6
+    )
+    wrong = run_entry(*train_args(tmp_path / "w", f"data.path={data}",
+                                  "classifier.class_weights=[1,2]"))  # fmt: skip
+    assert wrong.returncode != 0 and "give 3 positive numbers, one per class" in wrong.stderr

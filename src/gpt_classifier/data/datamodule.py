@@ -110,6 +110,13 @@ class SMSSpamDataModule(L.LightningDataModule):
         """Label names by class index, e.g. ``["ham", "spam"]``."""
         return [name for name, _ in sorted(self.labels.items(), key=lambda kv: kv[1])]
 
+    def class_counts(self) -> list[int]:
+        """The training split's examples of each class, by class index."""
+        counts = [0] * len(self.label_names)
+        for _, label in self.load_splits().train:
+            counts[label] += 1
+        return counts
+
     def _file(self) -> Path:
         hp = self.hparams
         return ensure_sms_file(self.path, self.data_dir, hp.urls, hp.size, hp.sha256)

@@ -7,7 +7,7 @@ import hashlib
 import logging
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,9 +110,11 @@ def _source_signature(source: str) -> tuple[Any, ...]:
 
 
 def build_module(
-    cfg: DictConfig, backbone: GPT, label_names: list[str], fsdp: bool
-) -> ClassifierModule:
-    """The LightningModule: the backbone with its head, the method, the optimizer."""
+    cfg: DictConfig, backbone: GPT, label_names: list[str], fsdp: bool,
+    class_counts: Sequence[int] | None = None,
+) -> ClassifierModule:  # fmt: skip
+    """The LightningModule: the backbone with its head, the method, the optimizer;
+    ``class_counts`` (the training split's, by class) for ``class_weights: auto``."""
     method = build_method(cfg)
     try:
         method.check(backbone.cfg)  # the weights' own architecture
@@ -131,8 +133,26 @@ def build_module(
     # Under FSDP the strategy wraps the blocks for it (trainer.strategy.activation_checkpointing).
     model.activation_checkpointing = bool(cfg.model.get("activation_checkpointing")) and not fsdp
     scheduler = build(cfg, "scheduler") if cfg.get("scheduler") else None
-    return ClassifierModule(model, method, build(cfg, "optimizer"), scheduler,
-                            label_names=label_names)  # fmt: skip
+    weights = cfg.classifier.get("class_weights")
+    if weights == "auto":
+        weights = inverse_frequency(class_counts or [], label_names)
+    elif weights is not None:
+        weights = list(weights)
+    try:
+        return ClassifierModule(model, method, build(cfg, "optimizer"), scheduler,
+                                label_names=label_names, class_weights=weights)  # fmt: skip
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def inverse_frequency(counts: Sequence[int], label_names: Sequence[str]) -> list[float]:
+    """Each class's weight, inversely proportional to its training examples, with the
+    mean over the examples 1 (the loss keeps its scale)."""
+    if len(counts) != len(label_names) or min(counts, default=0) < 1:
+        raise ConfigError(f"classifier.class_weights=auto needs training examples of every "
+                          f"class; the counts are {dict(zip(label_names, counts))}")  # fmt: skip
+    total = sum(counts)
+    return [total / (len(counts) * count) for count in counts]
 
 
 def build_datamodule(

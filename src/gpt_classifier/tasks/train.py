@@ -96,7 +96,8 @@ def train(cfg: DictConfig) -> float:
     datamodule.expected_processes = trainer.world_size
     datamodule.setup("fit")  # data errors (too few messages, one label) before any training
     fsdp = isinstance(trainer.strategy, FSDPStrategy)
-    module = build_module(cfg, backbone, datamodule.label_names, fsdp)
+    counts = datamodule.class_counts()
+    module = build_module(cfg, backbone, datamodule.label_names, fsdp, counts)
 
     random_state.capture()
     start = time.perf_counter()
@@ -109,7 +110,8 @@ def train(cfg: DictConfig) -> float:
         # unit stay flat views of its shards, so a second stage of that Trainer cannot
         # load a sharded checkpoint into them (Lightning #20373): a new module and Trainer.
         counts = module.parameter_counts
-        module = build_module(cfg, build_backbone(cfg.model), datamodule.label_names, fsdp)
+        module = build_module(cfg, build_backbone(cfg.model), datamodule.label_names, fsdp,
+                              counts)  # fmt: skip
         module.parameter_counts = counts
         trainer = build_trainer(cfg, output_dir, [prefix_cache, stop])
     module.test_split_names = ["train", "val", "test"]

@@ -63,6 +63,7 @@ class ClassifierModule(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         label_names: Sequence[str] | None = None,
         positive_class: int = 1,
+        class_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         names = list(label_names or [str(i) for i in range(model.num_classes)])
@@ -72,6 +73,12 @@ class ClassifierModule(L.LightningModule):
             )
         if not 0 <= positive_class < model.num_classes:
             raise ValueError(f"positive class {positive_class} is not one of the classes")
+        if class_weights is not None:
+            class_weights = [float(w) for w in class_weights]
+            if len(class_weights) != model.num_classes or min(class_weights) <= 0:
+                raise ValueError(f"classifier.class_weights={class_weights}: give "
+                                 f"{model.num_classes} positive numbers, one per class "
+                                 f"({', '.join(names)}), or auto")  # fmt: skip
         self.model = model
         self.method = method or TrainLastBlocks(1)
         self.optimizer_factory = optimizer or functools.partial(
@@ -88,7 +95,12 @@ class ClassifierModule(L.LightningModule):
             "positive_class": positive_class,
             "finetuning": self.method.to_config(),
             "optimizer": _describe(self.optimizer_factory),
+            "class_weights": class_weights,
         })  # fmt: skip
+        # The training loss's weight per class (None: each example counts the same).
+        # Not in the state dict: it is a setting, kept in the hyperparameters.
+        weight = None if class_weights is None else torch.tensor(class_weights)
+        self.register_buffer("class_weights", weight, persistent=False)
         # Keyed "split_<name>": a ModuleDict key may not shadow a Module attribute ("train").
         self.metrics = nn.ModuleDict(
             {f"split_{s}": SplitMetrics(model.num_classes, positive_class) for s in LOG_PREFIX}
@@ -133,7 +145,8 @@ class ClassifierModule(L.LightningModule):
         method = method_from_config(hparams.get("finetuning"))
         method.apply(model)  # the layers it adds (LoRA) are in the state dict
         module = cls(model, method, label_names=hparams.get("label_names"),
-                     positive_class=hparams.get("positive_class", 1), **kwargs)  # fmt: skip
+                     positive_class=hparams.get("positive_class", 1),
+                     class_weights=hparams.get("class_weights"), **kwargs)  # fmt: skip
         module.load_state_dict(checkpoint["state_dict"], strict=True, assign=True)
         return module if map_location is None else module.to(map_location)
 
@@ -162,7 +175,9 @@ class ClassifierModule(L.LightningModule):
 
     def _step(self, batch: dict[str, Any], split: str) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self(batch)
-        loss = F.cross_entropy(logits.float(), batch["labels"])
+        # Weighted in training only: validation and test losses stay comparable across runs.
+        weight = self.class_weights if split == "train" else None
+        loss = F.cross_entropy(logits.float(), batch["labels"], weight=weight)
         self.metrics[f"split_{split}"].update(logits, batch["labels"], loss)
         return loss, logits
 
