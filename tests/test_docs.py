@@ -111,6 +111,13 @@ def write_own_data(folder: Path, sms_file: Path) -> None:
     for name, part in (("train.jsonl", rows[:450]), ("test.jsonl", rows[450:])):
         lines = [json.dumps({"review": text, "rating": label + 1}) for text, label in part]
         (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    # data.name=ag_news: run here on a save_to_disk folder of that name (no network).
+    topics = ["World", "Sports", "Business", "Sci/Tech"]
+    features = Features({"text": Value("string"), "label": ClassLabel(names=topics)})
+    Dataset.from_dict({"text": [t for t, _ in rows], "label": [i % 4 for i in range(len(rows))]},
+                      features=features).save_to_disk(folder / "ag_news")  # fmt: skip
     names = ["world", "sports", "business"]
     pq.write_table(pa.table({"title": [t[:20] for t, _ in rows], "body": [t[20:] for t, _ in rows],
                              "label": [names[label] for _, label in rows]}),
@@ -196,7 +203,7 @@ def test_documented_command_runs(where, command, request, tmp_path):
     if entry.startswith("scripts/"):
         return check_script(words)
     runs = entry in ("predict.py", "eval.py", "export.py") and "hub_repo" not in command
-    own_data = entry == "train.py" and "data=files" in words  # on the workdir's files
+    own_data = entry == "train.py" and {"data=files", "data=hf"} & set(words)  # workdir's files
     smoke = own_data or (entry == "train.py" and "model.pretrained=false" in words
                          and "-m" not in words)  # fmt: skip
     if not (runs or smoke):  # composed only: the placeholders need not exist

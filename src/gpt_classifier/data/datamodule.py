@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -112,10 +113,17 @@ class SMSSpamDataModule(L.LightningDataModule):
 
     def class_counts(self) -> list[int]:
         """The training split's examples of each class, by class index."""
+        train = self.load_splits().train  # first: it reads the labels of data=files
         counts = [0] * len(self.label_names)
-        for _, label in self.load_splits().train:
+        for _, label in train:
             counts[label] += 1
         return counts
+
+    def _identity(self) -> tuple[Any, ...]:
+        """What the data is read from, for a sweep's reuse: the file and its version."""
+        file = self._file().resolve()
+        stat = file.stat()
+        return str(file), stat.st_size, stat.st_mtime_ns
 
     def _file(self) -> Path:
         hp = self.hparams
@@ -127,13 +135,11 @@ class SMSSpamDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return  # tokenized once per run, not per stage or epoch
-        # A sweep's previous job may have read the same data: the key is the file's
+        # A sweep's previous job may have read the same data: the key is the data's
         # identity and every setting but the loaders'.
-        file = self._file().resolve()
-        stat = file.stat()
         settings = {k: v for k, v in self.hparams.items() if k not in LOADER_SETTINGS}
-        key = (str(file), stat.st_size, stat.st_mtime_ns, repr(sorted(settings.items())),
-               self.max_length, self.tokenizer_dir)  # fmt: skip
+        key = (*self._identity(), repr(sorted(settings.items())), self.max_length,
+               self.tokenizer_dir)  # fmt: skip
 
         def read() -> tuple[Splits, dict[str, TokenizedTexts]]:
             splits = self.load_splits()
@@ -142,7 +148,7 @@ class SMSSpamDataModule(L.LightningDataModule):
         splits, self.datasets = reuse("data", key, read)
         if self.splits is None:  # reused: this job's checks and split files all the same
             self.splits = splits
-            self._check_sizes(splits, file)
+            self._check_sizes(splits, self._file())
             self._write_splits()
 
     def load_splits(self) -> Splits:

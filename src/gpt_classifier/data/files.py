@@ -8,6 +8,7 @@ stratified by label, and pre-split files are used as given.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,12 +47,7 @@ class FilesDataModule(SMSSpamDataModule):
         **settings: Any,
     ) -> None:
         files = {name: (files or {}).get(name) for name in SPLITS}
-        if path is not None and files["train"] is not None:
-            raise ValueError("give data.path (one file, split here) or data.files.train (and "
-                             "optionally validation/test), not both")  # fmt: skip
-        if path is None and files["train"] is None:
-            raise ValueError("give data.path=<one file to split> or data.files.train=<file> "
-                             "(CSV/TSV with a header row, JSONL/JSON or Parquet)")  # fmt: skip
+        self._check_sources(path, files)
         super().__init__(path=path, labels={}, balance=balance, **settings)
         self.files = files
         self.text_columns = [text_column] if isinstance(text_column, str) else list(text_column)
@@ -62,6 +58,15 @@ class FilesDataModule(SMSSpamDataModule):
         self.hparams.update(files=files, text_column=self.text_columns, label_column=label_column,
                             text_separator=text_separator, labels=self.fixed_labels)  # fmt: skip
 
+    @staticmethod
+    def _check_sources(path: str | None, files: Mapping[str, str | None]) -> None:
+        if path is not None and files["train"] is not None:
+            raise ValueError("give data.path (one file, split here) or data.files.train (and "
+                             "optionally validation/test), not both")  # fmt: skip
+        if path is None and files["train"] is None:
+            raise ValueError("give data.path=<one file to split> or data.files.train=<file> "
+                             "(CSV/TSV with a header row, JSONL/JSON or Parquet)")  # fmt: skip
+
     def _file(self) -> Path:
         key = "data.path" if self.path is not None else "data.files.train"
         return user_file(self.path or self.files["train"], key)
@@ -69,20 +74,33 @@ class FilesDataModule(SMSSpamDataModule):
     def prepare_data(self) -> None:
         self._file()
 
+    def _tables(self) -> dict[str, tuple[Any, str]]:
+        """Each split that is given: its table, and how messages name it."""
+        if self.path is not None:
+            return {"train": (read_table(self._file(), "data.path"), f"data.path={self._file()}")}
+        tables = {}
+        for name, file in self.files.items():
+            if file:
+                path = user_file(file, f"data.files.{name}")
+                tables[name] = (read_table(path, f"data.files.{name}"), f"data.files.{name}={path}")
+        return tables
+
     def load_splits(self) -> Splits:
         if self.splits is not None:
             return self.splits
         hp = self.hparams
-        key = "data.path" if self.path is not None else "data.files.train"
-        train_rows = self._read(self._file(), key)
-        names = self.fixed_labels or sorted({row.label for row in train_rows})
+        tables = self._tables()
+        train_table, key = tables["train"]
+        train_rows = self._read(train_table, key)
+        names = self.fixed_labels or _class_names(train_table, self.label_column) or sorted(
+            {row.label for row in train_rows})  # fmt: skip
         self.labels = {name: index for index, name in enumerate(names)}
         self._check_labels(train_rows, key)
-        given = {name: self.files[name] for name in ("validation", "test") if self.files[name]}
         rows = {"train": train_rows}
-        for name, file in given.items():
-            rows[name] = self._read(user_file(file, f"data.files.{name}"), f"data.files.{name}")
-            self._check_labels(rows[name], f"data.files.{name}")
+        for name, (table, source) in tables.items():
+            if name != "train":
+                rows[name] = self._read(table, source)
+                self._check_labels(rows[name], source)
         if hp.balance:
             rows["train"] = _undersample(rows["train"], hp.seed)
         missing = [name for name in SPLITS if name not in rows]
@@ -104,14 +122,13 @@ class FilesDataModule(SMSSpamDataModule):
 
     # ------------------------------------------------------------------ reading
 
-    def _read(self, path: Path, key: str) -> list[Message]:
-        """The (label, text) rows of one file, every problem named by row and column."""
-        table = read_table(path, key)
+    def _read(self, table: Any, source: str) -> list[Message]:
+        """The (label, text) rows of one table, every problem named by row and column."""
         columns = list(table.column_names)
         absent = [c for c in [*self.text_columns, self.label_column] if c not in columns]
         if absent:
             which = "data.text_column" if self.label_column not in absent else "data.label_column"
-            raise DataFormatError(f"{key}={path}: no column {absent} (set {which}); its columns "
+            raise DataFormatError(f"{source}: no column {absent} (set {which}); its columns "
                                   f"are {columns}")  # fmt: skip
         feature = table.features[self.label_column]
         names = getattr(feature, "names", None)  # a ClassLabel keeps its names
@@ -137,10 +154,10 @@ class FilesDataModule(SMSSpamDataModule):
                 + ", ".join(map(str, where[:SHOWN])) + (", ..." if len(where) > SHOWN else "")
                 for what, where in problems.items()
             )  # fmt: skip
-            raise DataFormatError(f"{key}={path}: {said} (data rows counted from 1); fill or "
+            raise DataFormatError(f"{source}: {said} (data rows counted from 1); fill or "
                                   "remove them")  # fmt: skip
         if not rows:
-            raise DataFormatError(f"{key}={path} has no rows")
+            raise DataFormatError(f"{source} has no rows")
         return rows
 
     def _check_labels(self, rows: list[Message], key: str) -> None:
@@ -161,6 +178,76 @@ class FilesDataModule(SMSSpamDataModule):
         if shared:
             log.warning("%d text(s) appear in more than one split: test metrics over them "
                         "measure memory, not generalisation", shared)  # fmt: skip
+
+
+def _class_names(table: Any, column: str) -> list[str] | None:
+    """The names of a ``ClassLabel`` column (a 🤗 dataset's integer labels), in order."""
+    return list(getattr(table.features[column], "names", None) or []) or None
+
+
+class HubDataModule(FilesDataModule):
+    """A 🤗 dataset: a Hub id (``data.name``, with ``data.config_name``) or a folder written
+    by ``save_to_disk``; its splits mapped to ours by ``data.split_names``."""
+
+    def __init__(
+        self,
+        name: str,
+        config_name: str | None = None,
+        split_names: Mapping[str, str | None] | None = None,
+        **settings: Any,
+    ) -> None:
+        self.name, self.config_name = str(name), config_name
+        self.split_names = {**{s: s for s in SPLITS}, **dict(split_names or {})}
+        super().__init__(**settings)
+        self.hparams.update(name=self.name, config_name=config_name,
+                            split_names=self.split_names)  # fmt: skip
+
+    @staticmethod
+    def _check_sources(path: str | None, files: Mapping[str, str | None]) -> None:
+        return None  # data.name is the source
+
+    def _file(self) -> Path:
+        return Path(self.name).expanduser()  # a save_to_disk folder, or a name in messages
+
+    def _identity(self) -> tuple[Any, ...]:
+        folder = self._file()
+        version = folder.stat().st_mtime_ns if folder.is_dir() else None
+        return self.name, self.config_name, version
+
+    def prepare_data(self) -> None:
+        return None  # read (and downloaded, where online) in load_splits
+
+    def _tables(self) -> dict[str, tuple[Any, str]]:
+        try:
+            from datasets import DatasetDict, load_dataset, load_from_disk
+        except ImportError as err:
+            raise ImportError('data=hf reads 🤗 datasets: pip install -e ".[data]"') from err
+        folder = self._file()
+        try:
+            if folder.is_dir():
+                data = load_from_disk(str(folder))
+            else:
+                data = load_dataset(self.name, self.config_name)
+        except Exception as err:  # noqa: BLE001 - the Hub, the cache and the files each have their own
+            offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false")
+            cause = f"{type(err).__name__}: {err}"[:800]
+            hint = (" With HF_HUB_OFFLINE=1 only cached datasets load: run once online, or "
+                    "give a folder written by save_to_disk." if offline else "")  # fmt: skip
+            raise DataFormatError(
+                f"data.name={self.name} could not be loaded ({cause}).{hint}"
+            ) from err
+        if not isinstance(data, DatasetDict):
+            data = DatasetDict({"train": data})
+        tables = {}
+        for ours, theirs in self.split_names.items():
+            if theirs and theirs in data:
+                tables[ours] = (data[theirs], f"data.name={self.name}, split {theirs}")
+        if "train" not in tables:
+            raise DataFormatError(
+                f"data.name={self.name} has the splits {list(data)}, none of them "
+                f"data.split_names.train={self.split_names['train']}: set it to one of them"
+            )
+        return tables
 
 
 def read_table(path: Path, key: str):  # -> datasets.Dataset
