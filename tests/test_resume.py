@@ -106,10 +106,15 @@ def test_sigterm_and_ctrl_c_write_a_checkpoint_and_say_how_to_resume(reference, 
     assert "Training stopped by SIGTERM" in output
     assert f"python train.py ckpt_path=last hydra.run.dir={run_dir}" in output
     interrupted = run_dir / "checkpoints" / "interrupted.ckpt"
-    assert torch.load(interrupted, weights_only=True, mmap=True)["global_step"] >= 20
+    stopped_at = torch.load(interrupted, weights_only=True, mmap=True)["global_step"]
+    assert stopped_at >= 20
 
-    # Resumed, then Ctrl-C in the second epoch, then resumed to the end.
-    process = interrupt_at(resume, run_dir, STEPS_PER_EPOCH + 20, signal.SIGINT)
+    # Resumed, then Ctrl-C in the second epoch, then resumed to the end. The signal waits
+    # for a step checkpoint of the resumed run: on a loaded machine the first run may have
+    # written one past the second epoch's step 20 before its SIGTERM took effect.
+    target = max(STEPS_PER_EPOCH + 20, stopped_at + 20)
+    assert target < 2 * STEPS_PER_EPOCH, f"the first run stopped only at step {stopped_at}"
+    process = interrupt_at(resume, run_dir, target, signal.SIGINT)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 128 + signal.SIGINT, output[-3000:]
     assert "Training stopped by SIGINT" in output
