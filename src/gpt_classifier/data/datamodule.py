@@ -55,12 +55,9 @@ LOADER_SETTINGS = frozenset(
 
 
 class SMSSpamDataModule(L.LightningDataModule):
-    """Downloads, parses, balances, splits and tokenizes the SMS Spam Collection.
-
-    Padding modes: ``batch`` pads each batch to its longest message (fast);
-    ``longest_train`` pads every split to the longest training message and truncates
-    to it, as the book does; ``context`` pads to ``max_length``.
-    """
+    """Downloads, parses, balances, splits and tokenizes the SMS Spam Collection. Padding:
+    ``batch`` (each batch to its longest message), ``longest_train`` (every split to the
+    longest training message, as the book) or ``context`` (to ``max_length``)."""
 
     def __init__(
         self,
@@ -110,14 +107,6 @@ class SMSSpamDataModule(L.LightningDataModule):
     def label_names(self) -> list[str]:
         """Label names by class index, e.g. ``["ham", "spam"]``."""
         return [name for name, _ in sorted(self.labels.items(), key=lambda kv: kv[1])]
-
-    def class_counts(self) -> list[int]:
-        """The training split's examples of each class, by class index."""
-        train = self.load_splits().train  # first: it reads the labels of data=files
-        counts = [0] * len(self.label_names)
-        for _, label in train:
-            counts[label] += 1
-        return counts
 
     def _identity(self) -> tuple[Any, ...]:
         """What the data is read from, for a sweep's reuse: the file and its version."""

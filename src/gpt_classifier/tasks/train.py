@@ -96,7 +96,8 @@ def train(cfg: DictConfig) -> float:
     datamodule.expected_processes = trainer.world_size
     datamodule.setup("fit")  # data errors (too few messages, one label) before any training
     fsdp = isinstance(trainer.strategy, FSDPStrategy)
-    counts = datamodule.class_counts()
+    train_labels = [label for _, label in datamodule.load_splits().train]
+    counts = [train_labels.count(i) for i in range(len(datamodule.label_names))]
     module = build_module(cfg, backbone, datamodule.label_names, fsdp, counts)
 
     random_state.capture()

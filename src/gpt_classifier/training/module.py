@@ -120,14 +120,10 @@ class ClassifierModule(L.LightningModule):
         strict: bool | None = None,
         **kwargs: Any,
     ) -> ClassifierModule:
-        """The module of one of ``train.py``'s checkpoints (a ``.ckpt`` file, a sharded
-        folder, or a run folder: its best), its frozen weights read from the run's
-        ``frozen.safetensors``, ready for ``trainer.test``/``predict`` or to train on.
-
-        Lightning's own would call ``__init__`` with the saved hyperparameters, which
-        describe the model rather than hold it. ``kwargs`` go to ``__init__``
-        (``optimizer``, ``scheduler``); loading is always strict.
-        """
+        """The module of a ``train.py`` checkpoint (a ``.ckpt``, a sharded folder or a run
+        folder: its best), frozen weights from ``frozen.safetensors``; ``kwargs`` go to
+        ``__init__``. (Lightning's own calls ``__init__`` with the hyperparameters, which
+        describe the model rather than hold it.)"""
         if hparams_file is not None or strict is False:
             raise ValueError("hparams_file and strict=False do not apply: a checkpoint of "
                              "train.py holds its whole description and loads strictly")  # fmt: skip
