@@ -202,3 +202,12 @@ def test_an_unknown_dataset_name_offline_says_what_loads_offline(monkeypatch):
     with pytest.raises(DataFormatError, match=r"data.name=nobody/no-such-dataset could not be "
                                               r"loaded .* only cached datasets load"):  # fmt: skip
         HubDataModule(name="nobody/no-such-dataset").load_splits()
+
+
+def test_texts_in_two_splits_are_counted_and_warned_about(tmp_path, caplog):
+    rows = [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(40)]
+    train = write_csv(tmp_path / "train.csv", rows)
+    test = write_csv(tmp_path / "test.csv", rows[:3] + [{"text": "new", "label": "a"}])
+    with caplog.at_level("WARNING", logger="gpt_classifier.data.files"):
+        FilesDataModule(files={"train": str(train), "test": str(test)}).load_splits()
+    assert "3 text(s) appear in more than one split" in caplog.text
