@@ -15,7 +15,7 @@ from typing import Any
 
 from gpt_classifier.data.datamodule import SMSSpamDataModule
 from gpt_classifier.data.sms import DataFormatError, Message
-from gpt_classifier.data.splits import Splits, _undersample, stratified_split
+from gpt_classifier.data.splits import Splits, stratified_split, undersample
 from gpt_classifier.files import UTF8_BOM, ZIP_MAGIC, user_file
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class FilesDataModule(SMSSpamDataModule):
                 rows[name] = self._read(table, source)
                 self._check_labels(rows[name], source)
         if hp.balance:
-            rows["train"] = _undersample(rows["train"], hp.seed)
+            rows["train"] = undersample(rows["train"], hp.seed)
         missing = [name for name in SPLITS if name not in rows]
         fractions = {"train": hp.train_frac, "validation": hp.validation_frac,
                      "test": 1 - hp.train_frac - hp.validation_frac}  # fmt: skip

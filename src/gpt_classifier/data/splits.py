@@ -48,7 +48,7 @@ def balance_and_split(
         )
     rows = list(messages)
     if balance:
-        rows = _undersample(rows, seed)
+        rows = undersample(rows, seed)
     order = np.random.RandomState(seed).choice(len(rows), size=len(rows), replace=False)
     shuffled = [(rows[i].text, labels[rows[i].label]) for i in order]
     sizes = split_sizes(len(shuffled), train_frac, validation_frac)
@@ -158,7 +158,7 @@ def check_split_sizes(
     )
 
 
-def _undersample(rows: list[Message], seed: int) -> list[Message]:
+def undersample(rows: list[Message], seed: int) -> list[Message]:
     """Each label undersampled to the rarest one's count, rarest label last.
 
     With two labels this is the book's ``ham.sample(n_spam)`` followed by all spam.
