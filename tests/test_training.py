@@ -95,8 +95,9 @@ def test_short_run_learns_and_reports_consistently(tmp_path, sms_file):
     assert sum("Seed set to" in line for line in said) == 1, said
     assert not any(line.startswith("INFO: ") for line in result.stderr.splitlines())
     table = result.stdout + result.stderr
-    assert "metric      train     val    test" in table
-    assert "examples     1045     149     300" in table
+    assert re.search(r"\nmetric +train +val +test\n", table), table
+    assert re.search(r"\nexamples +1045 +149 +300\n", table), table
+    assert re.search(r"\nclass/spam/support +517 +79 +151\n", table), table
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
     # Two epochs of the last block of gpt2-tiny learn something: chance is 0.5 and ln 2.
@@ -118,7 +119,21 @@ def test_short_run_learns_and_reports_consistently(tmp_path, sms_file):
     logged = scalars(run)
     for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"):
         assert tag in logged, sorted(logged)
+    for split in ("train", "val", "test"):  # macro and micro F1, and per class
+        f1s = [metrics[f"{split}/class/{name}/f1"] for name in ("ham", "spam")]
+        assert metrics[f"{split}/f1_macro"] == pytest.approx(sum(f1s) / 2, abs=1e-6)
+        assert metrics[f"{split}/f1_micro"] == pytest.approx(metrics[f"{split}/acc"], abs=1e-6)
+        assert metrics[f"{split}/class/spam/f1"] == metrics[f"{split}/f1"]  # the positive class
     assert len(logged["val/acc"]) == 2  # one per epoch
+    assert len(logged["val/class/ham/recall"]) == 2 and "test/f1_macro" in logged
+    for split in ("val", "test"):  # the best checkpoint's confusion matrices
+        assert (run / f"confusion_matrix_{split}.png").read_bytes()[:4] == b"\x89PNG"
+    images = set()
+    for events in (run / "tensorboard").glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        images |= set(accumulator.Tags()["images"])
+    assert images == {"confusion_matrix/val", "confusion_matrix/test"}
     assert logged["test/acc"][-1] == pytest.approx(metrics["test/acc"], abs=1e-6)
     assert logged["final/train/acc"][-1] == pytest.approx(metrics["train/acc"], abs=1e-6)
     plugin_dir = run / "tensorboard"
@@ -295,6 +310,8 @@ def test_logger_mlflow_keeps_the_runs_params_and_final_metrics(tmp_path, sms_fil
     assert run.data.metrics["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
     assert run.data.metrics["final/train/acc"] == pytest.approx(metrics["train/acc"], abs=1e-6)
     assert run.data.tags["run_dir"] == str(tmp_path / "run")
+    artifacts = mlflow.MlflowClient().list_artifacts(run.info.run_id)
+    assert {a.path for a in artifacts} == {"confusion_matrix_val.png", "confusion_matrix_test.png"}
 
 
 def test_logger_wandb_logs_offline_into_the_run_folder(tmp_path, sms_file):

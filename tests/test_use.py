@@ -94,7 +94,7 @@ def test_eval_writes_metrics_confusion_matrix_and_report(run_dir, tmp_path):
     trained = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["examples"] == 300
     assert metrics["acc"] == pytest.approx(trained["test/acc"], abs=1e-6)
-    assert metrics["spam/f1"] == pytest.approx(trained["test/f1"], abs=1e-6)
+    assert metrics["class/spam/f1"] == pytest.approx(trained["test/f1"], abs=1e-6)
     assert (tmp_path / "e" / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     assert "precision" in (tmp_path / "e" / "classification_report.txt").read_text()
     assert list((tmp_path / "e" / "tensorboard").glob("events.out.tfevents.*"))
@@ -494,9 +494,9 @@ def _landed_report(labels: list[int], preds: list[int], n: int) -> dict[str, flo
         recall = tp / actual if actual else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         f1s.append(f1)
-        out |= {f"{i}/precision": precision, f"{i}/recall": recall, f"{i}/f1": f1,
-                f"{i}/support": actual}  # fmt: skip
-    out["macro/f1"] = sum(f1s) / n
+        out |= {f"class/{i}/precision": precision, f"class/{i}/recall": recall,
+                f"class/{i}/f1": f1, f"class/{i}/support": actual}  # fmt: skip
+    out["f1_macro"] = sum(f1s) / n
     return out
 
 

@@ -38,18 +38,30 @@ def plot_curves(
 
 
 def confusion_figure(matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> Figure:
-    """A labelled confusion matrix (rows: true label, columns: predicted)."""
-    fig, ax = plt.subplots(figsize=(3.5, 3))
+    """A labelled confusion matrix (rows: true label, columns: predicted), sized for the
+    number of classes; the counts are written in the cells up to 30 classes."""
+    n = len(labels)
+    side = max(3.5, 0.4 * n + 2)
+    fig, ax = plt.subplots(figsize=(side, side * 0.86))
     image = ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xticks(range(n), labels, rotation=90 if n > 4 else 0)
+    ax.set_yticks(range(n), labels)
     ax.set_xlabel("Predicted")
     ax.set_ylabel("True")
     peak = max(max(row) for row in matrix) or 1
-    for i, row in enumerate(matrix):
+    for i, row in enumerate(matrix if n <= 30 else []):
         for j, count in enumerate(row):
             color = "white" if count > peak / 2 else "black"
             ax.text(j, i, str(count), ha="center", va="center", color=color)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return fig
+
+
+def save_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str],
+                          path: Path) -> Figure:  # fmt: skip
+    """Draw :func:`confusion_figure` into ``path`` (PNG) and return the figure."""
+    figure = confusion_figure(matrix, labels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return figure

@@ -78,6 +78,9 @@ def write_sweep_summary(sweep_dir: Path, metric: str = "val/acc") -> list[dict[s
     lines = [f"# Sweep {sweep_dir}", ""]
     if common:
         lines += ["Overrides of every job: `" + " ".join(sorted(common)) + "`", ""]
+    if any("/class/" in c for c in columns):  # a column per class and split: too wide
+        columns = [c for c in columns if "/class/" not in c]
+        lines += ["Per-class precision, recall, F1 and support: `summary.csv`.", ""]
     ranked = [row for row in rows if isinstance(row.get(metric), int | float)]
     # Losses are best low; accuracy, precision, recall and F1 high.
     ranked.sort(key=lambda row: row[metric], reverse="loss" not in metric)
@@ -96,7 +99,10 @@ def write_sweep_summary(sweep_dir: Path, metric: str = "val/acc") -> list[dict[s
 
 def results_table(metrics: Mapping[str, Any], splits: Sequence[str] = SPLITS) -> str:
     """The final evaluation as a table: a row per metric, a column per split."""
-    names = sorted({k.split("/", 1)[1] for k in metrics if k.split("/", 1)[0] in splits})
+    names = sorted(
+        {k.split("/", 1)[1] for k in metrics if k.split("/", 1)[0] in splits},
+        key=lambda name: (name.startswith("class/"), name),
+    )  # per class last
     rows = [["metric", *splits]]
     rows += [[name, *(_cell(name, metrics.get(f"{split}/{name}", "")) for split in splits)]
              for name in names]  # fmt: skip
@@ -108,7 +114,7 @@ def results_table(metrics: Mapping[str, Any], splits: Sequence[str] = SPLITS) ->
 
 def _cell(column: str, value: Any) -> str:
     """Counts as whole numbers, rates and times to 4 decimals."""
-    if isinstance(value, float) and value.is_integer() and column.endswith("examples"):
+    if isinstance(value, float) and value.is_integer() and column.endswith(("examples", "support")):
         return str(int(value))
     if isinstance(value, float):
         return f"{value:.4f}"

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
@@ -38,8 +38,7 @@ log = logging.getLogger(__name__)
 
 
 def build(cfg: DictConfig, key: str) -> Any:
-    """``instantiate`` the node at ``key`` (dotted), with the constructor's own message on
-    bad values."""
+    """``instantiate`` the node at ``key`` (dotted); a bad value's error names ``key``."""
     try:
         return instantiate(OmegaConf.select(cfg, key), _convert_="all")
     except InstantiationException as err:
@@ -210,7 +209,7 @@ def build_trainer(
             loggers.append(instantiate(logger_cfg, **extra))
     # A callback set to null (e.g. callbacks.step_checkpoint=null) is turned off, and so
     # is one whose factory returns None (early_stopping without a patience).
-    built = (instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c)
+    built = (build(cfg, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items() if c)
     configured = [callback for callback in built if callback is not None]
     # FSDP writes its sharded checkpoints its own way.
     fsdp = isinstance(settings.get("strategy"), FSDPStrategy)
@@ -231,6 +230,22 @@ def build_trainer(
         ) from err
 
 
+def _monitor_mode(monitor: str, mode: str | None, key: str) -> str:
+    """``mode`` for a validation metric, or by default ``min`` for a loss, else ``max``."""
+    if not str(monitor).startswith("val/"):
+        raise ConfigError(f"{key}={monitor!r}: choose a validation metric of metrics.json, "
+                          "e.g. optimize_metric=val/acc, val/f1_macro or val/loss")  # fmt: skip
+    return mode or ("min" if monitor.endswith("loss") else "max")
+
+
+def best_checkpoint(monitor: str = "val/acc", mode: str | None = None,
+                    **kwargs: Any) -> ModelCheckpoint:  # fmt: skip
+    """Lightning's ``ModelCheckpoint`` keeping the best checkpoint by ``monitor``
+    (``optimize_metric``); ``mode`` null: ``min`` for a loss, else ``max``."""
+    mode = _monitor_mode(monitor, mode, "optimize_metric")
+    return ModelCheckpoint(monitor=monitor, mode=mode, **kwargs)
+
+
 def early_stopping(
     patience: int | None, monitor: str = "val/acc", mode: str | None = None,
     min_delta: float = 0.0,
@@ -242,7 +257,7 @@ def early_stopping(
     if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
         raise ConfigError(f"callbacks.early_stopping.patience={patience!r}: give a whole "
                           "number of epochs (1 or more), or null to turn it off")  # fmt: skip
-    mode = mode or ("min" if monitor.endswith("loss") else "max")
+    mode = _monitor_mode(monitor, mode, "callbacks.early_stopping.monitor")
     return EarlyStopping(monitor=monitor, patience=patience, mode=mode, min_delta=min_delta,
                          verbose=True)  # fmt: skip
 

@@ -15,12 +15,13 @@ from omegaconf import DictConfig
 
 from gpt_classifier.checkpoints import find_checkpoint
 from gpt_classifier.data.sms import parse_messages
-from gpt_classifier.files import read_user_text, user_file
+from gpt_classifier.files import read_user_text, user_file, write_text_atomically
 from gpt_classifier.inference import ModelLoadError, TextClassifier
 from gpt_classifier.reporting.plots import confusion_figure
 from gpt_classifier.reporting.reports import write_json
 from gpt_classifier.reporting.tensorboard import skip_tensorflow_import
 from gpt_classifier.tasks.preflight import check_inference
+from gpt_classifier.training.metrics import class_keys, rates
 
 log = logging.getLogger(__name__)
 
@@ -30,33 +31,17 @@ SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
 def classification_report(
     labels: list[int], probs: torch.Tensor, names: list[str]
 ) -> tuple[dict[str, Any], list[list[int]]]:
-    """Accuracy, loss, per-class precision/recall/F1 (torchmetrics; 0 where a class is
-    never predicted) and the confusion matrix (rows: true class, columns: predicted)."""
-    from torchmetrics.functional.classification import (
-        multiclass_confusion_matrix,
-        multiclass_f1_score,
-        multiclass_precision,
-        multiclass_recall,
-    )
+    """Accuracy, loss, precision/recall/F1 (per class, macro, micro: the names train.py
+    logs) and the confusion matrix (rows: true class, columns: predicted)."""
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-    n = len(names)
     target = torch.tensor(labels)
-    preds = probs.argmax(dim=1)
-    per_class = {"precision": multiclass_precision, "recall": multiclass_recall,
-                 "f1": multiclass_f1_score}  # fmt: skip
-    scores = {name: fn(preds, target, n, average=None) for name, fn in per_class.items()}
-    matrix = multiclass_confusion_matrix(preds, target, n)
+    matrix = multiclass_confusion_matrix(probs.argmax(dim=1), target, len(names))
     picked = probs[torch.arange(len(labels)), target]
-    metrics: dict[str, Any] = {
-        "examples": len(labels),
-        "acc": float((preds == target).float().mean()),
-        "loss": float(-picked.clamp_min(1e-12).log().mean()),
-    }
-    for i, name in enumerate(names):
-        for kind, values in scores.items():
-            metrics[f"{name}/{kind}"] = float(values[i])
-        metrics[f"{name}/support"] = int(matrix[i].sum())
-    metrics["macro/f1"] = float(scores["f1"].mean())
+    metrics: dict[str, Any] = {"examples": len(labels)}
+    for key, value in rates(matrix, names).items():
+        metrics[key] = int(value) if key.endswith("/support") else float(value)
+    metrics["loss"] = float(-picked.clamp_min(1e-12).log().mean())
     return metrics, matrix.tolist()
 
 
@@ -163,12 +148,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _write_report(metrics: dict[str, Any], names: list[str], path: Path) -> None:
-    lines = [f"{'class':>12} {'precision':>10} {'recall':>10} {'f1':>10} {'support':>8}"]
-    for name in names:
-        lines.append(
-            f"{name:>12} {metrics[f'{name}/precision']:>10.4f} {metrics[f'{name}/recall']:>10.4f}"
-            f" {metrics[f'{name}/f1']:>10.4f} {metrics[f'{name}/support']:>8d}"
-        )
+    width = max(12, *(len(name) for name in names))
+    lines = [f"{'class':>{width}} {'precision':>10} {'recall':>10} {'f1':>10} {'support':>8}"]
+    for name, key in zip(names, class_keys(names)):
+        row = [metrics[f"class/{key}/{kind}"] for kind in ("precision", "recall", "f1")]
+        lines.append(f"{name:>{width}} " + " ".join(f"{v:>10.4f}" for v in row)
+                     + f" {metrics[f'class/{key}/support']:>8d}")  # fmt: skip
     lines.append(f"\naccuracy {metrics['acc']:.4f}  loss {metrics['loss']:.4f}  "
-                 f"macro F1 {metrics['macro/f1']:.4f}  examples {metrics['examples']}")  # fmt: skip
-    path.write_text("\n".join(lines) + "\n")
+                 f"macro F1 {metrics['f1_macro']:.4f}  micro F1 {metrics['f1_micro']:.4f}  "
+                 f"examples {metrics['examples']}")  # fmt: skip
+    write_text_atomically(path, "\n".join(lines) + "\n")

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from gpt_classifier.checkpoints import checkpoint_header
 from gpt_classifier.finetuning.methods import count_parameters
 from gpt_classifier.model.pooling import pooling_rule
+from gpt_classifier.reporting.plots import plt, save_confusion_matrix
 from gpt_classifier.reporting.reports import results_table, write_json
 from gpt_classifier.reporting.tensorboard import hparams_for_dashboard, log_final_hparams
 from gpt_classifier.tasks.components import (
@@ -123,6 +124,7 @@ def train(cfg: DictConfig) -> float:
                "time/prefix_s": prefix_cache.seconds, "time/startup_s": timer.seconds}  # fmt: skip
     metrics = final_metrics(trainer, module, timings, best)
     if trainer.is_global_zero:
+        write_confusion_matrices(trainer, module, output_dir)  # before the loggers close
         write_final_metrics(cfg, trainer, output_dir, metrics)
     if cfg.optimize_metric not in metrics:
         raise ConfigError(
@@ -157,3 +159,23 @@ def write_final_metrics(cfg: DictConfig, trainer: L.Trainer, output_dir: Path,
             log_final_hparams(logger, params, metrics)
         elif isinstance(logger, L.pytorch.loggers.MLFlowLogger | L.pytorch.loggers.WandbLogger):
             logger.log_hyperparams(params)  # the run's config, beside its logged metrics
+
+
+def write_confusion_matrices(trainer: L.Trainer, module: L.LightningModule,
+                             output_dir: Path) -> None:  # fmt: skip
+    """The final evaluation's confusion matrices on validation and test: a PNG each in the
+    run folder (``confusion_matrix_val.png``), and an image in TensorBoard, MLflow or W&B."""
+    for split in ("val", "test"):
+        if (matrix := module.confusion_matrices.get(split)) is None:
+            continue
+        path = output_dir / f"confusion_matrix_{split}.png"
+        figure = save_confusion_matrix(matrix, module.label_names, path)
+        for logger in trainer.loggers:
+            if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
+                logger.experiment.add_figure(f"confusion_matrix/{split}", figure,
+                                             trainer.global_step, close=False)  # fmt: skip
+            elif isinstance(logger, L.pytorch.loggers.MLFlowLogger):
+                logger.experiment.log_artifact(logger.run_id, str(path))
+            elif isinstance(logger, L.pytorch.loggers.WandbLogger):
+                logger.log_image(f"confusion_matrix/{split}", [str(path)])
+        plt.close(figure)

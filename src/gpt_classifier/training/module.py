@@ -103,8 +103,11 @@ class ClassifierModule(L.LightningModule):
         self.register_buffer("class_weights", weight, persistent=False)
         # Keyed "split_<name>": a ModuleDict key may not shadow a Module attribute ("train").
         self.metrics = nn.ModuleDict(
-            {f"split_{s}": SplitMetrics(model.num_classes, positive_class) for s in LOG_PREFIX}
+            {f"split_{s}": SplitMetrics(names, positive_class) for s in LOG_PREFIX}
         )
+        # The final evaluation's confusion matrices by split (train, val, test), drawn by
+        # train.py once testing ends.
+        self.confusion_matrices: dict[str, list[list[int]]] = {}
         # What the dataloaders of trainer.test() hold, in order ("train" and "val"
         # are logged as final/train/... and final/val/...).
         self.test_split_names: list[str] = ["test"]
@@ -191,9 +194,11 @@ class ClassifierModule(L.LightningModule):
         # compute() gathers every process's counts; the values are then the same in all
         # processes, and sync_dist only tells Lightning so (the mean of equal values).
         distributed = self.trainer.world_size > 1
-        for name, metric in metrics.named().items():
-            self.log(f"{LOG_PREFIX[split]}/{name}", metric.compute(), prog_bar=name == "acc",
+        for name, value in metrics.compute().items():
+            self.log(f"{LOG_PREFIX[split]}/{name}", value, prog_bar=name == "acc",
                      add_dataloader_idx=False, sync_dist=distributed)  # fmt: skip
+        if split in ("test", "final_train", "final_val"):
+            self.confusion_matrices[split.removeprefix("final_")] = metrics.matrix().tolist()
         # Each example once, whatever the processes (a check on the data's sharding).
         self.log(f"{LOG_PREFIX[split]}/examples", float(examples), add_dataloader_idx=False,
                  sync_dist=distributed)  # fmt: skip
