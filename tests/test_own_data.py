@@ -117,6 +117,26 @@ def test_bad_files_are_named_with_the_row_and_column(tmp_path, content, name, sa
         FilesDataModule(path=str(path)).load_splits()
 
 
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("m.csv", b"text,label\nhi,a\nbad \xff byte,b\n"),
+     ("m.jsonl", b'{"text": "hi", "label": "a"}\n{"text": "caf\xe9", "label": "b"}\n')],
+)  # fmt: skip
+def test_bytes_that_are_not_utf8_are_named_with_their_line(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    line, raw = (3, r"b'\\xff'") if name == "m.csv" else (2, r"b'\\xe9'")
+    said = rf"data.path={path}, line {line}: bytes {raw} are not UTF-8; re-save the file as UTF-8"
+    with pytest.raises(DataFormatError, match=said):
+        FilesDataModule(path=str(path)).load_splits()
+
+
+def test_a_folder_where_a_file_belongs_is_named(tmp_path):
+    (tmp_path / "train.csv").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"data.files.train=.*train.csv is a folder"):
+        FilesDataModule(files={"train": str(tmp_path / "train.csv")}).load_splits()
+
+
 def test_a_label_in_test_that_training_lacks_is_refused(tmp_path):
     train = write_csv(tmp_path / "train.csv", [{"text": f"t{i}", "label": "ab"[i % 2]}
                                                 for i in range(30)])  # fmt: skip

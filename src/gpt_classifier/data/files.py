@@ -7,6 +7,7 @@ stratified by label, and pre-split files are used as given.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -274,9 +275,32 @@ def read_table(path: Path, key: str):  # -> datasets.Dataset
     elif head.startswith(UTF8_BOM):
         raise DataFormatError(f"{key}={path} starts with a UTF-8 byte-order mark, which JSON "
                               "readers refuse; re-save it as UTF-8 without BOM")  # fmt: skip
+    if suffix != ".parquet" and (bad := first_bad_utf8(path)) is not None:
+        # Caught here: the JSON reader keeps such bytes, to fail later on a row's text.
+        raise DataFormatError(f"{key}={path}, line {bad[0]}: bytes {bad[1]!r} are not UTF-8; "
+                              "re-save the file as UTF-8")  # fmt: skip
     try:
         return load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as err:  # noqa: BLE001 - each reader raises its own kinds
         cause = err.__cause__ or err
         said = f"{type(cause).__name__}: {cause}"[:1500]
         raise DataFormatError(f"{key}={path} could not be read as {suffix[1:]}: {said}") from err
+
+
+def first_bad_utf8(path: Path, block: int = 1 << 24) -> tuple[int, bytes] | None:
+    """The line and bytes of the first sequence in ``path`` that is not UTF-8, or None."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with path.open("rb") as f:
+        try:
+            while chunk := f.read(block):
+                decoder.decode(chunk)  # at C speed; the line is looked for only on failure
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            f.seek(0)
+            # Line by line: no UTF-8 character spans a newline byte.
+            for number, line in enumerate(f, start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    return number, line[err.start : err.end]
+    return None
