@@ -105,6 +105,8 @@ def test_multiple_text_columns_are_joined(tmp_path):
         ("text,label\nhi,a\n,b\nyo,a\n", "m.csv", r"1 row\(s\) with a null text \(text\): rows 2"),
         ("text,label\nhi,a\n", "m.txt", r"the suffix '.txt' is not one of .csv, .tsv"),
         ('{"text": "hi", "label": "a"\n', "m.jsonl", r"could not be read as jsonl"),
+        ('\ufeff{"text": "hi", "label": "a"}\n', "m.jsonl",
+         r"m.jsonl starts with a UTF-8 byte-order mark, which JSON readers refuse; re-save"),
         ("text,label\n" + "".join(f"t{i},a\n" for i in range(30)) + "x,b\ny,b\n", "m.csv",
          r"label 'b' has 2 row\(s\), too few to split stratified into train/validation/test "
          r"\(it needs at least 10\)"),
