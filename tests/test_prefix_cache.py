@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import threading
 
 import lightning as L
@@ -42,7 +43,7 @@ class LossRecorder(L.Callback):
 def fit(sms_file, *, cache: bool | str, padding: str = "batch", method: str = "last_block",
         pooling: str = "last_token", persist_dir=None, seed: int = 7, epochs: int = 2,
         batches: int = 25, drop_rate: float = 0.0, causal: bool = True,
-        max_gb: float = 10.0):  # fmt: skip
+        max_gb: float = 10.0, max_memory_gb: float = 8.0):  # fmt: skip
     """Train gpt2-tiny (3 blocks) briefly in fp32, then test every split with it.
 
     Returns (losses, prefix-cache callback, test accuracy).
@@ -58,6 +59,7 @@ def fit(sms_file, *, cache: bool | str, padding: str = "batch", method: str = "l
         persist=persist_dir is not None,
         dir=str(persist_dir) if persist_dir else None,
         max_gb=max_gb,
+        max_memory_gb=max_memory_gb,
     )
     recorder = LossRecorder()
     trainer = L.Trainer(
@@ -368,3 +370,27 @@ def test_a_cache_file_damaged_in_place_is_not_trusted(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert again.load(file, "x") == 0
     assert "do not match their checksum" in caplog.text and "recomputing" in caplog.text
+
+
+def test_a_cache_over_its_memory_budget_is_off_and_says_how_big_it_would_be(sms_file, caplog):
+    with caplog.at_level(logging.INFO, logger=prefix_callback.__name__):
+        losses, callback, acc = fit(sms_file, cache=True, epochs=1, batches=5,
+                                    max_memory_gb=0.005)  # fmt: skip
+    # 1,382 distinct messages of gpt2-tiny (64 float32 numbers per position): ~0.01 GB.
+    said = re.search(r"Prefix cache off: it would hold (0\.\d+) GB of hidden states for 1382 "
+                     r"messages in host memory, over prefix_cache.max_memory_gb=0.005", caplog.text)
+    assert said and 0.005 < float(said[1]) < 0.02, caplog.text
+    assert callback.cache is None
+    uncached, _, uncached_acc = fit(sms_file, cache=False, epochs=1, batches=5)
+    assert losses == pytest.approx(uncached, abs=1e-5) and acc == uncached_acc
+
+
+def test_a_persisted_file_gives_only_the_entries_a_run_needs(tmp_path):
+    model, cache = tiny_cache()
+    stored = PrefixCache(model, depth=1)
+    stored.entries = {bytes([i]) * 8: torch.ones(2, 64) * i for i in range(5)}
+    stored.save(tmp_path / "prefix.safetensors", "fingerprint")
+    wanted = {bytes([1]) * 8, bytes([3]) * 8}
+    assert cache.load(tmp_path / "prefix.safetensors", "fingerprint", wanted) == 2
+    assert set(cache.entries) == wanted and cache.nbytes == 2 * 2 * 64 * 4
+    torch.testing.assert_close(cache.entries[bytes([3]) * 8], torch.ones(2, 64) * 3)

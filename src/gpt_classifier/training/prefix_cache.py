@@ -73,6 +73,11 @@ class PrefixCache:
         """Host memory held by the cached hidden states."""
         return sum(t.numel() * t.element_size() for t in self.entries.values())
 
+    def bytes_for(self, todo: dict[bytes, torch.Tensor]) -> int:
+        """Host memory that computing ``todo`` (a :meth:`plan`) would add."""
+        size = torch.empty((), dtype=self.dtype).element_size() * self.model.cfg.emb_dim
+        return size * sum(len(row) - len(self.entries.get(key, ())) for key, row in todo.items())
+
     def _missing(
         self, input_ids: torch.Tensor, keys: Sequence[bytes], needed: Sequence[int]
     ) -> dict[bytes, torch.Tensor]:
@@ -193,9 +198,10 @@ class PrefixCache:
         return [(f"{prefix}.{name}", p) for prefix, module in modules.items()
                 for name, p in module.named_parameters()]  # fmt: skip
 
-    def load(self, path: Path, fingerprint: str) -> int:
-        """Add the entries stored at ``path`` if it holds ``fingerprint``'s values; returns
-        how many were read. A damaged or foreign file is ignored (logged), never trusted."""
+    def load(self, path: Path, fingerprint: str, wanted: set[bytes] | None = None) -> int:
+        """Add the entries stored at ``path`` (those with a ``wanted`` key, if given) if it
+        holds ``fingerprint``'s values; returns how many were read. A damaged or foreign
+        file is ignored (logged), never trusted."""
         from safetensors import SafetensorError, safe_open
 
         if not path.is_file():
@@ -220,11 +226,16 @@ class PrefixCache:
         except (SafetensorError, OSError, KeyError, RuntimeError, ValueError) as err:
             log.warning("Ignoring prefix cache file %s (%s); recomputing", path, err)
             return 0
+        read = 0
         for ids, h in zip(tokens, parts):
             key = ids.numpy().tobytes()
+            if wanted is not None and key not in wanted:
+                continue
             if key not in self.entries or len(self.entries[key]) < len(h):
-                self.entries[key] = h
-        return len(tokens)
+                # A copy: a view would keep the file's whole tensor in memory.
+                self.entries[key] = h.clone() if wanted is not None else h
+            read += 1
+        return read
 
     def save(self, path: Path, fingerprint: str) -> None:
         """Merge the entries into the file at ``path`` under a lock and replace it
@@ -235,20 +246,32 @@ class PrefixCache:
         if not self.entries:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
+        own = self.entries
         with FileLock(str(path.with_name(path.name + ".lock"))):
-            self.load(path, fingerprint)  # what other jobs added since this one read it
-            keys = list(self.entries)
-            tokens = [torch.frombuffer(bytearray(k), dtype=torch.int64) for k in keys]
-            tensors = {
-                "tokens": torch.cat(tokens),
-                "lengths": torch.tensor([len(t) for t in tokens], dtype=torch.int64),
-                "extents": torch.tensor([len(self.entries[k]) for k in keys], dtype=torch.int64),
-                "hidden": torch.cat([self.entries[k] for k in keys]),
-            }
+            # What other jobs added since this one read it goes into the file, not into
+            # this run's memory.
+            self.entries = dict(own)
+            try:
+                self.load(path, fingerprint)
+                keys = list(self.entries)
+                tensors = _as_tensors(self.entries, keys)
+            finally:
+                self.entries = own
             metadata = {"fingerprint": fingerprint, "format": str(FILE_FORMAT),
                         "sha256": checksum(tensors)}  # fmt: skip
             with atomic_path(path) as tmp:
                 save_file(tensors, str(tmp), metadata=metadata)
+
+
+def _as_tensors(entries: dict[bytes, torch.Tensor], keys: list[bytes]) -> dict[str, torch.Tensor]:
+    """The entries as the file's four tensors."""
+    tokens = [torch.frombuffer(bytearray(k), dtype=torch.int64) for k in keys]
+    return {
+        "tokens": torch.cat(tokens),
+        "lengths": torch.tensor([len(t) for t in tokens], dtype=torch.int64),
+        "extents": torch.tensor([len(entries[k]) for k in keys], dtype=torch.int64),
+        "hidden": torch.cat([entries[k] for k in keys]),
+    }
 
 
 def checksum(tensors: dict[str, torch.Tensor]) -> str:

@@ -35,7 +35,8 @@ class PrefixCacheCallback(L.Callback):
     and at least one leading block frozen and dropout is off), ``true`` (the same,
     but an error where it cannot apply) or ``false``. ``cache_dtype``: ``auto`` (the
     compute dtype) or a dtype name. ``persist`` reuses the cache across runs, in ``dir``
-    on disk, where the least recently used files go once they exceed ``max_gb``.
+    on disk, where the least recently used files go once they exceed ``max_gb``. A cache
+    that would hold more than ``max_memory_gb`` in host memory is turned off (logged).
     ``cpu_batch_tokens`` / ``accelerator_batch_tokens`` size the warm-up batches.
     """
 
@@ -46,6 +47,7 @@ class PrefixCacheCallback(L.Callback):
         persist: bool = False,  # the config turns it on, with its dir
         dir: str | None = None,  # noqa: A002 (the config key)
         max_gb: float = 10.0,
+        max_memory_gb: float = 8.0,
         cpu_batch_tokens: int = 512,
         accelerator_batch_tokens: int = 16384,
     ) -> None:
@@ -57,13 +59,15 @@ class PrefixCacheCallback(L.Callback):
             )
         if persist and not dir:
             raise ValueError("prefix_cache.persist=true needs prefix_cache.dir")
-        if not max_gb > 0:
-            raise ValueError(f"prefix_cache.max_gb={max_gb!r}; give a size in GB above 0")
+        for key, value in (("max_gb", max_gb), ("max_memory_gb", max_memory_gb)):
+            if not value > 0:
+                raise ValueError(f"prefix_cache.{key}={value!r}; give a size in GB above 0")
         self.enabled = str(enabled)
         self.cache_dtype = cache_dtype
         self.persist = persist
         self.dir = Path(dir) if dir else None
         self.max_bytes = int(max_gb * 1e9)
+        self.max_memory_bytes = int(max_memory_gb * 1e9)
         self.batch_tokens = {"cpu": cpu_batch_tokens, "accelerator": accelerator_batch_tokens}
         self.cache: PrefixCache | None = None
         self.decided = False
@@ -140,8 +144,18 @@ class PrefixCacheCallback(L.Callback):
             )
             self.cache = None
             return
-        cache_file = self._load_persisted(trainer)
-        todo, asked = self.cache.plan(_whole_dataset(dl) for dl in loaders)
+        batches = [_whole_dataset(dl) for dl in loaders]
+        todo, asked = self.cache.plan(batches)
+        need = self.cache.nbytes + self.cache.bytes_for(todo)
+        if need > self.max_memory_bytes:
+            log.info("Prefix cache off: it would hold %.2f GB of hidden states for %d "
+                     "messages in host memory, over prefix_cache.max_memory_gb=%g; raise "
+                     "it, or halve the size with prefix_cache.cache_dtype=bfloat16",
+                     need / 1e9, asked, self.max_memory_bytes / 1e9)  # fmt: skip
+            self.cache = None
+            return
+        if (cache_file := self._load_persisted(trainer, wanted=todo)) is not None:
+            todo, asked = self.cache.plan(batches)
         if self._reused_from:
             log.info(
                 "Prefix cache: reused %d of %d messages from %s",
@@ -213,13 +227,13 @@ class PrefixCacheCallback(L.Callback):
                     received += 1
         return received
 
-    def _load_persisted(self, trainer: L.Trainer) -> Path | None:
-        """The cache's file, whose entries are read the first time."""
+    def _load_persisted(self, trainer: L.Trainer, wanted: dict[bytes, Any]) -> Path | None:
+        """The cache's file, whose ``wanted`` entries are read the first time."""
         if not self.persist or self.cache is None or self.dir is None:
             return None
         if self._file is None:
             self._file, self._fingerprint, self._reused_from = open_store(
-                self.cache, self.dir, str(trainer.precision)
+                self.cache, self.dir, str(trainer.precision), set(wanted)
             )
         return self._file
 

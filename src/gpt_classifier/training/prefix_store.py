@@ -17,10 +17,11 @@ from gpt_classifier.training.prefix_cache import PrefixCache
 log = logging.getLogger(__name__)
 
 
-def open_store(cache: PrefixCache, folder: Path, precision: str) -> tuple[Path, str, str]:
-    """Fill ``cache`` from its file in ``folder`` (or, in a sweep, from the previous
-    job's entries of the same fingerprint); its file, fingerprint, and where entries
-    came from ("" if nowhere)."""
+def open_store(cache: PrefixCache, folder: Path, precision: str,
+               wanted: set[bytes] | None = None) -> tuple[Path, str, str]:  # fmt: skip
+    """Fill ``cache`` from its file in ``folder`` (the ``wanted`` keys; or, in a sweep,
+    from the previous job's entries of the same fingerprint); its file, fingerprint, and
+    where entries came from ("" if nowhere)."""
     # Weights are known by identity and version counter (an in-place update bumps it);
     # the held value keeps them, so that no other tensor can take their memory.
     params = [p for _, p in cache.prefix_parameters()]
@@ -34,7 +35,7 @@ def open_store(cache: PrefixCache, folder: Path, precision: str) -> tuple[Path, 
 
     def read() -> dict[bytes, torch.Tensor]:
         nonlocal came_from
-        if cache.load(file, fingerprint):
+        if cache.load(file, fingerprint, wanted):
             came_from = str(file)
             touch(file)  # recently used: evicted last
         return cache.entries
