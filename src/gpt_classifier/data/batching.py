@@ -3,9 +3,11 @@ inference batches that pad least. The orders batches are drawn in: ``data.sample
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -58,8 +60,9 @@ def plan_batches(lengths: Sequence[int], max_size: int, max_tokens: int,
 class TokenizedTexts(Dataset):
     """Token ids (already truncated) and labels; each item is one unpadded example.
 
-    ``pad_to`` fixes every example's padded length (the book's padding modes);
-    ``None`` lets each batch pad to its own longest example.
+    The ids of all examples are kept in one flat tensor (a tensor per example costs
+    more than tokenizing it, at a million rows). ``pad_to`` fixes every example's padded
+    length (the book's padding modes); ``None`` lets each batch pad to its own longest.
     """
 
     def __init__(
@@ -67,21 +70,32 @@ class TokenizedTexts(Dataset):
     ) -> None:
         if len(token_ids) != len(labels):
             raise ValueError(f"{len(token_ids)} token sequences but {len(labels)} labels")
-        self.token_ids = [torch.tensor(ids, dtype=torch.long) for ids in token_ids]
+        sizes = np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
+        flat = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int32,
+                           count=int(sizes.sum()))  # fmt: skip
+        self.flat = torch.from_numpy(flat)
+        self.sizes = torch.from_numpy(sizes)
+        self._starts = [0, *np.cumsum(sizes).tolist()]
         self.labels = torch.tensor(list(labels), dtype=torch.long)
         self.pad_to = pad_to
 
     def __len__(self) -> int:
-        return len(self.token_ids)
+        return len(self.sizes)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        return {"input_ids": self.token_ids[index], "label": int(self.labels[index])}
+        ids = self.flat[self._starts[index] : self._starts[index + 1]]
+        return {"input_ids": ids, "label": int(self.labels[index])}
+
+    @property
+    def token_ids(self) -> list[torch.Tensor]:
+        """Each example's ids (views of the flat tensor)."""
+        return list(self.flat.split(self.sizes.tolist()))
 
     def lengths(self) -> list[int]:
         """Each example's length as fed to the model (its fixed padding included)."""
         if self.pad_to is not None:
             return [self.pad_to] * len(self)
-        return [len(ids) for ids in self.token_ids]
+        return self.sizes.tolist()
 
 
 class Collator:

@@ -42,7 +42,7 @@ from gpt_classifier.data.splits import (
     check_split_sizes,
     write_split_csv,
 )
-from gpt_classifier.data.tokenizer import get_tokenizer
+from gpt_classifier.data.tokenizer import encode_texts, get_tokenizer
 from gpt_classifier.sweep_reuse import reuse
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ class SMSSpamDataModule(L.LightningDataModule):
         hp = self.hparams
         tokenizer = get_tokenizer(self.tokenizer_dir)
         encoded = {
-            name: tokenizer.encode_ordinary_batch([text for text, _ in rows])
+            name: encode_texts(tokenizer, [text for text, _ in rows])
             for name, rows in splits.items()
         }
         limit = self.max_length
@@ -208,15 +208,17 @@ class SMSSpamDataModule(L.LightningDataModule):
             pad_to = limit
         datasets = {}
         for name, rows in splits.items():
-            cut = [truncate(ids, limit, hp.truncation_side) for ids in encoded[name]]
-            n_cut = sum(was_cut for _, was_cut in cut)
-            if n_cut:
+            ids = encoded[name]
+            long = [i for i, row in enumerate(ids) if len(row) > limit]
+            for i in long:
+                ids[i], _ = truncate(ids[i], limit, hp.truncation_side)
+            if n_cut := len(long):
                 log.warning(
                     "%s: %d of %d messages were longer than %d tokens and were truncated (%s)",
-                    name, n_cut, len(cut), limit,
+                    name, n_cut, len(ids), limit,
                     "end kept" if hp.truncation_side == "left" else "start kept",
                 )  # fmt: skip
-            datasets[name] = TokenizedTexts([ids for ids, _ in cut], [y for _, y in rows], pad_to)
+            datasets[name] = TokenizedTexts(ids, [y for _, y in rows], pad_to)
         return datasets
 
     @property
@@ -259,7 +261,7 @@ class SMSSpamDataModule(L.LightningDataModule):
             global_size = hp.batch_size * world_size
             if hp.bucket_by_length:
                 batches = BucketBatchSampler(
-                    [len(ids) for ids in dataset.token_ids], global_size, hp.drop_last,
+                    dataset.sizes.tolist(), global_size, hp.drop_last,
                     seed=hp.seed,
                 )  # fmt: skip
             else:
@@ -279,7 +281,7 @@ class SMSSpamDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=hp.eval_batch_size or hp.batch_size,
-            sampler=LengthSortedSampler([len(ids) for ids in dataset.token_ids], rank, world_size),
+            sampler=LengthSortedSampler(dataset.sizes.tolist(), rank, world_size),
             **common,
         )
 

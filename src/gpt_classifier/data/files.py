@@ -133,8 +133,9 @@ class FilesDataModule(SMSSpamDataModule):
                                   f"are {columns}")  # fmt: skip
         feature = table.features[self.label_column]
         names = getattr(feature, "names", None)  # a ClassLabel keeps its names
-        texts = [table[c] for c in self.text_columns]
-        labels = table[self.label_column]
+        # Whole columns at once: iterating a Dataset formats a table per row.
+        texts = [table.data.column(c).to_pylist() for c in self.text_columns]
+        labels = table.data.column(self.label_column).to_pylist()
         problems: dict[str, list[int]] = {}
         rows = []
         for i, (label, *parts) in enumerate(zip(labels, *texts), start=1):

@@ -16,7 +16,7 @@ import torch
 
 from gpt_classifier.checkpoints import find_checkpoint, is_checkpoint
 from gpt_classifier.data.batching import Collator, plan_batches, truncate
-from gpt_classifier.data.tokenizer import get_tokenizer
+from gpt_classifier.data.tokenizer import encode_texts, get_tokenizer
 from gpt_classifier.inference import hf_format, native_format, onnx_format, peft_format
 from gpt_classifier.inference.loading import InferenceSettings, ModelLoadError, read_config
 from gpt_classifier.model.classifier import SequenceClassifier
@@ -91,7 +91,7 @@ class TextClassifier:
         for index, text in enumerate(texts):
             if not text.strip():  # whitespace has tokens, but nothing to classify
                 raise ValueError(f"text {index} is empty or only whitespace; give it some text")
-        for ids in self.tokenizer.encode_ordinary_batch(list(texts)):
+        for ids in encode_texts(self.tokenizer, list(texts)):
             ids, was_cut = truncate(ids, limit, s.truncation_side)  # type: ignore[arg-type]
             out.append(ids)
             cut.append(was_cut)
