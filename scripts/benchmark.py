@@ -16,6 +16,9 @@ Example::
 prefix cache on disk), and an N-job ``optimizer.lr`` sweep in one process from a cold
 cache, with their ratios to the one job.
 
+``--data-scale N`` instead measures a dataset of one's own from 10k to N rows: reading,
+tokenizing and peak memory, and a gpt2-tiny epoch over 200k rows (``data_scale.py``).
+
 ``--markdown`` also writes the tables into ``docs/benchmarks.md``, in the section of this
 machine kind and workload (replacing the one measured before), with the command.
 
@@ -287,6 +290,9 @@ def main() -> None:
     parser.add_argument(
         "--sweep", type=int, metavar="N", help="instead: one job, it again, an N-job lr sweep"
     )
+    parser.add_argument(
+        "--data-scale", type=int, metavar="N", help="instead: data=files from 10k to N rows"
+    )
     parser.add_argument("--markdown", action="store_true", help="also into docs/benchmarks.md")
     parser.add_argument("override", nargs="*", help="extra train.py overrides for every run")
     args = parser.parse_args()
@@ -297,6 +303,13 @@ def main() -> None:
     checkouts = [(REPO, "this")]
     if args.compare_repo:
         checkouts.append((args.compare_repo.resolve(), args.compare_label))
+    if args.data_scale:
+        from data_scale import TRAIN_ROWS, print_tables, scale_rows, train_row
+
+        scale = scale_rows(args.data_scale, out)
+        train = train_row(out, min(args.data_scale, TRAIN_ROWS))
+        report([*scale, train], args, "data scale", lambda: print_tables(scale, train))
+        return
     if args.sweep:
         sweep_rows = [
             row

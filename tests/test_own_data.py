@@ -233,3 +233,17 @@ def test_texts_in_two_splits_are_counted_and_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="gpt_classifier.data.files"):
         FilesDataModule(files={"train": str(train), "test": str(test)}).load_splits()
     assert "3 text(s) appear in more than one split" in caplog.text
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet"])
+def test_the_synthetic_dataset_script_writes_what_data_files_reads(tmp_path, suffix):
+    out = tmp_path / f"texts{suffix}"
+    ok(run_entry("scripts/make_text_dataset.py", "--rows", "600", "--classes", "3",
+                 "--out", out))  # fmt: skip
+    module = FilesDataModule(path=str(out))
+    splits = module.load_splits()
+    assert module.label_names == ["class_0", "class_1", "class_2"]
+    assert sum(len(split) for _, split in splits.items()) == 600
+    module.setup("fit")
+    tokens = sum(int(d.sizes.sum()) for d in module.datasets.values())
+    assert 15 < tokens / 600 < 35  # SMS-length texts (SMS messages: about 24 tokens)
