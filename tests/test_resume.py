@@ -379,8 +379,9 @@ class ScheduledAccuracy(L.LightningModule):
 def fit_scheduled(folder: Path, schedule: list[float],
                   ckpt_path: str | None = None) -> tuple[ModelCheckpoint, L.Trainer]:  # fmt: skip
     """Three steps an epoch, checkpoints as configs/callbacks/default.yaml makes them."""
-    config = OmegaConf.load(Path(__file__).parents[1] / "configs" / "callbacks" / "default.yaml")
-    best, last = (instantiate(config[name], dirpath=str(folder))
+    callbacks = OmegaConf.load(Path(__file__).parents[1] / "configs" / "callbacks" / "default.yaml")
+    config = OmegaConf.merge({"optimize_metric": "val/acc"}, {"callbacks": callbacks})
+    best, last = (instantiate(config.callbacks[name], dirpath=str(folder))
                   for name in ("model_checkpoint", "last_checkpoint"))  # fmt: skip
     trainer = L.Trainer(max_epochs=len(schedule), callbacks=[best, last], logger=False,
                         enable_progress_bar=False, enable_model_summary=False,
