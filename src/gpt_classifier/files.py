@@ -3,6 +3,7 @@ and reading the text files users give, with errors that say what to do."""
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
 import uuid
@@ -72,3 +73,22 @@ def read_user_text(path: str | Path, key: str) -> str:
             f"{path}, line {line}: bytes {raw[err.start : err.end]!r} are not UTF-8; re-save "
             "the file as UTF-8"
         ) from err
+
+
+def first_bad_utf8(path: Path) -> tuple[int, bytes] | None:
+    """The line and bytes of the first sequence in ``path`` that is not UTF-8, or None."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with path.open("rb") as f:
+        try:  # at C speed; the line is looked for only on failure
+            while chunk := f.read(1 << 24):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+            return None
+        except UnicodeDecodeError:
+            f.seek(0)
+        for number, line in enumerate(f, start=1):  # no UTF-8 character spans a newline
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return number, line[err.start : err.end]
+    return None

@@ -141,8 +141,7 @@ class SMSSpamDataModule(L.LightningDataModule):
             self._write_splits()
 
     def load_splits(self) -> Splits:
-        """The texts and labels of each split (parsed, balanced and split once; the
-        split CSVs are written when ``splits_dir`` is set)."""
+        """Each split's texts and labels, made once (split CSVs into ``splits_dir``)."""
         if self.splits is not None:
             return self.splits
         hp = self.hparams

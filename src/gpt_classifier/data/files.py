@@ -7,7 +7,6 @@ stratified by label, and pre-split files are used as given.
 
 from __future__ import annotations
 
-import codecs
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -17,7 +16,7 @@ from typing import Any
 from gpt_classifier.data.datamodule import SMSSpamDataModule
 from gpt_classifier.data.sms import DataFormatError, Message
 from gpt_classifier.data.splits import Splits, stratified_split, undersample
-from gpt_classifier.files import UTF8_BOM, ZIP_MAGIC, user_file
+from gpt_classifier.files import UTF8_BOM, ZIP_MAGIC, first_bad_utf8, user_file
 
 log = logging.getLogger(__name__)
 
@@ -286,22 +285,3 @@ def read_table(path: Path, key: str):  # -> datasets.Dataset
         cause = err.__cause__ or err
         said = f"{type(cause).__name__}: {cause}"[:1500]
         raise DataFormatError(f"{key}={path} could not be read as {suffix[1:]}: {said}") from err
-
-
-def first_bad_utf8(path: Path, block: int = 1 << 24) -> tuple[int, bytes] | None:
-    """The line and bytes of the first sequence in ``path`` that is not UTF-8, or None."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    with path.open("rb") as f:
-        try:
-            while chunk := f.read(block):
-                decoder.decode(chunk)  # at C speed; the line is looked for only on failure
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            f.seek(0)
-            # Line by line: no UTF-8 character spans a newline byte.
-            for number, line in enumerate(f, start=1):
-                try:
-                    line.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    return number, line[err.start : err.end]
-    return None

@@ -105,8 +105,7 @@ class ClassifierModule(L.LightningModule):
         self.metrics = nn.ModuleDict(
             {f"split_{s}": SplitMetrics(names, positive_class) for s in LOG_PREFIX}
         )
-        # The final evaluation's confusion matrices by split (train, val, test), drawn by
-        # train.py once testing ends.
+        # The final evaluation's confusion matrices by split, drawn by train.py.
         self.confusion_matrices: dict[str, list[list[int]]] = {}
         # What the dataloaders of trainer.test() hold, in order ("train" and "val"
         # are logged as final/train/... and final/val/...).
@@ -181,12 +180,8 @@ class ClassifierModule(L.LightningModule):
         return loss, logits
 
     def _log_split(self, split: str) -> None:
-        """Log a split's metrics over all its batches, and start it afresh.
-
-        Computed once per epoch: logging torchmetrics objects on every step makes
-        Lightning move each of them to the device on every call (25% of a cached
-        gpt2-small training step on a CPU).
-        """
+        """Log a split's metrics over all its batches, and start it afresh (once per
+        epoch: logging torchmetrics objects every step moves them to the device)."""
         metrics = self.metrics[f"split_{split}"]
         examples = metrics.examples()
         if not examples:
