@@ -55,11 +55,17 @@ def test_lightnings_should_accumulate_is_true_between_the_steps_of_an_accumulati
     assert seen[:6] == [True, True, False, True, True, False]
 
 
-def test_model_checkpoint_keeps_its_time_interval_where_step_checkpoint_adjusts_it():
-    """``ModelCheckpoint._train_time_interval``: Lightning keeps ``train_time_interval``
-    there and reads it at each batch; StepCheckpoint sets it from ``minutes``."""
-    checkpoint = StepCheckpoint(dirpath="unused", minutes=2.0)
-    assert checkpoint._train_time_interval == timedelta(minutes=2)
+def test_step_checkpoint_times_lightnings_saves_and_stretches_its_interval(tmp_path):
+    """``ModelCheckpoint._save_checkpoint`` and ``_train_time_interval``: Lightning saves
+    through the first and reads the second at each batch; StepCheckpoint times each save
+    there and stretches the interval to ten times the save."""
+    checkpoint = StepCheckpoint(dirpath=str(tmp_path), minutes=1e-6)
+    assert checkpoint._train_time_interval == timedelta(minutes=1e-6)
+    trainer = L.Trainer(accelerator="cpu", max_steps=5, callbacks=[checkpoint], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(BoringModel())
+    assert (tmp_path / "step.ckpt").is_file()
+    assert checkpoint._train_time_interval > timedelta(minutes=1e-6)
 
 
 def test_the_subprocess_script_launcher_is_what_ddp_on_cpus_starts_processes_with():

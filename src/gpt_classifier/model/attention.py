@@ -1,12 +1,11 @@
-"""GPT-2's attention: the full-sequence path, and the pooled paths that compute one
-query per sequence (folded into the query where the key and value layers are plain, or
-over the packed tokens each query sees where they are adapted or hooked)."""
+"""GPT-2's attention: the full-sequence path, and the pooled path that computes one query
+per sequence with the key and value layers folded into it."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,21 +13,6 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from gpt_classifier.model.config import GPTConfig
-
-# On a CPU, bfloat16 and float16 matrix products run on oneDNN, which builds a kernel for
-# each new shape the first time it meets it: ~10 ms, while a cached gpt2-small step takes
-# ~15 ms. The pooled path's packed token count differs nearly every step, so it is
-# rounded up to a multiple of this many rows (zero rows, whose results are dropped).
-CPU_ROW_MULTIPLE = 64
-
-
-def few_shapes(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (N, D) with zero rows appended up to a multiple of ``CPU_ROW_MULTIPLE`` where
-    its matrix products run in reduced precision on a CPU; else ``x`` itself."""
-    reduced = x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
-    if x.device.type != "cpu" or not reduced or not x.shape[0] % CPU_ROW_MULTIPLE:
-        return x
-    return F.pad(x, (0, 0, 0, -x.shape[0] % CPU_ROW_MULTIPLE))
 
 
 def few_rows(x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
@@ -42,19 +26,6 @@ def few_rows(x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
     if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         return torch.autocast("cpu", enabled=False)
     return contextlib.nullcontext()
-
-
-class PackedQueries(NamedTuple):
-    """One query per sequence over packed tokens (see ``TransformerBlock.forward``).
-
-    ``visible`` (B, T) marks the tokens each query can see in the padded batch,
-    ``slots`` (N,) are their flat indices there, ``rows`` (B,) each query's row in the
-    packed tokens (N, D).
-    """
-
-    visible: torch.Tensor
-    slots: torch.Tensor
-    rows: torch.Tensor
 
 
 class CausalSelfAttention(nn.Module):
@@ -82,10 +53,8 @@ class CausalSelfAttention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
 
-    def forward(self, x: torch.Tensor, packed: PackedQueries | None = None) -> torch.Tensor:
-        """(B, T, D) -> (B, T, D); with ``packed``: packed tokens (N, D) -> (B, D)."""
-        if packed is not None:
-            return self._forward_packed(x, packed)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D)."""
         b, t, d = x.shape
         y = F.scaled_dot_product_attention(
             self._heads(self.W_query(x)),
@@ -96,28 +65,6 @@ class CausalSelfAttention(nn.Module):
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(b, t, d)
         return self.resid_drop(self.out_proj(y))
-
-    def _forward_packed(self, tokens: torch.Tensor, packed: PackedQueries) -> torch.Tensor:
-        # Keys and values for the visible tokens only (padding costs nothing), the query
-        # only where it is read.
-        b, t = packed.visible.shape
-        n, d = tokens.shape
-        with few_rows(tokens):
-            q = self.W_query(tokens[packed.rows].to(self.W_query.weight.dtype))  # (B, D)
-
-        def unpack(z: torch.Tensor) -> torch.Tensor:  # (N, D) -> (B, T, D), zeros unseen
-            return z.new_zeros(b * t, d).index_copy(0, packed.slots, z[:n]).view(b, t, d)
-
-        rows = few_shapes(tokens)  # (N', D), N' >= N
-        k, v = unpack(self.W_key(rows)), unpack(self.W_value(rows))
-        y = F.scaled_dot_product_attention(
-            self._heads(q.view(b, 1, d)),
-            self._heads(k),
-            self._heads(v),
-            attn_mask=packed.visible[:, None, None, :],
-            dropout_p=self.drop_rate if self.training else 0.0,
-        )  # (B, nh, 1, hs)
-        return self._project(y.transpose(1, 2).reshape(b, d))
 
     def attend_from(
         self, x: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor

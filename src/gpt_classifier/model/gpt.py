@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt_classifier.model.attention import CausalSelfAttention, PackedQueries, few_rows
+from gpt_classifier.model.attention import CausalSelfAttention, few_rows
 from gpt_classifier.model.config import GPTConfig, preset_config
 from gpt_classifier.model.weights import WeightLoadError, read_pretrained
 
@@ -45,31 +45,22 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, D) -> (B, T, D); with ``positions`` (B,), the output there only: (B, D).
 
-        The pooled form equals ``block(x)[rows, positions]`` but runs the query, the
-        output projection and the MLP only at the position itself, and folds the keys and
-        values into its query; where the key or value layer is adapted or hooked, it
-        projects only the tokens the position sees (not the padding after it).
+        The pooled form equals ``block(x)[rows, positions]``. It runs the query, the output
+        projection and the MLP at the positions only and folds the keys and values into
+        the query, unless the key or value layer is adapted or hooked: those must see
+        every token, so the full block runs.
         """
-        if positions is None:
+        if positions is None or not self.att.foldable():
             x = x + self.att(self.norm1(x))
-            return x + self.ff(self.norm2(x))
+            x = x + self.ff(self.norm2(x))
+            return x if positions is None else x[torch.arange(len(x), device=x.device), positions]
         b, t = x.shape[:2]
         if self.att.causal:
             visible = torch.arange(t, device=x.device)[None, :] <= positions[:, None]  # (B, T)
         else:  # every position sees the whole row
             visible = torch.ones(b, t, dtype=torch.bool, device=x.device)
-        if self.att.foldable():  # no per-token products: the padded rows, masked, will do
-            h = x[torch.arange(b, device=x.device), positions]
-            h = h + self.att.attend_from(self.norm1(x), positions, visible)
-        else:
-            # Pack what each position can attend to: (N, D), row by row; index_select and
-            # index_copy have cheap backward passes (boolean masks do not).
-            slots = visible.flatten().nonzero().squeeze(1)  # (N,)
-            tokens = x.flatten(0, 1).index_select(0, slots)  # (N, D)
-            counts = visible.sum(dim=1)
-            # (B,): each position's row in tokens (visible tokens start each sequence's run)
-            rows = counts.cumsum(dim=0) - counts + positions
-            h = tokens[rows] + self.att(self.norm1(tokens), PackedQueries(visible, slots, rows))
+        h = x[torch.arange(b, device=x.device), positions]  # (B, D)
+        h = h + self.att.attend_from(self.norm1(x), positions, visible)
         with few_rows(h):
             return h + self.ff(self.norm2(h).to(self.ff.fc.weight.dtype))
 
