@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from gpt_classifier.data.batching import (
@@ -224,15 +223,6 @@ class SMSSpamDataModule(L.LightningDataModule):
     def pad_to(self) -> int | None:
         """The fixed padded length, or None when each batch pads to its own longest."""
         return next(iter(self.datasets.values())).pad_to if self.datasets else None
-
-    def example_rows(self) -> list[torch.Tensor]:
-        """Every example of every split exactly as the model sees it (fixed padding included)."""
-        collate = Collator(self.pad_to)
-        rows = []
-        for dataset in self.datasets.values():
-            for index in range(len(dataset)):
-                rows.append(collate([dataset[index]])["input_ids"][0])
-        return rows
 
     # ------------------------------------------------------------------ loaders
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import logging
-import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -75,10 +74,3 @@ def _fetch(url: str, tmp: Path, timeout: float) -> None:
                 bar.update(len(chunk))
     if total is not None and received != total:
         raise DownloadError(f"transfer interrupted after {received:,} of {total:,} bytes")
-
-
-def copy_atomically(src: Path, dest: Path) -> Path:
-    """Copy ``src`` to ``dest`` so that ``dest`` is either absent or complete."""
-    with atomic_path(dest) as tmp:
-        shutil.copyfile(src, tmp)
-    return dest

@@ -101,14 +101,3 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         state[f"{prefix}weight"] = layer.merged_weight().detach()
         del state[f"{prefix}lora_A.weight"], state[f"{prefix}lora_B.weight"]
     return state
-
-
-def merge_lora(model: nn.Module) -> None:
-    """Fold every adapter into its base layer and put plain ``nn.Linear`` layers back."""
-    for name, layer in lora_layers(model).items():
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                          device=torch.device("meta"))  # fmt: skip
-        plain.weight = nn.Parameter(layer.merged_weight().detach(), layer.weight.requires_grad)
-        plain.bias = layer.bias
-        owner_path, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner_path) if owner_path else model, attr, plain)
