@@ -149,6 +149,29 @@ def test_pooled_block_calls_lora_and_globally_hooked_layers():
     torch.testing.assert_close(pooled, full.detach(), atol=1e-5, rtol=1e-5)
 
 
+def test_pooled_block_folds_lora_keys_and_values_to_the_full_blocks_numbers():
+    # Adapters without dropout are one linear map each, folded like plain layers, their
+    # gradients included; with dropout (random per token) the full block runs.
+    from gpt_classifier.model.lora import add_lora
+
+    block, x, positions = _tiny_last_block()
+    for name in ("att.W_key", "att.W_value"):
+        with torch.no_grad():
+            add_lora(block, name, rank=2, alpha=4).lora_B.weight.normal_()
+    assert block.att.foldable()
+    folded, folded_grads = _pooled_run(block, x, positions)
+    block.zero_grad()
+    full = block(x)[torch.arange(4), positions]
+    full.square().sum().backward()
+    full_grads = {n: p.grad for n, p in block.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(folded, full.detach(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(folded_grads, full_grads, atol=1e-5, rtol=1e-4)
+    assert {"att.W_key.lora_A.weight", "att.W_value.lora_B.weight"} <= folded_grads.keys()
+    other, _, _ = _tiny_last_block()
+    add_lora(other, "att.W_key", rank=2, alpha=4, dropout=0.1)
+    assert not other.att.foldable()
+
+
 def test_too_long_input_is_a_clear_error():
     model = GPT.from_preset("gpt2-tiny")
     with pytest.raises(ValueError, match="longer than the model's context length 256"):

@@ -13,15 +13,14 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from gpt_classifier.model.config import GPTConfig
+from gpt_classifier.model.lora import LoRALinear
 
 
 def few_rows(x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
     """Autocast off, on a CPU, for products of one row per sequence (``x``'s device).
 
-    Their time goes into reading the weights, so reduced precision only adds work: the
-    casts of the weights and of their gradients (a cached gpt2-small last-block step
-    under bf16 autocast: 17.3 ms, with this ~16 ms, as float32 measured beside it).
-    Inputs must be brought to the weights' dtype inside.
+    Their time goes into reading the weights, so reduced precision only adds the casts of
+    the weights and their gradients. Inputs must be brought to the weights' dtype inside.
     """
     if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         return torch.autocast("cpu", enabled=False)
@@ -33,8 +32,8 @@ class CausalSelfAttention(nn.Module):
 
     Every projection is an ``nn.Linear`` called as a module, so wrappers around them
     (LoRA adapters, hooks) see all the work. One exception, where nothing can tell: on
-    the pooled path, plain key and value layers that no hook watches are folded into the
-    one query per sequence (see ``_attend_folded``).
+    the pooled path, key and value layers that no hook watches (plain, or LoRA without
+    dropout) are folded into the one query per sequence (see ``_attend_folded``).
     """
 
     def __init__(self, cfg: GPTConfig) -> None:
@@ -85,13 +84,15 @@ class CausalSelfAttention(nn.Module):
             return self.resid_drop(self.out_proj(y.to(self.out_proj.weight.dtype)))
 
     def foldable(self) -> bool:
-        """Whether the key and value layers are plain linear layers that no hook watches,
-        so that skipping their calls changes nothing anyone can observe."""
+        """Whether the key and value layers are linear maps (plain, or LoRA-adapted
+        without dropout) that no hook watches, so that skipping their calls changes
+        nothing anyone can observe."""
         # Hooks registered for every module (torch.nn.modules.module.register_module_*).
         if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
             return False
         return all(
-            type(layer) is nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks)
+            _fold_weight(layer) is not None
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules())
             for layer in (self.W_key, self.W_value)
         )
 
@@ -103,23 +104,21 @@ class CausalSelfAttention(nn.Module):
         With one query ``q`` per head, its score for token ``x`` is
         ``q . (W_k x + b_k) = (W_k^T q) . x + q . b_k``, and the mixed values are
         ``sum_t a_t (W_v x_t + b_v) = W_v (sum_t a_t x_t) + b_v sum_t a_t``: products with
-        the (nh, hs, D) weights once per sequence instead of once per token (a cached
-        gpt2-small last-block float32 step: 21.0 -> 14.5 ms). The same
+        the (nh, hs, D) weights once per sequence instead of once per token. The same
         numbers up to rounding; in float32 with autocast off, since these products are
         small and reduced precision would only lose digits.
         q (B, D) and x (B, T, D) -> (B, D).
         """
         b, t, d = x.shape
         nh, hs = self.n_heads, self.head_dim
-        # Batched products head by head (bmm) rather than einsum: on a CPU einsum's
-        # layouts are slower (gpt2-small, 8 x 55 tokens, forward and backward of this
-        # function: 7.7 against 5.6 ms).
+        # Batched products head by head (bmm) rather than einsum, whose layouts are
+        # slower on a CPU.
         with torch.autocast(x.device.type, enabled=False):
             dtype = torch.promote_types(x.dtype, torch.float32)
             x = x.to(dtype)
             qh = q.to(dtype).view(b, nh, hs).transpose(0, 1)  # (nh, B, hs)
-            w_key = self.W_key.weight.to(dtype).view(nh, hs, d)
-            w_value = self.W_value.weight.to(dtype).view(nh, hs, d)
+            w_key = _fold_weight(self.W_key).to(dtype).view(nh, hs, d)
+            w_value = _fold_weight(self.W_value).to(dtype).view(nh, hs, d)
             keys_q = torch.bmm(qh, w_key).transpose(0, 1)  # W_k^T q: (B, nh, D)
             scores = torch.bmm(keys_q, x.transpose(1, 2))  # (B, nh, T)
             if self.W_key.bias is not None:  # the same for every token: kept for its grads
@@ -133,3 +132,13 @@ class CausalSelfAttention(nn.Module):
             if self.W_value.bias is not None:  # sum_t a_t is 1, or less after dropout
                 y = y + weights.sum(dim=-1, keepdim=True) * self.W_value.bias.to(dtype).view(nh, hs)
         return y.reshape(b, d).to(q.dtype)
+
+
+def _fold_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The weight a key or value layer multiplies by (LoRA's merged, differentiable in its
+    adapters), or None where the layer is not one linear map (adapter dropout, others)."""
+    if type(layer) is nn.Linear:
+        return layer.weight
+    if type(layer) is LoRALinear and isinstance(layer.lora_dropout, nn.Identity):
+        return layer.merged_weight()
+    return None

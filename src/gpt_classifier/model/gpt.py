@@ -47,8 +47,8 @@ class TransformerBlock(nn.Module):
 
         The pooled form equals ``block(x)[rows, positions]``. It runs the query, the output
         projection and the MLP at the positions only and folds the keys and values into
-        the query, unless the key or value layer is adapted or hooked: those must see
-        every token, so the full block runs.
+        the query, unless a key or value layer is hooked or has adapter dropout: those
+        must see every token, so the full block runs.
         """
         if positions is None or not self.att.foldable():
             x = x + self.att(self.norm1(x))

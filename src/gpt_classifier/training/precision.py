@@ -5,15 +5,15 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import platform
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from gpt_classifier.files import write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,7 @@ def cpu_bf16_speedup(record: Path | None = None) -> float:
     if record is not None:
         known[signature] = {"bf16_speedup": round(speedup, 3)}
         try:
-            record.parent.mkdir(parents=True, exist_ok=True)
-            tmp = record.with_name(f".{record.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-            tmp.write_text(json.dumps(known, indent=1) + "\n")
-            os.replace(tmp, record)  # whole or not at all, also with concurrent writers
+            write_text_atomically(record, json.dumps(known, indent=1) + "\n")
         except OSError as err:  # an unwritable cache costs a measurement per run, not the run
             log.warning("precision=auto: could not keep the measurement in %s (%s)", record, err)
     return speedup
@@ -109,9 +106,9 @@ def resolve_precision(accelerator: str, precision: str | int, record: Path | Non
     """Lightning precision for ``precision=auto``.
 
     CUDA: bf16-mixed where supported, else 16-mixed. CPU: bf16-mixed only where a short
-    probe finds bfloat16 matrix products at least 1.5x faster than float32 (true of
-    CPUs with AMX; on a 2-core AVX512-BF16 Xeon they ran at 0.6x), else 32-true; the
-    probe runs once per machine when ``record`` names a file to keep its answer in.
+    probe finds bfloat16 matrix products ``CPU_BF16_MIN_SPEEDUP`` times faster than
+    float32 (a CPU's flags do not tell: see docs/benchmarks.md), else 32-true; the probe
+    runs once per machine when ``record`` names a file to keep its answer in.
     Apple's MPS: 32-true.
     """
     if str(precision) != "auto":
