@@ -23,8 +23,9 @@ tokenizing and peak memory, and a gpt2-tiny epoch over 200k rows (``data_scale.p
 machine kind and workload (replacing the one measured before), with the command.
 
 ``--compare-repo DIR`` also runs every job from another checkout (e.g. a ``git worktree``
-of an earlier commit), alternating with this one ``--repeats`` times, and prints the
-ratio of the median end-to-end times: a change that must not slow things down is
+of an earlier commit), alternating with this one ``--repeats`` times (each goes first
+on every other repeat, so neither gains from its place), and prints the ratio of the
+median end-to-end times: a change that must not slow things down is
 timed against its parent in the same run.
 """
 
@@ -273,6 +274,11 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, workload: str,
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
 
+def in_turn(checkouts: list[tuple[Path, str]], repeat: int) -> list[tuple[Path, str]]:
+    """The checkouts in the order of this repeat: reversed on every other one."""
+    return checkouts if repeat % 2 == 0 else checkouts[::-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["gpt2-small"])
@@ -314,7 +320,7 @@ def main() -> None:
         sweep_rows = [
             row
             for repeat in range(args.repeats)
-            for repo, label in checkouts
+            for repo, label in in_turn(checkouts, repeat)
             for row in sweep_runs(args.sweep, args, out / f"r{repeat}", repo, label)
         ]
         workload = f"{args.sweep}-job sweep, {args.models[0]} {args.freeze[0]}"
@@ -324,7 +330,7 @@ def main() -> None:
     for model in args.models:
         for freeze in args.freeze:
             for repeat in range(args.repeats):
-                for repo, label in checkouts:
+                for repo, label in in_turn(checkouts, repeat):
                     pair = [run_mode(mode, model, freeze, args, out, repo, label, repeat)
                             for mode in args.modes]  # fmt: skip
                     book = next((r for r in pair if r["mode"] == "book"), None)

@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 class SignalInValidation(L.Callback):
@@ -37,3 +38,24 @@ class SignalAtTrainStart(L.Callback):
         if not self.marker.exists():
             self.marker.write_text("sent\n")
             os.kill(os.getpid(), self.signum)
+
+
+class SignalAfterStepCallbacks(ModelCheckpoint):
+    """Sends this process SIGTERM once, after optimizer step ``step``, from the last of the
+    step's callbacks: Lightning runs checkpoint callbacks after all others, so the signal
+    lands after GracefulStop has looked at this step. Saves nothing itself."""
+
+    def __init__(self, marker: str, step: int) -> None:
+        super().__init__(monitor=None, save_top_k=0)
+        self.marker, self.step = Path(marker), step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step and not self.marker.exists():
+            self.marker.write_text("sent\n")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        pass
+
+    def on_validation_end(self, trainer, pl_module):
+        pass

@@ -106,6 +106,7 @@ def test_sigterm_and_ctrl_c_write_a_checkpoint_and_say_how_to_resume(reference, 
     assert "Training stopped by SIGTERM" in output
     assert f"python train.py ckpt_path=last hydra.run.dir={run_dir}" in output
     interrupted = run_dir / "checkpoints" / "interrupted.ckpt"
+    assert interrupted.is_file(), output[-3000:]
     stopped_at = torch.load(interrupted, weights_only=True, mmap=True)["global_step"]
     assert stopped_at >= 20
 
@@ -124,6 +125,26 @@ def test_sigterm_and_ctrl_c_write_a_checkpoint_and_say_how_to_resume(reference, 
     # TensorBoard continued in its folder rather than starting a second one.
     assert [p.name for p in (run_dir / "tensorboard").iterdir() if p.is_dir()] == []
     assert "Prefix cache: reused" in (run_dir / "train.log").read_text()
+
+
+def test_sigterm_after_a_steps_callbacks_stops_at_the_next_step_with_a_checkpoint(
+    reference, sms_file, tmp_path
+):
+    # Lightning flags a SIGTERM and stops at the end of the step, after every
+    # on_train_batch_end, without a checkpoint; in one process GracefulStop takes such a
+    # signal over, and the next step ends with a checkpoint like any other.
+    run_dir = tmp_path / "run"
+    sigterm = ["+callbacks.sigterm._target_=tests.signal_callbacks.SignalAfterStepCallbacks",
+               f"+callbacks.sigterm.marker={tmp_path / 'sent'}",
+               "+callbacks.sigterm.step=30"]  # fmt: skip
+    result = run(command(sms_file, run_dir, *LORA, *sigterm))
+    output = result.stdout + result.stderr
+    assert result.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Training stopped by SIGTERM at epoch 0, step 31" in output
+    stored = torch.load(run_dir / "checkpoints" / "interrupted.ckpt", weights_only=True, mmap=True)
+    assert stored["global_step"] == 31
+    ok(run([sys.executable, "train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"]))
+    assert final_metrics(run_dir) == final_metrics(reference)
 
 
 def test_sigterm_during_validation_exits_143_and_resumes_to_the_same_result(

@@ -91,7 +91,7 @@ class CausalSelfAttention(nn.Module):
         if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
             return False
         return all(
-            _fold_weight(layer) is not None
+            _is_linear_map(layer)
             and not any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules())
             for layer in (self.W_key, self.W_value)
         )
@@ -134,11 +134,13 @@ class CausalSelfAttention(nn.Module):
         return y.reshape(b, d).to(q.dtype)
 
 
-def _fold_weight(layer: nn.Module) -> torch.Tensor | None:
-    """The weight a key or value layer multiplies by (LoRA's merged, differentiable in its
-    adapters), or None where the layer is not one linear map (adapter dropout, others)."""
-    if type(layer) is nn.Linear:
-        return layer.weight
-    if type(layer) is LoRALinear and isinstance(layer.lora_dropout, nn.Identity):
-        return layer.merged_weight()
-    return None
+def _is_linear_map(layer: nn.Module) -> bool:
+    """Whether ``layer`` computes one linear map: plain, or LoRA without adapter dropout."""
+    if type(layer) is LoRALinear:
+        return isinstance(layer.lora_dropout, nn.Identity)
+    return type(layer) is nn.Linear
+
+
+def _fold_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight of a linear map (LoRA's merged one, differentiable in its adapters)."""
+    return layer.merged_weight() if isinstance(layer, LoRALinear) else layer.weight

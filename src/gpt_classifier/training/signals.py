@@ -57,7 +57,8 @@ class GracefulStop(L.Callback):
     submitted through submitit (``--signal=USR2@signal_delay_s``); submitit's own handler
     (requeue the job) is handed on in the exception, to run after the checkpoint.
     A second Ctrl-C stops at once, without a checkpoint. Lightning's own SIGTERM handler
-    still runs (it stops DDP's child processes); its flag is honoured the same way.
+    still runs (it stops DDP's child processes), except among one process's training
+    batches, where it would stop between two steps without a checkpoint.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, *PREEMPTION_SIGNALS)
@@ -66,6 +67,9 @@ class GracefulStop(L.Callback):
         self.signum: int | None = None
         self.forced = False  # a second Ctrl-C: stopped at once
         self._previous: dict[int, Any] = {}
+        self._lightning_sigterm: Any = None  # Lightning's handler, while ours defers it
+        self._in_batches = False  # between the training batches' start and validation
+        self._deferred = False
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.signum = None
@@ -75,10 +79,46 @@ class GracefulStop(L.Callback):
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._on_signal)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning's SIGTERM handler, set up after on_fit_start, flags the trainer, and its
+        # loop then stops at the end of the step, after on_train_batch_end: a SIGTERM there
+        # would stop without a checkpoint. Among the training batches ours decides alone
+        # (in one process: under DDP, Lightning's handler also syncs the processes).
+        handler = signal.getsignal(signal.SIGTERM)
+        main_thread = threading.current_thread() is threading.main_thread()
+        if trainer.world_size == 1 and callable(handler) and main_thread:
+            self._lightning_sigterm = handler
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self._in_batches:  # the next on_train_batch_end stops with a checkpoint
+            self._deferred = True
+            self._on_signal(signum, frame)
+        else:
+            self._lightning_sigterm(signum, frame)
+
+    def _leave_batches(self) -> None:
+        """Validation or the epoch's end: a SIGTERM no step has taken is Lightning's."""
+        self._in_batches = False
+        if self._deferred:
+            self._deferred = False
+            self._lightning_sigterm(signal.SIGTERM, None)
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._in_batches = True
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._leave_batches()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._leave_batches()
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.signum is not None and signum == signal.SIGINT:
             self.forced = True
             raise KeyboardInterrupt  # the second Ctrl-C
+        if self.signum == signum:  # a deferred SIGTERM handed on to Lightning
+            return
         self.signum = signum
         log.warning(
             "%s received: stopping after this training step, with a checkpoint%s",
