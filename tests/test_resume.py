@@ -127,22 +127,29 @@ def test_sigterm_and_ctrl_c_write_a_checkpoint_and_say_how_to_resume(reference, 
     assert "Prefix cache: reused" in (run_dir / "train.log").read_text()
 
 
-def test_sigterm_after_a_steps_callbacks_stops_at_the_next_step_with_a_checkpoint(
-    reference, sms_file, tmp_path
+@pytest.mark.parametrize("step", [30, STEPS_PER_EPOCH - 1], ids=["mid-epoch", "last-batch"])
+def test_sigterm_after_a_steps_callbacks_stops_as_exactly_as_one_during_it(
+    reference, sms_file, tmp_path, step
 ):
     # Lightning flags a SIGTERM and stops at the end of the step, after every
     # on_train_batch_end, without a checkpoint; in one process GracefulStop takes such a
-    # signal over, and the next step ends with a checkpoint like any other.
+    # signal over: the next step ends with a checkpoint like any other. If the next step
+    # is the epoch's last (a checkpoint there would resume to other results), the epoch's
+    # validation stops instead, and the run resumes from its furthest checkpoint.
     run_dir = tmp_path / "run"
     sigterm = ["+callbacks.sigterm._target_=tests.signal_callbacks.SignalAfterStepCallbacks",
                f"+callbacks.sigterm.marker={tmp_path / 'sent'}",
-               "+callbacks.sigterm.step=30"]  # fmt: skip
+               f"+callbacks.sigterm.step={step}"]  # fmt: skip
     result = run(command(sms_file, run_dir, *LORA, *sigterm))
     output = result.stdout + result.stderr
     assert result.returncode == 128 + signal.SIGTERM, output[-3000:]
-    assert "Training stopped by SIGTERM at epoch 0, step 31" in output
-    stored = torch.load(run_dir / "checkpoints" / "interrupted.ckpt", weights_only=True, mmap=True)
-    assert stored["global_step"] == 31
+    interrupted = run_dir / "checkpoints" / "interrupted.ckpt"
+    if step + 1 < STEPS_PER_EPOCH:
+        assert f"Training stopped by SIGTERM at epoch 0, step {step + 1}" in output
+        assert torch.load(interrupted, weights_only=True, mmap=True)["global_step"] == step + 1
+    else:
+        assert "Training stopped by SIGTERM outside a training step (in a validation" in output
+        assert not interrupted.exists()
     ok(run([sys.executable, "train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"]))
     assert final_metrics(run_dir) == final_metrics(reference)
 

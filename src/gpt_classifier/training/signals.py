@@ -135,6 +135,10 @@ class GracefulStop(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
         batch_idx: int,
     ) -> None:  # fmt: skip
+        # Not at the epoch's last batch: a checkpoint there resumes to other results (see
+        # StepCheckpoint). The signal stops the validation that follows, or the next step.
+        if batch_idx + 1 >= trainer.num_training_batches:
+            return
         asked = self.signum is not None or trainer.received_sigterm
         # Every rank stops at the same step when any of them was signalled.
         if not trainer.strategy.reduce_boolean_decision(asked, all=False):
