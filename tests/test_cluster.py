@@ -90,7 +90,7 @@ def test_sigusr2_checkpoints_then_hands_over_to_submitits_requeue(tmp_path):
     previous = signal.signal(signal.SIGUSR2, submitit_handler)
     saved = []
     trainer = SimpleNamespace(
-        received_sigterm=False, accumulate_grad_batches=1,
+        received_sigterm=False, accumulate_grad_batches=1, num_training_batches=10,
         strategy=SimpleNamespace(reduce_boolean_decision=lambda asked, all: asked),
         checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path)), default_root_dir=str(tmp_path),
         save_checkpoint=saved.append,
