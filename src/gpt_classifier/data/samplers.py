@@ -173,6 +173,10 @@ class ResumableLoader(DataLoader):
     iterates (``lightning.fabric.utilities.types._Stateful``).
     """
 
+    # Not torchdata's StatefulDataLoader: after an epoch cut short (limit_train_batches),
+    # its state resumes the rest of that epoch, where the uninterrupted run starts the
+    # next one (``end_epoch`` below).
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._served = 0

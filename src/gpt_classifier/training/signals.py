@@ -61,6 +61,8 @@ class GracefulStop(L.Callback):
     batches, where it would stop between two steps without a checkpoint.
     """
 
+    # Not Lightning's OnExceptionCheckpoint: Ctrl-C's KeyboardInterrupt lands anywhere in a
+    # step, and a checkpoint from there does not resume to the same results.
     SIGNALS = (signal.SIGINT, signal.SIGTERM, *PREEMPTION_SIGNALS)
 
     def __init__(self) -> None:
