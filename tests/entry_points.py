@@ -11,14 +11,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_entry(
-    *args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 600
+    *args: str | Path,
+    cwd: Path = REPO,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    input: str = "",  # noqa: A002 (subprocess.run's name)
 ) -> subprocess.CompletedProcess:
-    """``python <args>`` (an entry point and its overrides), its output captured."""
+    """``python <args>`` (an entry point or script and its arguments), its output
+    captured; ``input`` is its standard input (empty: predict.py reads texts from a pipe)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    # No standard input: predict.py reads texts from a pipe.
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)  # fmt: skip
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, input=input,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from entry_points import ok, run_entry
 from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = range(1, 20)
-
-
-def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=timeout)  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
 
 
 def row_config(number: int, *overrides: str):
@@ -82,9 +72,10 @@ def test_each_row_changes_exactly_what_the_book_changed(number):
 
 def test_representative_rows_train_a_batch(tmp_path, sms_file):
     rows = "book_table/row11,book_table/row14,book_table/row17,book_table/row19"
-    run("train.py", "-m", f"experiment={rows}", "model=gpt2-tiny", f"data.path={sms_file}",
-        "accelerator=cpu", "trainer.fast_dev_run=true", f"hydra.sweep.dir={tmp_path}",
-        "callbacks.progress_bar.refresh_rate=0")  # fmt: skip
+    ok(run_entry("train.py", "-m", f"experiment={rows}", "model=gpt2-tiny",
+                 f"data.path={sms_file}", "accelerator=cpu", "trainer.fast_dev_run=true",
+                 f"hydra.sweep.dir={tmp_path}",
+                 "callbacks.progress_bar.refresh_rate=0"))  # fmt: skip
     with (tmp_path / "summary.csv").open(newline="") as f:
         summary = list(csv.DictReader(f))
     assert [r["overrides"].split("/")[-1] for r in summary] == ["row11", "row14", "row17", "row19"]
@@ -92,9 +83,10 @@ def test_representative_rows_train_a_batch(tmp_path, sms_file):
 
 
 def test_table_script_writes_markdown_and_csv_beside_the_books_numbers(tmp_path, sms_file):
-    result = run("scripts/book_table.py", "--rows", "1,16", "--out", str(tmp_path), "--",
-                 "model=gpt2-tiny", f"data.path={sms_file}", "accelerator=cpu",
-                 "trainer.fast_dev_run=true", "callbacks.progress_bar.refresh_rate=0")  # fmt: skip
+    result = ok(run_entry("scripts/book_table.py", "--rows", "1,16", "--out", tmp_path, "--",
+                          "model=gpt2-tiny", f"data.path={sms_file}", "accelerator=cpu",
+                          "trainer.fast_dev_run=true",
+                          "callbacks.progress_bar.refresh_rate=0"))  # fmt: skip
     table = (tmp_path / "book_table.md").read_text()
     assert table in result.stdout
     assert (
@@ -117,8 +109,8 @@ def test_table_script_writes_markdown_and_csv_beside_the_books_numbers(tmp_path,
 
 
 def test_baseline_writes_its_metrics(tmp_path, sms_file):
-    run("baseline.py", f"data.path={sms_file}", "data.book_compat=true",
-        f"hydra.run.dir={tmp_path}")  # fmt: skip
+    ok(run_entry("baseline.py", f"data.path={sms_file}", "data.book_compat=true",
+                 f"hydra.run.dir={tmp_path}"))  # fmt: skip
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for split in ("train", "val", "test"):
         for key in ("acc", "loss", "precision", "recall", "f1"):
@@ -128,11 +120,11 @@ def test_baseline_writes_its_metrics(tmp_path, sms_file):
 
 
 def test_optuna_search_runs_its_trials(tmp_path, sms_file):
-    run("train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
-        "freeze.n=choice(1, 2)",  # gpt2-tiny has 2 blocks; the default range is 1 to 3
-        "model=gpt2-tiny", f"data.path={sms_file}", "accelerator=cpu",
-        "trainer.fast_dev_run=true", f"hydra.sweep.dir={tmp_path}",
-        "callbacks.progress_bar.refresh_rate=0")  # fmt: skip
+    ok(run_entry("train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+                 "freeze.n=choice(1, 2)",  # gpt2-tiny has 2 blocks; the default range is 1 to 3
+                 "model=gpt2-tiny", f"data.path={sms_file}", "accelerator=cpu",
+                 "trainer.fast_dev_run=true", f"hydra.sweep.dir={tmp_path}",
+                 "callbacks.progress_bar.refresh_rate=0"))  # fmt: skip
     jobs = sorted(p.name for p in tmp_path.iterdir() if (p / "metrics.json").is_file())
     assert jobs == ["0", "1"]
     results = (tmp_path / "optimization_results.yaml").read_text()

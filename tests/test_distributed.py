@@ -6,13 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from entry_points import ok, run_train
+from entry_points import ok, run_entry, run_train
 from torch.utils.data import BatchSampler, SequentialSampler
 
 from gpt_classifier.data.samplers import (
@@ -208,7 +206,5 @@ def test_trainer_fsdp_trains_like_ddp_and_resumes_from_its_shards(tmp_path, sms_
     assert_same_results(metrics(run), metrics(tmp_path / "ddp" / "run"))
     # eval.py reads the run's sharded best checkpoint (its settings from meta.pt).
     evaluated = tmp_path / "eval"
-    ok(subprocess.run([sys.executable, "eval.py", f"ckpt_path={run}",
-                       f"hydra.run.dir={evaluated}"], cwd=Path(__file__).parents[1],
-                      capture_output=True, text=True, timeout=600))  # fmt: skip
+    ok(run_entry("eval.py", f"ckpt_path={run}", f"hydra.run.dir={evaluated}"))
     assert metrics(evaluated)["acc"] == pytest.approx(metrics(run)["test/acc"], abs=1e-6)

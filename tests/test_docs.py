@@ -13,13 +13,11 @@ from __future__ import annotations
 import itertools
 import re
 import shlex
-import subprocess
-import sys
 from importlib.metadata import metadata
 from pathlib import Path
 
 import pytest
-from entry_points import ok, run_train
+from entry_points import ok, run_entry, run_train
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -170,8 +168,7 @@ def hydra_compose(config_name: str, words: list[str]) -> None:
 def check_script(words: list[str]) -> None:
     """A measuring script: it exists, and its --help knows every flag used."""
     script = REPO / words[1]
-    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
+    result = run_entry(script, "--help", timeout=120)
     assert result.returncode == 0, result.stderr
     for flag in (w.split("=")[0] for w in words[2:] if w.startswith("--") and w != "--"):
         assert flag in result.stdout, f"{script.name} has no {flag}"
@@ -213,7 +210,7 @@ def test_documented_command_runs(where, command, request, tmp_path):
     workdir = request.getfixturevalue("workdir")
     run = request.getfixturevalue("lora_run" if "ckpt_path=<lora-run>" in words else "trained_run")
     filled = [fill(w, run, tmp_path) for w in words[2:]]
-    command_line = [sys.executable, str(REPO / entry), *filled, f"hydra.run.dir={tmp_path / 'out'}"]
+    command_line = [REPO / entry, *filled, f"hydra.run.dir={tmp_path / 'out'}"]
     if smoke:  # its own cache, and a quiet log
         command_line += [
             f"paths.cache_dir={tmp_path / 'cache'}",
@@ -221,8 +218,7 @@ def test_documented_command_runs(where, command, request, tmp_path):
         ]
     if own_data:  # as written, on the smallest model, briefly
         command_line += ["model=gpt2-tiny", "trainer.max_epochs=1"]
-    result = subprocess.run(command_line, cwd=workdir, capture_output=True, text=True,
-                            input=stdin or "", timeout=600)  # fmt: skip
+    result = run_entry(*command_line, cwd=workdir, input=stdin or "")
     assert result.returncode == 0, f"{where}: {command}\n{result.stderr[-3000:]}"
     if smoke:
         assert (tmp_path / "out" / "metrics.json").is_file()
@@ -233,8 +229,7 @@ def test_install_sizes_cover_every_extra():
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    result = subprocess.run([sys.executable, "scripts/install_sizes.py"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = run_entry("scripts/install_sizes.py", timeout=120)
     assert result.returncode == 0, result.stderr
     rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines()
             if line.startswith("| ")}  # fmt: skip

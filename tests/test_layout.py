@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from entry_points import run_entry
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "gpt_classifier"
 FRAMEWORKS = ("lightning", "pytorch_lightning", "hydra", "omegaconf")
@@ -61,7 +60,7 @@ def test_model_and_inference_load_without_lightning_or_hydra():
         f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r})\n"
         "assert not loaded, loaded\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = run_entry("-c", code)
     assert result.returncode == 0, result.stderr
 
 

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from entry_points import run_entry
 
 from gpt_classifier.data.sms import parse_messages
 from gpt_classifier.inference import TextClassifier
@@ -193,22 +194,16 @@ def test_form_encoded_json_is_read_as_json(server):
 
 
 def test_a_bad_checkpoint_path_fails_before_serving(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "serve.py", f"ckpt_path={tmp_path / 'missing'}", f"port={free_port()}",
-         f"hydra.run.dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    result = run_entry("serve.py", f"ckpt_path={tmp_path / 'missing'}", f"port={free_port()}",
+                       f"hydra.run.dir={tmp_path}", timeout=120)  # fmt: skip
     assert result.returncode != 0
     assert str(tmp_path / "missing") in result.stderr
 
 
 def test_load_test_script_reports_each_level(server, trained_run, sms_file):
-    result = subprocess.run(
-        [sys.executable, "scripts/load_test.py", "--url", server, "--concurrency", "1,4",
-         "--requests", "8", "--max-seconds", "20", "--data", str(sms_file), "--gflops", "50",
-         "--ckpt", str(trained_run)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = run_entry("scripts/load_test.py", "--url", server, "--concurrency", "1,4",
+                       "--requests", "8", "--max-seconds", "20", "--data", sms_file,
+                       "--gflops", "50", "--ckpt", trained_run, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
     assert [r[0].strip() for r in rows[1:]] == ["1", "4"], result.stdout
@@ -216,10 +211,7 @@ def test_load_test_script_reports_each_level(server, trained_run, sms_file):
         assert row[1].strip() == "8" and row[2].strip() == "0", result.stdout  # sent, errors
         assert float(row[4]) > 0 and row[-1].strip().endswith("%")
     assert "server p50 at concurrency 1 / bare =" in result.stdout
-    refused = subprocess.run(
-        [sys.executable, "scripts/load_test.py", "--url", "http://example.com:8000"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    refused = run_entry("scripts/load_test.py", "--url", "http://example.com:8000", timeout=60)
     assert refused.returncode != 0 and "only loopback" in refused.stderr
 
 

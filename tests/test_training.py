@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from entry_points import ok, run_train
+from entry_points import ok, run_entry, run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_tensorboard_logging_does_not_import_tensorflow(tmp_path):
         "    w.add_scalar('a/b', 0.5, 3)\n"
         "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n"
     )
-    ok(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True))
+    ok(run_entry("-c", script))
     (events,) = (tmp_path / "tb").glob("events.out.tfevents.*")
     acc = EventAccumulator(str(events))
     acc.Reload()

@@ -599,16 +599,10 @@ def test_frozen_weights_are_read_straight_into_the_parameters(tmp_path, dtype):
 
 
 def test_predict_reads_texts_from_standard_input_without_hydra_quoting(run_dir, tmp_path):
-    import subprocess
-    import sys
-
     out = tmp_path / "predictions.jsonl"
     texts = "Sorry, I'll call later!\nWINNER!! Claim your £900 prize, call 09061701461 🎉\n"
-    result = subprocess.run(
-        [sys.executable, "predict.py", f"ckpt_path={run_dir}", f"output={out}",
-         f"hydra.run.dir={tmp_path / 'out'}"],
-        cwd=REPO, input=texts, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = run_entry("predict.py", f"ckpt_path={run_dir}", f"output={out}",
+                       f"hydra.run.dir={tmp_path / 'out'}", input=texts)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["text"] for r in rows] == texts.splitlines()
