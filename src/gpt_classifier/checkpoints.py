@@ -10,6 +10,7 @@ inference reads checkpoints without it.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -97,17 +98,20 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """
     if not is_sharded_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=True)
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    import torch.distributed.checkpoint as dcp
 
-    # What torch.distributed.checkpoint.format_utils.dcp_to_torch_save does, in memory
-    # and for the model alone.
-    shards: dict[str, Any] = {}
-    _load_state_dict(shards, storage_reader=FileSystemReader(path),
-                     planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)  # fmt: skip
+    # The model's tensors, allocated whole from the folder's metadata, then filled from
+    # every shard by this one process.
+    reader = dcp.FileSystemReader(path)
+    model: dict[str, torch.Tensor] = {}
+    for name, meta in reader.read_metadata().state_dict_metadata.items():
+        if name.startswith("model.") and isinstance(meta, dcp.TensorStorageMetadata):
+            model[name.removeprefix("model.")] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    with warnings.catch_warnings():  # that it loads in one process, as asked
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load({"model": model}, storage_reader=reader, no_dist=True)
     checkpoint = torch.load(path / SHARDED_METADATA_FILE, map_location="cpu", weights_only=True)
-    checkpoint["state_dict"] = shards["model"]
+    checkpoint["state_dict"] = model
     return checkpoint
 
 
