@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,6 +23,13 @@ def run_entry(
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, input=input,
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def start_entry(*args: str | Path, env: dict[str, str] | None = None,
+                **popen: Any) -> subprocess.Popen:  # fmt: skip
+    """``python <args>`` started in the background (``popen``: its streams, its session)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=env, **popen)
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

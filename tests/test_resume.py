@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from entry_points import ok, run_entry
+from entry_points import ok, run_entry, start_entry
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf, open_dict
@@ -38,16 +37,12 @@ STEPS_PER_EPOCH = 120
 
 def command(sms_file: Path, run_dir: Path, *extra: str, epochs: int = 2) -> list[str]:
     """A gpt2-tiny run of 60-step epochs with a step checkpoint every 20 steps."""
-    return [sys.executable, "train.py", "model=gpt2-tiny", "accelerator=cpu",
+    return ["train.py", "model=gpt2-tiny", "accelerator=cpu",
             f"data.path={sms_file}", f"trainer.max_epochs={epochs}",
             f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
             "callbacks.progress_bar.refresh_rate=0",
             "callbacks.step_checkpoint.every_n_train_steps=20", f"hydra.run.dir={run_dir}",
             *extra]  # fmt: skip
-
-
-def run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return run_entry(*args[1:], env=env)
 
 
 def final_metrics(run_dir: Path) -> dict[str, float]:
@@ -65,8 +60,7 @@ def curves(run_dir: Path) -> dict:
 
 def interrupt_at(args: list[str], run_dir: Path, step: int, how: int) -> subprocess.Popen:
     """Start a run and send it ``how`` once its step checkpoint has passed ``step``."""
-    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    process = start_entry(*args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     checkpoint = run_dir / "checkpoints" / "step.ckpt"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -92,14 +86,14 @@ LORA = ("freeze=lora", "freeze.blocks=1")
 def reference(tmp_path_factory, sms_file) -> Path:
     """The uninterrupted run the interrupted ones must equal."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    ok(run(command(sms_file, run_dir, *LORA)))
+    ok(run_entry(*command(sms_file, run_dir, *LORA)))
     return run_dir
 
 
 def test_sigterm_and_ctrl_c_write_a_checkpoint_and_say_how_to_resume(reference, sms_file, tmp_path):
     run_dir = tmp_path / "run"
     args = command(sms_file, run_dir, *LORA)
-    resume = [sys.executable, "train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"]
+    resume = ["train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"]
     process = interrupt_at(args, run_dir, 20, signal.SIGTERM)  # in the first epoch
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
@@ -119,7 +113,7 @@ def test_sigterm_and_ctrl_c_write_a_checkpoint_and_say_how_to_resume(reference, 
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 128 + signal.SIGINT, output[-3000:]
     assert "Training stopped by SIGINT" in output
-    ok(run(resume))
+    ok(run_entry(*resume))
     assert final_metrics(run_dir) == final_metrics(reference)
     assert curves(run_dir) == curves(reference)  # every epoch's loss and accuracy, exactly
     # TensorBoard continued in its folder rather than starting a second one.
@@ -140,7 +134,7 @@ def test_sigterm_after_a_steps_callbacks_stops_as_exactly_as_one_during_it(
     sigterm = ["+callbacks.sigterm._target_=tests.signal_callbacks.SignalAfterStepCallbacks",
                f"+callbacks.sigterm.marker={tmp_path / 'sent'}",
                f"+callbacks.sigterm.step={step}"]  # fmt: skip
-    result = run(command(sms_file, run_dir, *LORA, *sigterm))
+    result = run_entry(*command(sms_file, run_dir, *LORA, *sigterm))
     output = result.stdout + result.stderr
     assert result.returncode == 128 + signal.SIGTERM, output[-3000:]
     interrupted = run_dir / "checkpoints" / "interrupted.ckpt"
@@ -150,7 +144,7 @@ def test_sigterm_after_a_steps_callbacks_stops_as_exactly_as_one_during_it(
     else:
         assert "Training stopped by SIGTERM outside a training step (in a validation" in output
         assert not interrupted.exists()
-    ok(run([sys.executable, "train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"]))
+    ok(run_entry("train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"))
     assert final_metrics(run_dir) == final_metrics(reference)
 
 
@@ -163,14 +157,14 @@ def test_sigterm_during_validation_exits_143_and_resumes_to_the_same_result(
     run_dir = tmp_path / "run"
     sigterm = ["+callbacks.sigterm._target_=tests.signal_callbacks.SignalInValidation",
                f"+callbacks.sigterm.marker={tmp_path / 'sent'}"]  # fmt: skip
-    result = run(command(sms_file, run_dir, *LORA, *sigterm))
+    result = run_entry(*command(sms_file, run_dir, *LORA, *sigterm))
     output = result.stdout + result.stderr
     assert result.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert "Training stopped by SIGTERM outside a training step (in a validation" in output
     assert "at epoch 0, step 120" in output
     stored = torch.load(run_dir / "checkpoints" / "step.ckpt", weights_only=True, mmap=True)
     assert stored["global_step"] == STEPS_PER_EPOCH - 20
-    ok(run([sys.executable, "train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"]))
+    ok(run_entry("train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"))
     assert final_metrics(run_dir) == final_metrics(reference)
 
 
@@ -186,7 +180,7 @@ def test_sigterm_during_the_prefix_pass_stops_there_and_resumes_to_the_same_resu
         f"+callbacks.sigterm.marker={tmp_path / 'sent'}",
         f"paths.cache_dir={cache}",
     ]
-    result = run(command(sms_file, run_dir, *LORA, *sigterm))
+    result = run_entry(*command(sms_file, run_dir, *LORA, *sigterm))
     output = result.stdout + result.stderr
     assert result.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert "Training stopped by SIGTERM at epoch 0, step 0" in output
@@ -196,11 +190,11 @@ def test_sigterm_during_the_prefix_pass_stops_there_and_resumes_to_the_same_resu
     stamps = [datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f") for line in log_lines
               if "SIGTERM received" in line or "Training stopped by SIGTERM" in line]  # fmt: skip
     assert len(stamps) == 2 and (stamps[1] - stamps[0]).total_seconds() < 5
-    ok(run([sys.executable, "train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"]))
+    ok(run_entry("train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"))
     # The same run uninterrupted, its prefix computed from a cold cache too (under
     # bfloat16 the stored prefix depends a little on how the pass batched the messages).
     twin = tmp_path / "twin"
-    ok(run(command(sms_file, twin, *LORA, f"paths.cache_dir={tmp_path / 'twin-cache'}")))
+    ok(run_entry(*command(sms_file, twin, *LORA, f"paths.cache_dir={tmp_path / 'twin-cache'}")))
     assert final_metrics(run_dir) == final_metrics(twin)
 
 
@@ -211,12 +205,12 @@ def test_ctrl_c_during_the_last_validation_skips_the_final_test_and_says_how_to_
     ctrl_c = ["+callbacks.ctrl_c._target_=tests.signal_callbacks.SignalInValidation",
               f"+callbacks.ctrl_c.marker={tmp_path / 'sent'}", "+callbacks.ctrl_c.signum=SIGINT",
               "+callbacks.ctrl_c.epoch=1"]  # fmt: skip
-    result = run(command(sms_file, run_dir, *LORA, *ctrl_c))
+    result = run_entry(*command(sms_file, run_dir, *LORA, *ctrl_c))
     output = result.stdout + result.stderr
     assert result.returncode == 128 + signal.SIGINT, output[-3000:]
     assert "SIGINT received after the last training step" in output
     assert not (run_dir / "metrics.json").exists()
-    ok(run([sys.executable, "train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"]))
+    ok(run_entry("train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"))
     assert final_metrics(run_dir) == final_metrics(reference)
 
 
@@ -229,7 +223,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(reference, sms_file, tm
     assert not (run_dir / "metrics.json").exists()
     splits = {p.name: p.stat().st_mtime_ns for p in (run_dir / "splits").iterdir()}
     # Only the run folder: the run's own config comes from run_config.yaml.
-    ok(run([sys.executable, "train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"]))
+    ok(run_entry("train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"))
     assert final_metrics(run_dir) == final_metrics(reference)
     assert curves(run_dir) == curves(reference)
     # splits/ is the run's first start's, never rewritten within the run.
@@ -247,12 +241,12 @@ def test_two_runs_sharing_a_cold_prefix_cache_get_their_results_alone(sms_file, 
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "GPT_CLASSIFIER_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
     alone = tmp_path / "alone"
-    ok(run(command(sms_file, alone, "prefix_cache.persist=false", epochs=1), env))
+    ok(run_entry(*command(sms_file, alone, "prefix_cache.persist=false", epochs=1), env=env))
     assert not list((tmp_path / "cache" / "prefix_cache").glob("*"))
     runs = [tmp_path / "a", tmp_path / "b"]
     processes = [
-        subprocess.Popen(command(sms_file, d, epochs=1), cwd=REPO, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        start_entry(*command(sms_file, d, epochs=1), env=env, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, text=True)
         for d in runs
     ]  # fmt: skip
     for process in processes:

@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -18,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from entry_points import run_entry
+from entry_points import run_entry, start_entry
 
 from gpt_classifier.data.sms import parse_messages
 from gpt_classifier.inference import TextClassifier
@@ -60,11 +59,9 @@ def start_server(ckpt: Path, folder: Path, *overrides: str) -> tuple[subprocess.
     its URL, and the ``/health`` statuses seen every 20 ms until then (0: refused)."""
     port = free_port()
     with (folder / "serve.log").open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "serve.py", f"ckpt_path={ckpt}", f"port={port}",
-             f"hydra.run.dir={folder}", *overrides],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+        process = start_entry("serve.py", f"ckpt_path={ckpt}", f"port={port}",
+                              f"hydra.run.dir={folder}", *overrides, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     statuses = [request_ok(f"{url}/health")]

@@ -8,14 +8,13 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-from entry_points import ok, run_entry, run_train
+from entry_points import ok, run_entry, run_train, start_entry
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,11 +41,9 @@ def hparams_sessions(logdir: Path, timeout: float = 120) -> dict[str, tuple[dict
     """What TensorBoard's HParams dashboard shows for ``logdir``: per run (session), its
     hyperparameters and metrics, from a real ``tensorboard`` server on a loopback port."""
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", f"--logdir={logdir}", "--host=127.0.0.1",
-         f"--port={port}", "--reload_interval=1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    server = start_entry("-m", "tensorboard.main", f"--logdir={logdir}", "--host=127.0.0.1",
+                         f"--port={port}", "--reload_interval=1", stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)  # fmt: skip
     url = f"http://127.0.0.1:{port}/data/plugin/hparams/"
     headers = {"Content-Type": "application/json", "X-XSRF-Protected": "1"}
 
