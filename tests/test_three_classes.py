@@ -8,14 +8,13 @@ import csv
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from entry_points import ok, run_entry
 from test_own_data import LABELS, three_classes, write_csv
-from test_resume import command, curves, final_metrics, interrupt_at, run
+from test_resume import command, curves, final_metrics, interrupt_at
 from test_serving import predict, request, start_server, stop_group
 
 from gpt_classifier.inference import TextClassifier
@@ -77,11 +76,11 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(data_file, tmp_path):
     """One epoch, killed 20 steps in (test_resume.py kills the SMS run in its second)."""
     args = ("data=files", "freeze=lora", "freeze.blocks=1")
     reference, run_dir = tmp_path / "reference", tmp_path / "run"
-    ok(run(command(data_file, reference, *args, epochs=1)))
+    ok(run_entry(*command(data_file, reference, *args, epochs=1)))
     process = interrupt_at(command(data_file, run_dir, *args, epochs=1), run_dir, 20,
                            signal.SIGKILL)  # fmt: skip
     assert process.wait(timeout=60) == -signal.SIGKILL
-    ok(run([sys.executable, "train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"]))
+    ok(run_entry("train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"))
     assert final_metrics(run_dir) == final_metrics(reference)
     assert curves(run_dir) == curves(reference)
     assert "test/class/short/f1" in final_metrics(run_dir)
