@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from entry_points import run_entry, start_entry
@@ -359,6 +362,31 @@ def test_sigterm_or_sigint_answers_requests_in_flight_then_stops_every_process(
     assert process.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
     assert took < 10
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+def test_a_stopping_server_drops_litserves_shutdown_noise_but_not_a_crash_while_serving(
+    monkeypatch,
+):
+    """LitServe's worker monitor, still polling while LitServe's shutdown ends the workers
+    and the manager, logs a dead worker and a BrokenPipeError as a crash (seen in the test
+    above): not shown once a signal has started the shutdown, shown while serving."""
+    from gpt_classifier.inference import server_processes
+
+    def record(message: str, exc_info: Any = None) -> logging.LogRecord:
+        return logging.LogRecord("litserve.server", logging.ERROR, __file__, 1, message,
+                                 None, exc_info)  # fmt: skip
+
+    try:
+        raise BrokenPipeError(32, "Broken pipe")
+    except BrokenPipeError:
+        crash = record("Monitoring worker crashed", sys.exc_info())
+    died = record("⚠️ Worker LitServer-0 died; shutting down")
+    monkeypatch.setattr(server_processes, "DRAINING", threading.Event())
+    assert server_processes.quiet_shutdown(crash) and server_processes.quiet_shutdown(died)
+    server_processes.DRAINING.set()
+    assert not server_processes.quiet_shutdown(crash)
+    assert not server_processes.quiet_shutdown(died)
+    assert server_processes.quiet_shutdown(record("Error while terminating worker X: boom"))
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 DRAIN_S = 8.0
 # How often an orphaned child notices that the main process has gone.
 PARENT_POLL_S = 0.5
+# Set in the main process once a signal has started the shutdown.
+DRAINING = threading.Event()
 
 
 class ClassifierServer(ls.LitServer):
@@ -59,6 +61,7 @@ def stop_together() -> None:
         os._exit(128 + signum)
 
     def drain(signum: int, frame: Any) -> None:
+        DRAINING.set()
         signal.signal(signal.SIGTERM, kill_now)
         signal.signal(signal.SIGINT, kill_now)
         log.info("%s: answering the requests in flight, then stopping",
@@ -76,10 +79,19 @@ def stop_together() -> None:
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
     os.register_at_fork(after_in_child=_forked_child)
-    # LitServe warns of each HTTP process that has stopped before it came to stop it.
-    logging.getLogger("litserve.server").addFilter(
-        lambda record: "Already not alive" not in record.getMessage()
-    )
+    logging.getLogger("litserve.server").addFilter(quiet_shutdown)
+
+
+def quiet_shutdown(record: logging.LogRecord) -> bool:
+    """Whether LitServe's log record says something a user stopping the server should see:
+    not its warning of each HTTP process that stopped before it came to stop it, nor what
+    its worker monitor thread, still polling, logs once the shutdown has ended the workers
+    or the manager (a dead worker, a BrokenPipeError as a crash)."""
+    message = record.getMessage()
+    if "Already not alive" in message:
+        return False
+    monitor = message.startswith("Monitoring worker crashed") or "died; shutting down" in message
+    return not (DRAINING.is_set() and monitor)
 
 
 def _forked_child() -> None:
