@@ -64,6 +64,20 @@ def test_model_and_inference_load_without_lightning_or_hydra():
     assert result.returncode == 0, result.stderr
 
 
+def test_the_inference_tasks_start_without_lightning():
+    """predict, eval, export and serve load a model, not a Trainer: importing Lightning
+    (seconds of every command's start) is left to the paths that need it, such as
+    rebuilding a run's split in eval.py."""
+    code = (
+        "import sys\n"
+        "import gpt_classifier.tasks.predict, gpt_classifier.tasks.evaluate\n"
+        "import gpt_classifier.tasks.export, gpt_classifier.tasks.serve\n"
+        "assert 'lightning' not in sys.modules, 'Lightning was imported'\n"
+    )
+    result = run_entry("-c", code)
+    assert result.returncode == 0, result.stderr
+
+
 def module_imports(path: Path) -> set[str]:
     """The package's modules this file imports, anywhere in it (function level too)."""
     names: set[str] = set()
