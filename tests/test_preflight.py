@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from entry_points import run_entry
+from entry_points import REPO, run_entry
 
 # Imported first by the Python of the entry point: a machine with no network at all,
 # whatever the machine running the tests can reach.
@@ -62,6 +62,20 @@ def test_a_given_data_file_and_random_weights_need_only_the_tokenizer(tmp_path, 
     assert result.returncode == 2
     assert "Cannot start: 1 thing(s) missing" in result.stderr
     assert "tokenizer files" in result.stderr
+
+
+def test_data_files_that_do_not_exist_are_listed_with_the_rest(tmp_path, offline, sms_file):
+    result = run_entry(REPO / "train.py", f"hydra.run.dir={tmp_path / 'run'}",
+                       "model.pretrained=false", "data=files", f"data.files.train={sms_file}",
+                       "data.files.test=tset.csv", f"data.files.validation={tmp_path / 'val.csv'}",
+                       cwd=tmp_path,
+                       env=offline, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Cannot start: 3 thing(s) missing" in result.stderr
+    assert f"data.files.test=tset.csv does not exist (relative to {tmp_path})" in result.stderr
+    assert f"data.files.validation={tmp_path / 'val.csv'} does not exist\n" in result.stderr
+    assert "data.files.train" not in result.stderr and "tokenizer files" in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("entry", ["predict.py", "eval.py", "export.py", "serve.py"])

@@ -57,6 +57,7 @@ def check_training(cfg: DictConfig) -> None:
         *_old_keys(cfg),
         *_weights(cfg.model),
         *_tokenizer(cfg.model.weights if cfg.model.pretrained else None),
+        *_data_files(cfg.data),
         *_sms_data(cfg.data),
     ]
     if missing:
@@ -160,9 +161,23 @@ def _tokenizer(folder: str | None) -> list[Missing]:
     )]  # fmt: skip
 
 
+def _data_files(data: DictConfig) -> list[Missing]:
+    """The data files given by path (``data.path``, ``data.files.*``) that do not exist."""
+    given = {"data.path": data.get("path")}
+    given |= {f"data.files.{split}": file for split, file in (data.get("files") or {}).items()}
+    missing = []
+    for key, file in given.items():
+        if file is None or (path := Path(str(file)).expanduser()).exists():
+            continue
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        missing.append(Missing(f"{key}={file} does not exist{where}",
+                               (f"{key}=<the path of an existing file>",)))  # fmt: skip
+    return missing
+
+
 def _sms_data(data: DictConfig) -> list[Missing]:
     if data.get("path") is not None or "urls" not in data:
-        return []  # a given file is checked by the data module, naming it
+        return []  # a given file: _data_files checks it is there, the data module the rest
     target = Path(data.data_dir) / FILE_NAME
     if target.is_file() or any(_reachable(url) for url in data.urls):
         return []
