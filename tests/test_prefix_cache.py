@@ -377,8 +377,11 @@ def test_a_cache_over_its_memory_budget_is_off_and_says_how_big_it_would_be(sms_
         losses, callback, acc = fit(sms_file, cache=True, epochs=1, batches=5,
                                     max_memory_gb=0.005)  # fmt: skip
     # 1,382 distinct messages of gpt2-tiny (64 float32 numbers per position): ~0.01 GB.
-    said = re.search(r"Prefix cache off: it would hold (0\.\d+) GB of hidden states for 1382 "
-                     r"messages in host memory, over prefix_cache.max_memory_gb=0.005", caplog.text)
+    said = re.search(
+        r"Prefix cache off: it would hold (0\.\d+) GB of hidden states for 1382 "
+        r"messages in host memory, over prefix_cache.max_memory_gb=0.005",
+        caplog.text,
+    )
     assert said and 0.005 < float(said[1]) < 0.02, caplog.text
     assert callback.cache is None
     uncached, _, uncached_acc = fit(sms_file, cache=False, epochs=1, batches=5)
