@@ -15,7 +15,7 @@ from torchmetrics.classification import (
 )
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from gpt_classifier.training.metrics import SplitMetrics, class_keys, rates
+from gpt_classifier.training.metrics import SplitMetrics, class_keys, logged_names, rates
 
 
 def torchmetrics_values(preds: torch.Tensor, target: torch.Tensor, n: int) -> dict[str, float]:
@@ -71,6 +71,8 @@ def test_split_metrics_accumulate_batches_and_restore_mid_epoch():
         assert float(resumed.compute()[key]) == float(value), key
     expected = multiclass_confusion_matrix(logits.argmax(1), labels, 3)
     assert torch.equal(whole.matrix(), expected)
+    # What a monitored metric is checked against (the module logs examples beside these).
+    assert logged_names(["a", "b", "c"]) == [*whole.compute(), "examples"]
 
 
 def test_class_keys_never_nest_or_merge_metric_names():

@@ -218,10 +218,6 @@ def test_config_typos_fail_fast(tmp_path, sms_file, override, message):
 )  # fmt: skip
 def test_bad_fine_tuning_values_fail_before_weights_or_data(tmp_path, monkeypatch, overrides,
                                                             message):  # fmt: skip
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
     from gpt_classifier.data.datamodule import SMSSpamDataModule
     from gpt_classifier.model.gpt import GPT
     from gpt_classifier.tasks.train import train
@@ -232,14 +228,48 @@ def test_bad_fine_tuning_values_fail_before_weights_or_data(tmp_path, monkeypatc
     monkeypatch.setattr(GPT, "from_preset", touched)
     monkeypatch.setattr(GPT, "from_pretrained", touched)
     monkeypatch.setattr(SMSSpamDataModule, "__init__", touched)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(train_config(tmp_path, overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optimize_metric=val/f1macro"], "optimize_metric='val/f1macro' is not a metric that "
+         "validation logs; did you mean val/f1_macro? Choose val/acc, "),
+        (["callbacks.early_stopping.patience=2", "callbacks.early_stopping.monitor=val/spam/f1"],
+         "early_stopping.monitor='val/spam/f1' is not a metric that validation logs; did you "
+         "mean val/class/spam/f1?"),
+    ],
+)  # fmt: skip
+def test_a_monitored_metric_that_validation_does_not_log_fails_before_training(
+    tmp_path, monkeypatch, sms_file, overrides, message
+):
+    from gpt_classifier.tasks.train import signals, train
+
+    def fit(*args, **kwargs):
+        raise AssertionError("training started before the monitored metrics were checked")
+
+    monkeypatch.setattr(signals, "fit", fit)
+    overrides = [*overrides, "model=gpt2-tiny", f"data.path={sms_file}"]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(train_config(tmp_path, overrides))
+
+
+def train_config(run: Path, overrides: list[str]):  # -> DictConfig
+    """The composed config of ``train.py <overrides>`` with its output in ``run``, set up
+    as Hydra sets up a run, for calling the training task in this process."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"hydra.run.dir={tmp_path}"],
+        cfg = compose("train", overrides=[*overrides, f"hydra.run.dir={run}"],
                       return_hydra_config=True)  # fmt: skip
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):  # what Hydra's runtime fills in for a real run
-        cfg.paths.root_dir, cfg.paths.output_dir = str(REPO), str(tmp_path)
-    with pytest.raises(ValueError, match=re.escape(message)):
-        train(cfg)
+        cfg.paths.root_dir, cfg.paths.output_dir = str(REPO), str(run)
+    return cfg
 
 
 def test_appendix_e_lora_trains_exactly_its_parameters_on_gpt2_small(tmp_path, sms_file):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ from gpt_classifier.training.distributed import (
     is_rank_zero_process,
     starts_processes_by_script,
 )
+from gpt_classifier.training.metrics import class_keys, logged_names
 from gpt_classifier.training.prefix_callback import PrefixCacheCallback
 from gpt_classifier.training.resume import ResumeState
 from gpt_classifier.training.timing import StartupTimer
@@ -96,6 +98,7 @@ def train(cfg: DictConfig) -> float:
     datamodule = build_datamodule(cfg, backbone.cfg.context_length, splits_dir)
     datamodule.expected_processes = trainer.world_size
     datamodule.setup("fit")  # data errors (too few messages, one label) before any training
+    check_monitored(cfg, datamodule.label_names)
     fsdp = isinstance(trainer.strategy, FSDPStrategy)
     train_labels = [label for _, label in datamodule.load_splits().train]
     counts = [train_labels.count(i) for i in range(len(datamodule.label_names))]
@@ -126,12 +129,28 @@ def train(cfg: DictConfig) -> float:
     if trainer.is_global_zero:
         write_confusion_matrices(trainer, module, output_dir)  # before the loggers close
         write_final_metrics(cfg, trainer, output_dir, metrics)
-    if cfg.optimize_metric not in metrics:
-        raise ConfigError(
-            f"optimize_metric={cfg.optimize_metric!r} is not among the final metrics "
-            f"{sorted(k for k in metrics if '/' in k)}"
-        )
     return float(metrics[cfg.optimize_metric])
+
+
+def check_monitored(cfg: DictConfig, label_names: list[str]) -> None:
+    """``optimize_metric`` and the callbacks' ``monitor`` name a metric that validation
+    logs for these labels: a typo fails now, not after the first epoch."""
+    logged = [f"val/{name}" for name in logged_names(label_names)]
+    monitors = {"optimize_metric": cfg.optimize_metric}
+    for name, callback in (cfg.get("callbacks") or {}).items():
+        if callback and callback.get("monitor") and callback.get("patience", 1) is not None:
+            monitors[f"callbacks.{name}.monitor"] = callback.monitor  # early stopping: if on
+    for key, metric in monitors.items():
+        if metric in logged:
+            continue
+        close = difflib.get_close_matches(str(metric), logged, n=1, cutoff=0.72)
+        per_class = "val/class/<label>/precision (recall, f1, support) with <label> one of "
+        raise ConfigError(
+            f"{key}={metric!r} is not a metric that validation logs"
+            f"{f'; did you mean {close[0]}?' if close else ''} Choose "
+            f"{', '.join(m for m in logged if '/class/' not in m)}, or {per_class}"
+            f"{', '.join(class_keys(label_names))}"
+        )
 
 
 def final_metrics(trainer: L.Trainer, module: L.LightningModule, timings: dict[str, Any],

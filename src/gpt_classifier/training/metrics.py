@@ -66,6 +66,11 @@ def rates(matrix: torch.Tensor, names: Sequence[str], positive_class: int = 1
     return out
 
 
+def logged_names(names: Sequence[str]) -> list[str]:
+    """What a split's metrics log for classes ``names``, without the split's prefix."""
+    return [*rates(torch.zeros(len(names), len(names)), names), "loss", "examples"]
+
+
 class SplitMetrics(nn.Module):
     """The confusion matrix and mean loss of one split, accumulated over its batches."""
 
