@@ -104,6 +104,9 @@ def test_multiple_text_columns_are_joined(tmp_path):
          r"an empty text: rows 3; 1 row\(s\) with an empty 'label': rows 4"),
         ("text,label\nhi,a\n,b\nyo,a\n", "m.csv", r"1 row\(s\) with a null text \(text\): rows 2"),
         ("text,label\nhi,a\n", "m.txt", r"the suffix '.txt' is not one of .csv, .tsv"),
+        ("", "m.csv", r"data.path=.*m.csv is empty$"),
+        ("text,label\n", "m.csv", r"data.path=.*m.csv has no rows$"),
+        ("\n\n", "m.jsonl", r"data.path=.*m.jsonl has no rows$"),
         ('{"text": "hi", "label": "a"\n', "m.jsonl", r"could not be read as jsonl"),
         ('\ufeff{"text": "hi", "label": "a"}\n', "m.jsonl",
          r"m.jsonl starts with a UTF-8 byte-order mark, which JSON readers refuse; re-save"),
@@ -218,9 +221,12 @@ def test_a_hugging_face_dataset_keeps_its_class_names_and_maps_its_splits(tmp_pa
 
 
 def test_an_unknown_dataset_name_offline_says_what_loads_offline(monkeypatch):
+    from huggingface_hub import constants
+
     from gpt_classifier.data.files import HubDataModule
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read once, at import
     with pytest.raises(DataFormatError, match=r"data.name=nobody/no-such-dataset could not be "
                                               r"loaded .* only cached datasets load"):  # fmt: skip
         HubDataModule(name="nobody/no-such-dataset").load_splits()
@@ -233,6 +239,19 @@ def test_texts_in_two_splits_are_counted_and_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="gpt_classifier.data.files"):
         FilesDataModule(files={"train": str(train), "test": str(test)}).load_splits()
     assert "3 text(s) appear in more than one split" in caplog.text
+
+
+def test_labels_written_two_ways_stay_apart_and_are_warned_about(tmp_path, caplog):
+    labels = ["spam", "spam ", "Ham", "ham"]
+    path = write_csv(tmp_path / "m.csv", [{"text": f"t{i}", "label": labels[i % 4]}
+                                          for i in range(80)])  # fmt: skip
+    with caplog.at_level("WARNING", logger="gpt_classifier.data.files"):
+        data = FilesDataModule(path=str(path))
+        data.load_splits()
+    assert data.label_names == ["Ham", "ham", "spam", "spam "]  # as given
+    for pair in ("['Ham', 'ham']", "['spam', 'spam ']"):
+        said = f"the labels {pair} differ only in case or spaces, so they are 2 classes"
+        assert said in caplog.text
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet"])

@@ -1,14 +1,10 @@
-"""``FilesDataModule``: your own labelled texts from CSV, TSV, JSONL/JSON or Parquet files.
-
-Files are read with 🤗 ``datasets`` (Arrow, memory-mapped). The labels are the training
-split's (sorted), unless ``labels`` fixes their order or a subset; one file is split
-stratified by label, and pre-split files are used as given.
-"""
+"""Your own labelled texts: ``FilesDataModule`` (CSV, TSV, JSONL/JSON or Parquet files) and
+``HubDataModule`` (a 🤗 dataset), read with 🤗 ``datasets``. The labels are the training
+split's (sorted) unless ``labels`` fixes them; a missing split is split off, stratified."""
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -96,6 +92,7 @@ class FilesDataModule(SMSSpamDataModule):
             {row.label for row in train_rows})  # fmt: skip
         self.labels = {name: index for index, name in enumerate(names)}
         self._check_labels(train_rows, key)
+        _warn_of_near_duplicates(names, key)
         rows = {"train": train_rows}
         for name, (table, source) in tables.items():
             if name != "train":
@@ -181,6 +178,16 @@ class FilesDataModule(SMSSpamDataModule):
                         "measure memory, not generalisation", shared)  # fmt: skip
 
 
+def _warn_of_near_duplicates(names: list[str], key: str) -> None:
+    """Labels that differ only in case or spaces: kept apart, as given, but said."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.strip().casefold(), []).append(name)
+    for variants in (g for g in groups.values() if len(g) > 1):
+        log.warning("%s: the labels %s differ only in case or spaces, so they are %d classes; "
+                    "if they mean one, write it one way", key, variants, len(variants))  # fmt: skip
+
+
 def _class_names(table: Any, column: str) -> list[str] | None:
     """The names of a ``ClassLabel`` column (a 🤗 dataset's integer labels), in order."""
     return list(getattr(table.features[column], "names", None) or []) or None
@@ -230,8 +237,10 @@ class HubDataModule(FilesDataModule):
             else:
                 data = load_dataset(self.name, self.config_name)
         except Exception as err:  # noqa: BLE001 - the Hub, the cache and the files each have their own
-            offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false")
+            from huggingface_hub import constants  # offline as datasets sees it
+
             cause = f"{type(err).__name__}: {err}"[:800]
+            offline = constants.HF_HUB_OFFLINE
             hint = (" With HF_HUB_OFFLINE=1 only cached datasets load: run once online, or "
                     "give a folder written by save_to_disk." if offline else "")  # fmt: skip
             raise DataFormatError(
@@ -279,9 +288,13 @@ def read_table(path: Path, key: str):  # -> datasets.Dataset
         # Caught here: the JSON reader keeps such bytes, to fail later on a row's text.
         raise DataFormatError(f"{key}={path}, line {bad[0]}: bytes {bad[1]!r} are not UTF-8; "
                               "re-save the file as UTF-8")  # fmt: skip
+    if path.stat().st_size == 0:
+        raise DataFormatError(f"{key}={path} is empty")
     try:
         return load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as err:  # noqa: BLE001 - each reader raises its own kinds
         cause = err.__cause__ or err
+        if "corresponds to no data" in str(cause):  # a header alone, or blank lines
+            raise DataFormatError(f"{key}={path} has no rows") from err
         said = f"{type(cause).__name__}: {cause}"[:1500]
         raise DataFormatError(f"{key}={path} could not be read as {suffix[1:]}: {said}") from err

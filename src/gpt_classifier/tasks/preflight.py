@@ -244,7 +244,9 @@ def _reachable(url: str) -> bool:
 
 
 def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no")
+    from huggingface_hub import constants  # HF_HUB_OFFLINE read as the Hub's client reads it
+
+    return constants.HF_HUB_OFFLINE
 
 
 def _offline_note() -> str:
