@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,26 @@ def test_data_files_that_do_not_exist_are_listed_with_the_rest(tmp_path, offline
     assert f"data.files.validation={tmp_path / 'val.csv'} does not exist\n" in result.stderr
     assert "data.files.train" not in result.stderr and "tokenizer files" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_folder_without_checkpoints_names_the_latest_run_that_has_some(tmp_path):
+    runs = tmp_path / "runs"
+    for name, age in (("older", 60), ("latest", 0)):
+        (runs / name / "checkpoints").mkdir(parents=True)
+        (runs / name / "checkpoints" / "last.ckpt").write_bytes(b"")
+        os.utime(runs / name / "checkpoints" / "last.ckpt", (time.time() - age,) * 2)
+    (runs / "failed" / "checkpoints").mkdir(parents=True)  # a failed start: no checkpoint
+    result = run_entry("train.py", "ckpt_path=last", f"hydra.run.dir={runs / 'new'}", timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (
+        f"ckpt_path=last resumes the run in hydra.run.dir, but {runs / 'new'} holds no "
+        "checkpoint" in result.stderr
+    )
+    assert (
+        f"fix: hydra.run.dir={runs / 'latest'} (the latest run there with checkpoints)"
+        in result.stderr
+    )
+    assert not (runs / "new").exists()
 
 
 @pytest.mark.parametrize("entry", ["predict.py", "eval.py", "export.py", "serve.py"])

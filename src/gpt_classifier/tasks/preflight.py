@@ -49,9 +49,11 @@ def check_training(cfg: DictConfig) -> None:
     honoured, then every missing piece listed (exit status 2). A resume takes the run's
     own config, so it is checked as it loads instead."""
     honour_weights(cfg)
-    if cfg.get("ckpt_path"):
-        return
     output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("ckpt_path"):
+        if str(cfg.ckpt_path) == "last" and not _checkpoints(output_dir):
+            _stop([_no_run_to_resume(output_dir)], output_dir)
+        return
     _probe([BPE_URL, "https://huggingface.co", *(cfg.data.get("urls") or [])])
     missing = [
         *_old_keys(cfg),
@@ -173,6 +175,23 @@ def _data_files(data: DictConfig) -> list[Missing]:
         missing.append(Missing(f"{key}={file} does not exist{where}",
                                (f"{key}=<the path of an existing file>",)))  # fmt: skip
     return missing
+
+
+def _checkpoints(run: Path) -> list[Path]:
+    return list((run / "checkpoints").glob("*.ckpt"))
+
+
+def _no_run_to_resume(output_dir: Path) -> Missing:
+    """``ckpt_path=last`` in a folder without checkpoints (Hydra's new one, most often):
+    the fix names the latest run beside it that has some."""
+    runs = [run for run in output_dir.parent.iterdir() if run.is_dir() and _checkpoints(run)]
+    fixes = ["hydra.run.dir=<the folder of the run to resume>"]
+    if runs:
+        latest = max(runs, key=lambda run: max(p.stat().st_mtime for p in _checkpoints(run)))
+        shown = latest.relative_to(Path.cwd()) if latest.is_relative_to(Path.cwd()) else latest
+        fixes.insert(0, f"hydra.run.dir={shown} (the latest run there with checkpoints)")
+    return Missing(f"ckpt_path=last resumes the run in hydra.run.dir, but {output_dir} holds "
+                   "no checkpoint", tuple(fixes))  # fmt: skip
 
 
 def _sms_data(data: DictConfig) -> list[Missing]:
