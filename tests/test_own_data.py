@@ -8,7 +8,9 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from entry_points import ok, run_entry
+from omegaconf import OmegaConf
 
 from gpt_classifier.data.files import FilesDataModule
 from gpt_classifier.data.sms import DataFormatError, parse_messages
@@ -60,6 +62,11 @@ def test_a_three_class_csv_trains_splits_stratified_and_predicts_by_name(tmp_pat
     predicted = ok(run_entry("predict.py", f"ckpt_path={run}", "text=hello there",
                              f"hydra.run.dir={tmp_path / 'predict'}"))  # fmt: skip
     assert re.search(r"\b(long|short|spam)\b", predicted.stdout), predicted.stdout
+    # eval.py rebuilds the run's test split from the CSV, as training made it.
+    ok(run_entry("eval.py", f"ckpt_path={run}", f"hydra.run.dir={tmp_path / 'eval'}"))
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert evaluated["examples"] == metrics["test/examples"]
+    assert evaluated["acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
 
 
 def test_pre_split_jsonl_files_are_used_as_given(tmp_path, sms_file):
@@ -173,8 +180,6 @@ def test_class_weights_auto_weigh_the_training_loss_by_inverse_frequency(tmp_pat
     want = [len(labels) / (3 * count) for count in counts]
     assert module.hparams.class_weights == pytest.approx(want)
     assert sum(w * c for w, c in zip(want, counts)) == pytest.approx(len(labels))  # mean 1
-    import torch
-
     logits, targets = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 1, 0])
     module.metrics["split_train"].reset()
     batch = {"input_ids": None, "lengths": None, "labels": targets}
@@ -214,6 +219,14 @@ def test_a_hugging_face_dataset_keeps_its_class_names_and_maps_its_splits(tmp_pa
     assert len(splits.validation) == 200  # dev, as given
     assert len(splits.train) + len(splits.test) == 500  # test split off train
     assert splits.validation[0] == (rows[500]["text"], names.index(rows[500]["label"]))
+    # eval.py rebuilds a run's split from the data settings its checkpoint keeps.
+    from gpt_classifier.tasks.evaluate import split_token_ids
+
+    torch.save({"datamodule_hyper_parameters": dict(module.hparams)}, tmp_path / "run.ckpt")
+    module.setup("test")
+    ids, labels = split_token_ids(OmegaConf.create({}), tmp_path / "run.ckpt", "validation")
+    assert labels == module.datasets["validation"].labels.tolist()
+    assert ids == [x.tolist() for x in module.datasets["validation"].token_ids]
     with pytest.raises(DataFormatError, match=r"has the splits \['train', 'dev'\], none of them "
                                               r"data.split_names.train=training"):  # fmt: skip
         HubDataModule(name=str(folder), text_column="sms",

@@ -74,6 +74,7 @@ def split_token_ids(
     """The split exactly as the checkpoint's training run made and tokenized it."""
     from gpt_classifier.checkpoints import settings_file
     from gpt_classifier.data.datamodule import SMSSpamDataModule
+    from gpt_classifier.data.files import FilesDataModule, HubDataModule
 
     stored = torch.load(settings_file(checkpoint), map_location="cpu", weights_only=True)
     data_hparams = dict(stored.get("datamodule_hyper_parameters") or {})
@@ -82,7 +83,10 @@ def split_token_ids(
     if (path := data_path(cfg)) is not None:
         data_hparams["path"] = path
     data_hparams.pop("splits_dir", None)
-    dm = SMSSpamDataModule(**data_hparams)
+    # The run's data module, known by the settings only it has (data=hf, data=files).
+    kind = HubDataModule if "split_names" in data_hparams else (
+        FilesDataModule if "files" in data_hparams else SMSSpamDataModule)  # fmt: skip
+    dm = kind(**data_hparams)
     dm.prepare_data()
     dm.setup("test")
     dataset = dm.datasets[split]
