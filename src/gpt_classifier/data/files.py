@@ -12,20 +12,12 @@ from typing import Any
 from gpt_classifier.data.datamodule import SMSSpamDataModule
 from gpt_classifier.data.sms import DataFormatError, Message
 from gpt_classifier.data.splits import Splits, stratified_split, undersample
-from gpt_classifier.files import UTF8_BOM, ZIP_MAGIC, first_bad_utf8, user_file
+from gpt_classifier.data.tables import read_rows, read_table
+from gpt_classifier.files import user_file
 
 log = logging.getLogger(__name__)
 
-# Suffix: (datasets builder, its options).
-READERS: dict[str, tuple[str, dict[str, Any]]] = {
-    ".csv": ("csv", {}),
-    ".tsv": ("csv", {"delimiter": "\t"}),
-    ".jsonl": ("json", {}),
-    ".json": ("json", {}),
-    ".parquet": ("parquet", {}),
-}
 SPLITS = ("train", "validation", "test")
-SHOWN = 10  # rows named in an error, at most
 
 
 class FilesDataModule(SMSSpamDataModule):
@@ -120,43 +112,7 @@ class FilesDataModule(SMSSpamDataModule):
     # ------------------------------------------------------------------ reading
 
     def _read(self, table: Any, source: str) -> list[Message]:
-        """The (label, text) rows of one table, every problem named by row and column."""
-        columns = list(table.column_names)
-        absent = [c for c in [*self.text_columns, self.label_column] if c not in columns]
-        if absent:
-            which = "data.text_column" if self.label_column not in absent else "data.label_column"
-            raise DataFormatError(f"{source}: no column {absent} (set {which}); its columns "
-                                  f"are {columns}")  # fmt: skip
-        feature = table.features[self.label_column]
-        names = getattr(feature, "names", None)  # a ClassLabel keeps its names
-        # Whole columns at once: iterating a Dataset formats a table per row.
-        texts = [table.data.column(c).to_pylist() for c in self.text_columns]
-        labels = table.data.column(self.label_column).to_pylist()
-        problems: dict[str, list[int]] = {}
-        rows = []
-        for i, (label, *parts) in enumerate(zip(labels, *texts), start=1):
-            if label is None or (isinstance(label, str) and not label.strip()):
-                problems.setdefault(f"an empty {self.label_column!r}", []).append(i)
-                continue
-            if any(part is None for part in parts):
-                problems.setdefault(f"a null text ({', '.join(self.text_columns)})", []).append(i)
-                continue
-            text = self.text_separator.join(str(part) for part in parts)
-            if not text.strip():
-                problems.setdefault("an empty text", []).append(i)
-                continue
-            rows.append(Message(label=names[label] if names else str(label), text=text))
-        if problems:
-            said = "; ".join(
-                f"{len(where)} row(s) with {what}: rows "
-                + ", ".join(map(str, where[:SHOWN])) + (", ..." if len(where) > SHOWN else "")
-                for what, where in problems.items()
-            )  # fmt: skip
-            raise DataFormatError(f"{source}: {said} (data rows counted from 1); fill or "
-                                  "remove them")  # fmt: skip
-        if not rows:
-            raise DataFormatError(f"{source} has no rows")
-        return rows
+        return read_rows(table, source, self.text_columns, self.label_column, self.text_separator)
 
     def _check_labels(self, rows: list[Message], key: str) -> None:
         for i, row in enumerate(rows, start=1):
@@ -258,43 +214,3 @@ class HubDataModule(FilesDataModule):
                 f"data.split_names.train={self.split_names['train']}: set it to one of them"
             )
         return tables
-
-
-def read_table(path: Path, key: str):  # -> datasets.Dataset
-    """One file as a ``datasets.Dataset``, its format taken from its suffix."""
-    try:
-        from datasets import load_dataset
-    except ImportError as err:
-        raise ImportError(
-            'data=files reads files with 🤗 datasets: pip install -e ".[data]"'
-        ) from err
-    suffix = path.suffix.lower()
-    if suffix not in READERS:
-        raise DataFormatError(
-            f"{key}={path}: the suffix {suffix or '(none)'!r} is not one of "
-            f"{', '.join(READERS)}; rename the file to say its format"
-        )
-    with path.open("rb") as f:
-        head = f.read(4)
-    if head.startswith(ZIP_MAGIC):
-        raise DataFormatError(f"{key}={path} is a zip archive; unzip it and give the file")
-    builder, options = READERS[suffix]
-    if builder == "csv":  # Excel and Windows editors start CSV files with a BOM
-        options = {**options, "encoding": "utf-8-sig"}
-    elif head.startswith(UTF8_BOM):
-        raise DataFormatError(f"{key}={path} starts with a UTF-8 byte-order mark, which JSON "
-                              "readers refuse; re-save it as UTF-8 without BOM")  # fmt: skip
-    if suffix != ".parquet" and (bad := first_bad_utf8(path)) is not None:
-        # Caught here: the JSON reader keeps such bytes, to fail later on a row's text.
-        raise DataFormatError(f"{key}={path}, line {bad[0]}: bytes {bad[1]!r} are not UTF-8; "
-                              "re-save the file as UTF-8")  # fmt: skip
-    if path.stat().st_size == 0:
-        raise DataFormatError(f"{key}={path} is empty")
-    try:
-        return load_dataset(builder, data_files=str(path), split="train", **options)
-    except Exception as err:  # noqa: BLE001 - each reader raises its own kinds
-        cause = err.__cause__ or err
-        if "corresponds to no data" in str(cause):  # a header alone, or blank lines
-            raise DataFormatError(f"{key}={path} has no rows") from err
-        said = f"{type(cause).__name__}: {cause}"[:1500]
-        raise DataFormatError(f"{key}={path} could not be read as {suffix[1:]}: {said}") from err

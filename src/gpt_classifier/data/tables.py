@@ -1,0 +1,104 @@
+"""Reading tables of labelled texts (CSV, TSV, JSONL/JSON, Parquet) with 🤗 ``datasets``:
+each file's format from its suffix, each bad row named. Used by ``data=files`` and
+``eval.py``, without Lightning."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gpt_classifier.data.sms import DataFormatError, Message
+from gpt_classifier.files import UTF8_BOM, ZIP_MAGIC, first_bad_utf8
+
+# Suffix: (datasets builder, its options).
+READERS: dict[str, tuple[str, dict[str, Any]]] = {
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t"}),
+    ".jsonl": ("json", {}),
+    ".json": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+SHOWN = 10  # rows named in an error, at most
+
+
+def read_table(path: Path, key: str):  # -> datasets.Dataset
+    """One file as a ``datasets.Dataset``, its format taken from its suffix."""
+    try:
+        from datasets import load_dataset
+    except ImportError as err:
+        raise ImportError(
+            'CSV, JSONL and Parquet files are read with 🤗 datasets: pip install -e ".[data]"'
+        ) from err
+    suffix = path.suffix.lower()
+    if suffix not in READERS:
+        raise DataFormatError(
+            f"{key}={path}: the suffix {suffix or '(none)'!r} is not one of "
+            f"{', '.join(READERS)}; rename the file to say its format"
+        )
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head.startswith(ZIP_MAGIC):
+        raise DataFormatError(f"{key}={path} is a zip archive; unzip it and give the file")
+    builder, options = READERS[suffix]
+    if builder == "csv":  # Excel and Windows editors start CSV files with a BOM
+        options = {**options, "encoding": "utf-8-sig"}
+    elif head.startswith(UTF8_BOM):
+        raise DataFormatError(f"{key}={path} starts with a UTF-8 byte-order mark, which JSON "
+                              "readers refuse; re-save it as UTF-8 without BOM")  # fmt: skip
+    if suffix != ".parquet" and (bad := first_bad_utf8(path)) is not None:
+        # Caught here: the JSON reader keeps such bytes, to fail later on a row's text.
+        raise DataFormatError(f"{key}={path}, line {bad[0]}: bytes {bad[1]!r} are not UTF-8; "
+                              "re-save the file as UTF-8")  # fmt: skip
+    if path.stat().st_size == 0:
+        raise DataFormatError(f"{key}={path} is empty")
+    try:
+        return load_dataset(builder, data_files=str(path), split="train", **options)
+    except Exception as err:  # noqa: BLE001 - each reader raises its own kinds
+        cause = err.__cause__ or err
+        if "corresponds to no data" in str(cause):  # a header alone, or blank lines
+            raise DataFormatError(f"{key}={path} has no rows") from err
+        said = f"{type(cause).__name__}: {cause}"[:1500]
+        raise DataFormatError(f"{key}={path} could not be read as {suffix[1:]}: {said}") from err
+
+
+def read_rows(table: Any, source: str, text_columns: Sequence[str], label_column: str,
+              separator: str = " ", keys: str = "data.") -> list[Message]:  # fmt: skip
+    """The (label, text) rows of a table, every problem named by row and column (``keys``:
+    where the column names were set, for the messages)."""
+    columns = list(table.column_names)
+    absent = [c for c in [*text_columns, label_column] if c not in columns]
+    if absent:
+        which = f"{keys}text_column" if label_column not in absent else f"{keys}label_column"
+        raise DataFormatError(f"{source}: no column {absent} (set {which}); its columns "
+                              f"are {columns}")  # fmt: skip
+    feature = table.features[label_column]
+    names = getattr(feature, "names", None)  # a ClassLabel keeps its names
+    # Whole columns at once: iterating a Dataset formats a table per row.
+    texts = [table.data.column(c).to_pylist() for c in text_columns]
+    labels = table.data.column(label_column).to_pylist()
+    problems: dict[str, list[int]] = {}
+    rows = []
+    for i, (label, *parts) in enumerate(zip(labels, *texts), start=1):
+        if label is None or (isinstance(label, str) and not label.strip()):
+            problems.setdefault(f"an empty {label_column!r}", []).append(i)
+            continue
+        if any(part is None for part in parts):
+            problems.setdefault(f"a null text ({', '.join(text_columns)})", []).append(i)
+            continue
+        text = separator.join(str(part) for part in parts)
+        if not text.strip():
+            problems.setdefault("an empty text", []).append(i)
+            continue
+        rows.append(Message(label=names[label] if names else str(label), text=text))
+    if problems:
+        said = "; ".join(
+            f"{len(where)} row(s) with {what}: rows "
+            + ", ".join(map(str, where[:SHOWN])) + (", ..." if len(where) > SHOWN else "")
+            for what, where in problems.items()
+        )  # fmt: skip
+        raise DataFormatError(f"{source}: {said} (data rows counted from 1); fill or "
+                              "remove them")  # fmt: skip
+    if not rows:
+        raise DataFormatError(f"{source} has no rows")
+    return rows
