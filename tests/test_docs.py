@@ -11,6 +11,7 @@ every value is composed. Scripts that measure for minutes are checked against th
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import shlex
 from importlib.metadata import metadata
@@ -83,6 +84,8 @@ def workdir(tmp_path_factory, trained_run, sms_file) -> Path:
     rows = sms_file.read_text(encoding="utf-8").splitlines()[:20]
     (folder / "my_sms.tsv").write_text("\n".join(rows) + "\n")
     (folder / "data.tsv").write_text("\n".join(rows) + "\n")
+    labelled = [dict(zip(("label", "text"), row.split("\t", 1))) for row in rows]
+    (folder / "labelled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in labelled))
     write_own_data(folder, sms_file)
     return folder
 
@@ -91,7 +94,6 @@ def write_own_data(folder: Path, sms_file: Path) -> None:
     """The files the README's "Your own data" commands name, from SMS messages in three
     classes (spam, and short or long ham)."""
     import csv
-    import json
 
     import pyarrow as pa
     import pyarrow.parquet as pq

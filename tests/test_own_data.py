@@ -267,6 +267,36 @@ def test_labels_written_two_ways_stay_apart_and_are_warned_about(tmp_path, caplo
         assert said in caplog.text
 
 
+def test_eval_reads_labelled_files_in_every_format_training_takes(tmp_path):
+    from gpt_classifier.tasks.evaluate import read_labelled_file, table_columns
+
+    rows = [{"title": f"t{i}", "body": f"b{i}", "y": LABELS[i % 3]} for i in range(6)]
+    texts, labels = [f"t{i} | b{i}" for i in range(6)], [i % 3 for i in range(6)]
+    # The run's own columns, from its checkpoint, unless given.
+    settings = {"text_column": ["title", "body"], "label_column": "y", "text_separator": " | "}
+    torch.save({"datamodule_hyper_parameters": settings}, tmp_path / "run.ckpt")
+    run = table_columns(OmegaConf.create({"ckpt_path": str(tmp_path / "run.ckpt")}))
+    assert run == settings
+    given = OmegaConf.create({"ckpt_path": str(tmp_path / "run.ckpt"), "label_column": "z"})
+    assert table_columns(given)["label_column"] == "z"
+    import pandas as pd
+
+    pd.DataFrame(rows).to_parquet(tmp_path / "m.parquet")
+    pd.DataFrame(rows).to_csv(tmp_path / "m.tsv", sep="\t", index=False)
+    for file in (write_jsonl(tmp_path / "m.jsonl", rows), write_csv(tmp_path / "m.csv", rows),
+                 tmp_path / "m.parquet", tmp_path / "m.tsv"):  # fmt: skip
+        assert read_labelled_file(file, LABELS, run) == (texts, labels), file
+    # A run's split file (class indices) and the SMS format (label<TAB>text, any suffix).
+    (tmp_path / "test.csv").write_text("Label,Text\n2,hello\n0,there\n", encoding="utf-8")
+    assert read_labelled_file(tmp_path / "test.csv", LABELS, run) == (["hello", "there"], [2, 0])
+    (tmp_path / "sms.tsv").write_text("spam\thello\nshort\tthere\n", encoding="utf-8")
+    assert read_labelled_file(tmp_path / "sms.tsv", LABELS, run) == (["hello", "there"], [2, 1])
+    write_csv(tmp_path / "bad.csv", [*rows, {"title": "x", "body": "y", "y": "other"}])
+    with pytest.raises(DataFormatError, match=r"bad.csv, row 7: label 'other' is not one of the "
+                                              r"model's \['long', 'short', 'spam'\]"):  # fmt: skip
+        read_labelled_file(tmp_path / "bad.csv", LABELS, run)
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet"])
 def test_the_synthetic_dataset_script_writes_what_data_files_reads(tmp_path, suffix):
     out = tmp_path / f"texts{suffix}"

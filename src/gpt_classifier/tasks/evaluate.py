@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from gpt_classifier.checkpoints import find_checkpoint
-from gpt_classifier.data.sms import parse_messages
+from gpt_classifier.data.sms import DataFormatError, Message, parse_messages
 from gpt_classifier.files import read_user_text, user_file, write_text_atomically
 from gpt_classifier.inference import ModelLoadError, TextClassifier
 from gpt_classifier.reporting.plots import confusion_figure
@@ -45,21 +45,52 @@ def classification_report(
     return metrics, matrix.tolist()
 
 
-def read_labelled_file(path: Path, names: list[str]) -> tuple[list[str], list[int]]:
-    """``label<TAB>text`` lines (the SMS format) or a ``Label,Text`` CSV (``splits/*.csv``)."""
+def read_labelled_file(path: Path, names: list[str], columns: dict[str, Any]
+                       ) -> tuple[list[str], list[int]]:  # fmt: skip
+    """``label<TAB>text`` lines (the SMS format); a run's ``splits/*.csv`` (``Label,Text``);
+    or a table (CSV/TSV with a header row, JSONL/JSON, Parquet) of the ``columns``
+    (``text_column``, ``label_column``, ``text_separator``)."""
+    path = user_file(path, "labelled_file")
     mapping = {name: i for i, name in enumerate(names)}
-    if path.suffix.lower() != ".csv":
-        messages = parse_messages(user_file(path, "labelled_file"), mapping)
-        return [m.text for m in messages], [mapping[m.label] for m in messages]
+    suffix, label_column = path.suffix.lower(), str(columns["label_column"])
+    header = _header(path) if suffix in (".csv", ".tsv") else []
+    if suffix == ".csv" and {"Label", "Text"} <= set(header) and label_column not in header:
+        return _read_split_file(path, names)
+    if suffix in (".csv", ".jsonl", ".json", ".parquet") or label_column in header:
+        messages = _read_table_file(path, names, columns)
+    else:  # a .tsv without a header row naming the label column, or any other suffix
+        messages = parse_messages(path, mapping)
+    return [m.text for m in messages], [mapping[m.label] for m in messages]
+
+
+def _read_table_file(path: Path, names: list[str], columns: dict[str, Any]) -> list[Message]:
+    from gpt_classifier.data.tables import read_rows, read_table
+
+    text_columns = columns["text_column"]
+    text_columns = [text_columns] if isinstance(text_columns, str) else list(text_columns)
+    messages = read_rows(read_table(path, "labelled_file"), f"labelled_file={path}",
+                         text_columns, columns["label_column"], columns["text_separator"],
+                         keys="")  # fmt: skip
+    for row, message in enumerate(messages, start=1):
+        if message.label not in names:
+            raise DataFormatError(f"labelled_file={path}, row {row}: label {message.label!r} "
+                                  f"is not one of the model's {names}")  # fmt: skip
+    return messages
+
+
+def _header(path: Path) -> list[str]:
+    with path.open(encoding="utf-8-sig", errors="replace", newline="") as f:
+        return next(csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","), [])
+
+
+def _read_split_file(path: Path, names: list[str]) -> tuple[list[str], list[int]]:
+    """A run's ``splits/*.csv``: ``Label,Text`` rows, labels as class indices (or names)."""
     texts, labels = [], []
     with io.StringIO(read_user_text(path, "labelled_file"), newline="") as f:
-        reader = csv.DictReader(f)
-        if not {"Label", "Text"} <= set(reader.fieldnames or []):
-            raise ValueError(f"{path} needs the header Label,Text; it has {reader.fieldnames}")
-        for line, row in enumerate(reader, start=2):
+        for line, row in enumerate(csv.DictReader(f), start=2):
             label = row["Label"]
-            if label in mapping:
-                labels.append(mapping[label])
+            if label in names:
+                labels.append(names.index(label))
             elif label.isdigit() and int(label) < len(names):
                 labels.append(int(label))
             else:
@@ -68,16 +99,32 @@ def read_labelled_file(path: Path, names: list[str]) -> tuple[list[str], list[in
     return texts, labels
 
 
+def data_settings(checkpoint: Path) -> dict[str, Any]:
+    """The data settings a run's checkpoint keeps (empty for older checkpoints)."""
+    from gpt_classifier.checkpoints import settings_file
+
+    stored = torch.load(settings_file(checkpoint), map_location="cpu", weights_only=True)
+    return dict(stored.get("datamodule_hyper_parameters") or {})
+
+
+def table_columns(cfg: DictConfig) -> dict[str, Any]:
+    """The columns of a labelled table: as given, else the run's (data=files), else
+    ``text`` and ``label``."""
+    run: dict[str, Any] = {}
+    if not (Path(cfg.ckpt_path) / "config.json").is_file():  # not an export folder
+        run = data_settings(find_checkpoint(Path(cfg.ckpt_path), best=True))
+    defaults = {"text_column": "text", "label_column": "label", "text_separator": " "}
+    return {key: cfg.get(key) or run.get(key) or value for key, value in defaults.items()}
+
+
 def split_token_ids(
     cfg: DictConfig, checkpoint: Path, split: str
 ) -> tuple[list[list[int]], list[int]]:
     """The split exactly as the checkpoint's training run made and tokenized it."""
-    from gpt_classifier.checkpoints import settings_file
     from gpt_classifier.data.datamodule import SMSSpamDataModule
     from gpt_classifier.data.files import FilesDataModule, HubDataModule
 
-    stored = torch.load(settings_file(checkpoint), map_location="cpu", weights_only=True)
-    data_hparams = dict(stored.get("datamodule_hyper_parameters") or {})
+    data_hparams = data_settings(checkpoint)
     if not data_hparams:
         raise ModelLoadError(f"{checkpoint} holds no data settings; pass labelled_file=<file>")
     if (path := data_path(cfg)) is not None:
@@ -112,7 +159,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     classifier = TextClassifier.load(cfg.ckpt_path, device=cfg.device)
     names = classifier.settings.label_names
     if cfg.labelled_file:
-        texts, labels = read_labelled_file(Path(cfg.labelled_file), names)
+        texts, labels = read_labelled_file(Path(cfg.labelled_file), names, table_columns(cfg))
         ids, _ = classifier.encode(texts)
         source = str(cfg.labelled_file)
     else:
