@@ -49,6 +49,12 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column_or_text(tmp_path):
     txt = tmp_path / "texts.txt"
     txt.write_text(BOM + "first\nsecond\n", encoding="utf-8")
     assert read_texts(txt) == ["first", "second"]
+    jsonl = tmp_path / "texts.jsonl"  # JSON lines are records, not texts
+    jsonl.write_text('{"id": 1, "text": "hello there"}\n{"id": 2, "text": "bye"}\n')
+    assert read_texts(jsonl) == ["hello there", "bye"]
+    with pytest.raises(ValueError, match=r"texts.jsonl has no column 'body'; its columns are "
+                                         r"\['id', 'text'\]. Set column=<name>"):  # fmt: skip
+        read_texts(jsonl, "body")
     labelled = tmp_path / "labelled.csv"
     labelled.write_text(BOM + "Label,Text\nspam,win now\nham,see you\n", encoding="utf-8")
     assert read_labelled_file(labelled, ["ham", "spam"]) == (["win now", "see you"], [1, 0])

@@ -26,6 +26,7 @@ from gpt_classifier.training.metrics import class_keys, rates
 log = logging.getLogger(__name__)
 
 SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
+TABLE_COLUMNS = {"text_column": "text", "label_column": "label", "text_separator": " "}
 
 
 def classification_report(
@@ -45,12 +46,13 @@ def classification_report(
     return metrics, matrix.tolist()
 
 
-def read_labelled_file(path: Path, names: list[str], columns: dict[str, Any]
+def read_labelled_file(path: Path, names: list[str], columns: dict[str, Any] | None = None
                        ) -> tuple[list[str], list[int]]:  # fmt: skip
     """``label<TAB>text`` lines (the SMS format); a run's ``splits/*.csv`` (``Label,Text``);
     or a table (CSV/TSV with a header row, JSONL/JSON, Parquet) of the ``columns``
     (``text_column``, ``label_column``, ``text_separator``)."""
     path = user_file(path, "labelled_file")
+    columns = columns or TABLE_COLUMNS
     mapping = {name: i for i, name in enumerate(names)}
     suffix, label_column = path.suffix.lower(), str(columns["label_column"])
     header = _header(path) if suffix in (".csv", ".tsv") else []
@@ -113,8 +115,7 @@ def table_columns(cfg: DictConfig) -> dict[str, Any]:
     run: dict[str, Any] = {}
     if not (Path(cfg.ckpt_path) / "config.json").is_file():  # not an export folder
         run = data_settings(find_checkpoint(Path(cfg.ckpt_path), best=True))
-    defaults = {"text_column": "text", "label_column": "label", "text_separator": " "}
-    return {key: cfg.get(key) or run.get(key) or value for key, value in defaults.items()}
+    return {key: cfg.get(key) or run.get(key) or value for key, value in TABLE_COLUMNS.items()}
 
 
 def split_token_ids(

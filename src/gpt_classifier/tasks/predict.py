@@ -19,7 +19,20 @@ log = logging.getLogger(__name__)
 
 
 def read_texts(path: Path, column: str = "text") -> list[str]:
-    """Texts from a CSV/TSV column (with a header) or from a file of one text per line."""
+    """Texts from a column of a CSV/TSV (with a header), JSONL/JSON or Parquet file, or
+    from a file of one text per line."""
+    if path.suffix.lower() in (".jsonl", ".json", ".parquet"):
+        from gpt_classifier.data.tables import read_table
+
+        table = read_table(user_file(path, "input"), "input")
+        if column not in table.column_names:
+            raise ValueError(f"{path} has no column {column!r}; its columns are "
+                             f"{table.column_names}. Set column=<name>.")  # fmt: skip
+        texts = table.data.column(column).to_pylist()
+        if empty := [row for row, text in enumerate(texts, 1) if not str(text or "").strip()]:
+            raise ValueError(f"{path}: the {column!r} text is empty in rows {empty[:10]} "
+                             "(counted from 1)")  # fmt: skip
+        return [str(text) for text in texts]
     raw = read_user_text(path, "input")
     if path.suffix.lower() in (".csv", ".tsv"):
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
