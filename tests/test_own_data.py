@@ -112,6 +112,9 @@ def test_multiple_text_columns_are_joined(tmp_path):
         ("text,label\nhi,a\n,b\nyo,a\n", "m.csv", r"1 row\(s\) with a null text \(text\): rows 2"),
         ("text,label\nhi,a\n", "m.txt", r"the suffix '.txt' is not one of .csv, .tsv"),
         ("", "m.csv", r"data.path=.*m.csv is empty$"),
+        ('{"text": "hi", "label": ["a", "b"]}\n{"text": "yo", "label": ["a"]}\n', "m.jsonl",
+         r"2 row\(s\) with a list or record as 'label' \(multi-label data is not supported: "
+         r"give each row one label\): rows 1, 2"),
         ("text,label\n", "m.csv", r"data.path=.*m.csv has no rows$"),
         ("\n\n", "m.jsonl", r"data.path=.*m.jsonl has no rows$"),
         ('{"text": "hi", "label": "a"\n', "m.jsonl", r"could not be read as jsonl"),

@@ -83,6 +83,10 @@ def read_rows(table: Any, source: str, text_columns: Sequence[str], label_column
         if label is None or (isinstance(label, str) and not label.strip()):
             problems.setdefault(f"an empty {label_column!r}", []).append(i)
             continue
+        if isinstance(label, list | dict):  # one class per row is what a classifier learns
+            what = f"a list or record as {label_column!r} (multi-label data is not supported"
+            problems.setdefault(f"{what}: give each row one label)", []).append(i)
+            continue
         if any(part is None for part in parts):
             problems.setdefault(f"a null text ({', '.join(text_columns)})", []).append(i)
             continue
