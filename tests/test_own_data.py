@@ -121,8 +121,11 @@ def test_multiple_text_columns_are_joined(tmp_path):
         ('\ufeff{"text": "hi", "label": "a"}\n', "m.jsonl",
          r"m.jsonl starts with a UTF-8 byte-order mark, which JSON readers refuse; re-save"),
         ("text,label\n" + "".join(f"t{i},a\n" for i in range(30)) + "x,b\ny,b\n", "m.csv",
-         r"label 'b' has 2 row\(s\), too few to split stratified into train/validation/test "
-         r"\(it needs at least 10\)"),
+         r"1 of 2 label\(s\) have too few rows to split stratified into train/validation/test, "
+         r"which needs at least 10 each: 'b' \(2\); add rows"),
+        ("text,label\n" + "".join(f"t{i},{i / 7:.3f}\n" for i in range(300)), "m.csv",
+         r"300 of 300 label\(s\) have too few .*: '0.0' \(1\), '0.143' \(1\), .*'1.286' \(1\), "
+         r"\.\.\.; .* with 300 distinct labels, are they numbers to predict\?"),
     ],
 )  # fmt: skip
 def test_bad_files_are_named_with_the_row_and_column(tmp_path, content, name, says):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt_classifier.data.sms import DEFAULT_LABELS, DataFormatError, Message
+from gpt_classifier.data.tables import SHOWN
 from gpt_classifier.files import atomic_path
 
 
@@ -76,18 +77,30 @@ def stratified_split(
     by_label: dict[str, list[str]] = {}
     for row in rows:
         by_label.setdefault(row.label, []).append(row.text)
+    ordered = sorted(by_label, key=labels.__getitem__)
+
+    def cuts_for(count: int) -> dict[str, int]:
+        return {name: int(count * share) for name, share in shares.items() if name != "train"}
+
+    rare = [label for label in ordered if 0 in cuts_for(n := len(by_label[label])).values()
+            or n - sum(cuts_for(n).values()) < 1]  # fmt: skip
+    if rare:
+        need = max(int(np.ceil(1 / share)) for share in shares.values())
+        named = ", ".join(f"{label!r} ({len(by_label[label])})" for label in rare[:SHOWN])
+        many = len(by_label) > 100
+        numbers = (f"; with {len(by_label)} distinct labels, are they numbers to predict? "
+                   "A classifier learns one class per label" if many else "")  # fmt: skip
+        raise DataFormatError(
+            f"{source}: {len(rare)} of {len(by_label)} label(s) have too few rows to split "
+            f"stratified into {'/'.join(shares)}, which needs at least {need} each: {named}"
+            f"{', ...' if len(rare) > SHOWN else ''}; add rows, leave them out "
+            f"(data.labels=[...]), or give the splits as files{numbers}"
+        )
     random = np.random.RandomState(seed)
     out: dict[str, list[tuple[str, int]]] = {name: [] for name in shares}
-    for label in sorted(by_label, key=labels.__getitem__):
+    for label in ordered:
         texts = by_label[label]
-        cuts = {name: int(len(texts) * share) for name, share in shares.items() if name != "train"}
-        if any(cut == 0 for cut in cuts.values()) or len(texts) - sum(cuts.values()) < 1:
-            need = max(int(np.ceil(1 / share)) for share in shares.values())
-            raise DataFormatError(
-                f"{source}: label {label!r} has {len(texts)} row(s), too few to split "
-                f"stratified into {'/'.join(shares)} (it needs at least {need}); add rows, "
-                "leave the label out (data.labels=[...]), or give the splits as files"
-            )
+        cuts = cuts_for(len(texts))
         order = random.permutation(len(texts))
         start = 0
         for name in shares:
