@@ -145,6 +145,9 @@ def test_data_path_keeps_its_old_name_and_inputs_are_exclusive():
     both = OmegaConf.create({"text": "hi", "input": None, "data": {"path": "x.tsv"}})
     with pytest.raises(ValueError, match="got text and data.path"):
         predict(both)
+    json_out = OmegaConf.create({"text": "hi", "input": None, "output": "p.json"})
+    with pytest.raises(ValueError, match=r"output=p.json: end it in .csv or .jsonl"):
+        predict(json_out)  # not CSV under a .json name
 
 
 def test_eval_on_a_labelled_file(run_dir, export_dir, tmp_path):

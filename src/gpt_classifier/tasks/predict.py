@@ -98,6 +98,9 @@ def predict(cfg: DictConfig) -> list[Prediction]:
             'file>, or pipe texts in, one a line (echo "Call me" | python predict.py ...)'
             + (f"; got {' and '.join(given)}" if given else "")
         )
+    output = Path(cfg.output)
+    if output.suffix.lower() not in (".csv", ".jsonl"):
+        raise ValueError(f"output={output}: end it in .csv or .jsonl, the format to write")
     check_inference(cfg)
     classifier = TextClassifier.load(cfg.ckpt_path, device=cfg.device)
     file_labels = None
@@ -123,7 +126,6 @@ def predict(cfg: DictConfig) -> list[Prediction]:
         for text, p in zip(texts, predictions):
             probs = ", ".join(f"{name} {value:.4f}" for name, value in p.probabilities.items())
             print(f"{p.label}\t({probs})\t{text}")
-    output = Path(cfg.output)
     write_predictions(texts, predictions, output, file_labels)
     counts = {n: sum(p.label == n for p in predictions) for n in classifier.settings.label_names}
     log.info("%d predictions %s written to %s", len(predictions), counts, output)
