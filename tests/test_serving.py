@@ -200,6 +200,18 @@ def test_a_bad_checkpoint_path_fails_before_serving(tmp_path):
     assert str(tmp_path / "missing") in result.stderr
 
 
+def test_without_litserve_serve_says_what_to_install(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from gpt_classifier.tasks.serve import serve
+
+    monkeypatch.setitem(sys.modules, "litserve", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "gpt_classifier.inference.server_processes", raising=False)
+    with pytest.raises(ImportError, match=r'serve.py needs LitServe \(.*litserve.*\): pip '
+                                          r'install -e "\.\[serve\]"'):  # fmt: skip
+        serve(OmegaConf.create({"ckpt_path": "unused"}))
+
+
 def test_load_test_script_reports_each_level(server, trained_run, sms_file):
     result = run_entry("scripts/load_test.py", "--url", server, "--concurrency", "1,4",
                        "--requests", "8", "--max-seconds", "20", "--data", sms_file,

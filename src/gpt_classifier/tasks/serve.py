@@ -51,7 +51,10 @@ def build_server(cfg: DictConfig):
 
 def serve(cfg: DictConfig) -> None:
     """Run the server until SIGTERM or Ctrl-C, then stop all of its processes."""
-    from gpt_classifier.inference.server_processes import HeaderTimeoutProtocol, stop_together
+    try:
+        from gpt_classifier.inference.server_processes import HeaderTimeoutProtocol, stop_together
+    except ModuleNotFoundError as err:
+        raise ImportError(f'serve.py needs LitServe ({err}): pip install -e ".[serve]"') from err
 
     check_inference(cfg)
     server = build_server(cfg)
