@@ -82,8 +82,10 @@ def stratified_split(
     def cuts_for(count: int) -> dict[str, int]:
         return {name: int(count * share) for name, share in shares.items() if name != "train"}
 
-    rare = [label for label in ordered if 0 in cuts_for(n := len(by_label[label])).values()
-            or n - sum(cuts_for(n).values()) < 1]  # fmt: skip
+    def too_few(count: int) -> bool:  # for a row in every split, train included
+        return 0 in cuts_for(count).values() or count - sum(cuts_for(count).values()) < 1
+
+    rare = [label for label in ordered if too_few(len(by_label[label]))]
     if rare:
         need = max(int(np.ceil(1 / share)) for share in shares.values())
         named = ", ".join(f"{label!r} ({len(by_label[label])})" for label in rare[:SHOWN])
