@@ -260,6 +260,13 @@ def test_texts_in_two_splits_are_counted_and_warned_about(tmp_path, caplog):
     assert "3 text(s) appear in more than one split" in caplog.text
 
 
+def test_number_labels_are_ordered_by_value(tmp_path):
+    rows = [{"text": f"t{i}", "label": [10, 2, 1, -1][i % 4]} for i in range(80)]
+    data = FilesDataModule(path=str(write_csv(tmp_path / "stars.csv", rows)))
+    data.load_splits()
+    assert data.label_names == ["-1", "1", "2", "10"]  # not "-1", "1", "10", "2"
+
+
 def test_labels_written_two_ways_stay_apart_and_are_warned_about(tmp_path, caplog):
     labels = ["spam", "spam ", "Ham", "ham"]
     path = write_csv(tmp_path / "m.csv", [{"text": f"t{i}", "label": labels[i % 4]}

@@ -1,10 +1,12 @@
 """Your own labelled texts: ``FilesDataModule`` (CSV, TSV, JSONL/JSON or Parquet files) and
 ``HubDataModule`` (a 🤗 dataset), read with 🤗 ``datasets``. The labels are the training
-split's (sorted) unless ``labels`` fixes them; a missing split is split off, stratified."""
+split's (sorted, numbers by value) unless ``labels`` fixes them; a missing split is split
+off, stratified."""
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,7 +83,7 @@ class FilesDataModule(SMSSpamDataModule):
         train_table, key = tables["train"]
         train_rows = self._read(train_table, key)
         names = self.fixed_labels or _class_names(train_table, self.label_column) or sorted(
-            {row.label for row in train_rows})  # fmt: skip
+            {row.label for row in train_rows}, key=_label_order)  # fmt: skip
         self.labels = {name: index for index, name in enumerate(names)}
         self._check_labels(train_rows, key)
         _warn_of_near_duplicates(names, key)
@@ -142,6 +144,12 @@ def _warn_of_near_duplicates(names: list[str], key: str) -> None:
     for variants in (g for g in groups.values() if len(g) > 1):
         log.warning("%s: the labels %s differ only in case or spaces, so they are %d classes; "
                     "if they mean one, write it one way", key, variants, len(variants))  # fmt: skip
+
+
+def _label_order(name: str) -> tuple[bool, float, str]:
+    """Numbers by value (2 before 10), then other labels alphabetically."""
+    number = re.fullmatch(r"\s*[+-]?\d+(\.\d*)?\s*", name) is not None
+    return not number, float(name) if number else 0.0, name
 
 
 def _class_names(table: Any, column: str) -> list[str] | None:
