@@ -212,6 +212,20 @@ def test_without_litserve_serve_says_what_to_install(monkeypatch):
         serve(OmegaConf.create({"ckpt_path": "unused"}))
 
 
+def test_a_port_in_use_is_named_before_the_model_loads():
+    from omegaconf import OmegaConf
+
+    from gpt_classifier.tasks.preflight import ConfigError
+    from gpt_classifier.tasks.serve import serve
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        cfg = OmegaConf.create({"ckpt_path": "unused", "host": "127.0.0.1", "port": port})
+        said = rf"host=127.0.0.1 port={port} cannot be served on .* e.g. port={port + 1}"
+        with pytest.raises(ConfigError, match=said):
+            serve(cfg)
+
+
 def test_load_test_script_reports_each_level(server, trained_run, sms_file):
     result = run_entry("scripts/load_test.py", "--url", server, "--concurrency", "1,4",
                        "--requests", "8", "--max-seconds", "20", "--data", sms_file,

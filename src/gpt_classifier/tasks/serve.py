@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import socket
 from functools import partial
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from gpt_classifier.inference import TextClassifier
-from gpt_classifier.tasks.preflight import check_inference
+from gpt_classifier.tasks.preflight import ConfigError, check_inference
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def serve(cfg: DictConfig) -> None:
     except ModuleNotFoundError as err:
         raise ImportError(f'serve.py needs LitServe ({err}): pip install -e ".[serve]"') from err
 
+    check_port(str(cfg.host), int(cfg.port))
     check_inference(cfg)
     server = build_server(cfg)
     log.info("Serving %s on http://%s:%d/ (POST /predict, GET /health, GET /info)",
@@ -66,3 +68,17 @@ def serve(cfg: DictConfig) -> None:
                generate_client_file=False, num_api_servers=1)  # fmt: skip
     if server.worker_failed:
         raise RuntimeError("the model worker failed to load the model (its error is above)")
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail before the model loads when ``host:port`` cannot be listened on (uvicorn would
+    say only "Address already in use", after the model loaded)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        socket.create_server((host, port), family=family).close()
+    except OSError as err:
+        raise ConfigError(
+            f"host={host} port={port} cannot be served on ({err.strerror or err}): another "
+            f"process may listen there (a serve.py still running?); stop it, or choose "
+            f"another port, e.g. port={port + 1}"
+        ) from err
