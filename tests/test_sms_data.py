@@ -6,6 +6,7 @@ import csv
 import hashlib
 import http.server
 import io
+import re
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -125,6 +126,23 @@ def test_too_little_data_fails_before_training_naming_file_and_counts(
     with pytest.raises(DataFormatError, match=message) as info:
         dm.setup("fit")
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [
+        ({"batch_size": 0}, "data.batch_size=0: give a whole number, 1 or more"),
+        ({"eval_batch_size": 2.5}, "data.eval_batch_size=2.5: give a whole number"),
+        ({"max_length": 0}, "data.max_length=0: give a whole number"),  # not "the context"
+        ({"train_frac": 0.95}, "data.train_frac=0.95, validation_frac=0.1: give a train share"),
+    ],
+)
+def test_bad_numbers_are_named_when_the_data_module_is_made(setting, says):
+    from gpt_classifier.data.files import FilesDataModule
+
+    for module in (SMSSpamDataModule, FilesDataModule):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            module(path="unused.csv", **setting)
 
 
 def test_split_minimum_follows_the_batch_settings(tmp_path):

@@ -91,6 +91,16 @@ class SMSSpamDataModule(L.LightningDataModule):
             raise ValueError(
                 f"data.labels={dict(labels)} must map each label to 0..{len(labels) - 1} once"
             )
+        if not (train_frac > 0 and validation_frac >= 0 and train_frac + validation_frac < 1):
+            raise ValueError(f"data.train_frac={train_frac}, validation_frac={validation_frac}: "
+                             "give a train share above 0, and shares that sum below 1")  # fmt: skip
+        counts = {"batch_size": batch_size, "eval_batch_size": eval_batch_size,
+                  "max_length": max_length}  # fmt: skip
+        for key, value in counts.items():
+            if value is None and key != "batch_size":  # null: batch_size, or the context
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{key}={value!r}: give a whole number, 1 or more")
         self.save_hyperparameters(ignore=["splits_dir"], logger=False)
         self.path, self.data_dir = path, data_dir
         self.labels = dict(labels)

@@ -42,11 +42,6 @@ def balance_and_split(
     Uses numpy's ``RandomState(seed)`` exactly as ``DataFrame.sample`` does, so the
     same messages give the book's split.
     """
-    if not (train_frac > 0 and validation_frac >= 0 and train_frac + validation_frac < 1):
-        raise ValueError(
-            f"data.train_frac={train_frac} and data.validation_frac={validation_frac} must be "
-            "positive and leave room for a test split (sum below 1)"
-        )
     rows = list(messages)
     if balance:
         rows = undersample(rows, seed)
