@@ -214,6 +214,8 @@ def test_config_typos_fail_fast(tmp_path, sms_file, override, message):
          "freeze.n=13 must be between 1 and the model's 12 blocks (model=gpt2-small)"),
         (["classifier.pooling=middle"], "classifier.pooling='middle'; choose one of"),
         (["prefix_cache.cache_dtype=int8"], "prefix_cache.cache_dtype='int8'; choose auto or"),
+        (["optimizer.lr=-1"], "optimizer: Invalid learning rate: -1"),  # torch's own check
+        (["+optimizer.momentum=0.9"], "optimizer: AdamW.__init__() got an unexpected keyword"),
     ],
 )  # fmt: skip
 def test_bad_fine_tuning_values_fail_before_weights_or_data(tmp_path, monkeypatch, overrides,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
@@ -76,7 +77,7 @@ def train(cfg: DictConfig) -> float:
     # (what is missing from the machine failed before, in the entry point's pre-flight).
     build_method(cfg)
     pooling_rule(cfg.classifier.pooling)
-    build(cfg, "optimizer")
+    check_optimizer(cfg)
     prefix_cache: PrefixCacheCallback = build(cfg, "prefix_cache")
     check_writable(cfg, output_dir)
     timer.excluded = lambda: prefix_cache.seconds  # reported apart, as time/prefix_s
@@ -130,6 +131,15 @@ def train(cfg: DictConfig) -> float:
         write_confusion_matrices(trainer, module, output_dir)  # before the loggers close
         write_final_metrics(cfg, trainer, output_dir, metrics)
     return float(metrics[cfg.optimize_metric])
+
+
+def check_optimizer(cfg: DictConfig) -> None:
+    """The optimizer's settings, tried on a stand-in parameter: a bad value (a negative
+    ``optimizer.lr``) fails now, naming the key, not when training starts."""
+    try:
+        build(cfg, "optimizer")([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"optimizer: {err}") from err
 
 
 def check_monitored(cfg: DictConfig, label_names: list[str]) -> None:
