@@ -212,12 +212,18 @@ def test_without_litserve_serve_says_what_to_install(monkeypatch):
         serve(OmegaConf.create({"ckpt_path": "unused"}))
 
 
-def test_a_port_in_use_is_named_before_the_model_loads():
+def test_a_port_in_use_is_named_before_the_model_loads(monkeypatch):
     from omegaconf import OmegaConf
 
+    from gpt_classifier.tasks import serve as task
     from gpt_classifier.tasks.preflight import ConfigError
     from gpt_classifier.tasks.serve import serve
 
+    def load(*args, **kwargs):
+        raise AssertionError("the model loaded before the port was checked")
+
+    monkeypatch.setattr(task, "check_inference", lambda cfg: None)  # the model's path is fine
+    monkeypatch.setattr(task.TextClassifier, "load", load)
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         cfg = OmegaConf.create({"ckpt_path": "unused", "host": "127.0.0.1", "port": port})

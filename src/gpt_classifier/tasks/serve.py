@@ -57,8 +57,8 @@ def serve(cfg: DictConfig) -> None:
     except ModuleNotFoundError as err:
         raise ImportError(f'serve.py needs LitServe ({err}): pip install -e ".[serve]"') from err
 
-    check_port(str(cfg.host), int(cfg.port))
     check_inference(cfg)
+    check_port(str(cfg.host), int(cfg.port))
     server = build_server(cfg)
     log.info("Serving %s on http://%s:%d/ (POST /predict, GET /health, GET /info)",
              cfg.ckpt_path, cfg.host, cfg.port)  # fmt: skip
