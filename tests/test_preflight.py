@@ -78,6 +78,10 @@ def test_data_files_that_do_not_exist_are_listed_with_the_rest(tmp_path, offline
     assert f"data.files.validation={tmp_path / 'val.csv'} does not exist\n" in result.stderr
     assert "data.files.train" not in result.stderr and "tokenizer files" in result.stderr
     assert not (tmp_path / "run").exists()
+    none = run_entry("train.py", "data=files", f"hydra.run.dir={tmp_path / 'run'}",
+                     "model.pretrained=false", env=offline, timeout=120)  # fmt: skip
+    assert none.returncode == 2 and "data=files names no file" in none.stderr
+    assert "fix: data.path=<one file, to split>" in none.stderr
 
 
 def test_resuming_a_folder_without_checkpoints_names_the_latest_run_that_has_some(tmp_path):

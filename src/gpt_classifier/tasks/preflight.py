@@ -168,6 +168,9 @@ def _data_files(data: DictConfig) -> list[Missing]:
     given = {"data.path": data.get("path")}
     given |= {f"data.files.{split}": file for split, file in (data.get("files") or {}).items()}
     missing = []
+    if "files" in data and given["data.path"] is None and given["data.files.train"] is None:
+        missing.append(Missing("data=files names no file", ("data.path=<one file, to split>",
+                               "data.files.train=<file> (and .validation=, .test=)")))  # fmt: skip
     for key, file in given.items():
         if file is None or (path := Path(str(file)).expanduser()).exists():
             continue
@@ -182,8 +185,7 @@ def _checkpoints(run: Path) -> list[Path]:
 
 
 def _no_run_to_resume(output_dir: Path) -> Missing:
-    """``ckpt_path=last`` in a folder without checkpoints (Hydra's new one, most often):
-    the fix names the latest run beside it that has some."""
+    """``ckpt_path=last`` where no checkpoint is: the fix names the latest run with some."""
     runs = [run for run in output_dir.parent.iterdir() if run.is_dir() and _checkpoints(run)]
     fixes = ["hydra.run.dir=<the folder of the run to resume>"]
     if runs:
