@@ -109,10 +109,14 @@ def test_table_script_writes_markdown_and_csv_beside_the_books_numbers(tmp_path,
 
 
 def test_baseline_writes_its_metrics(tmp_path, sms_file):
+    from gpt_classifier.training.metrics import logged_names
+
     ok(run_entry("baseline.py", f"data.path={sms_file}", "data.book_compat=true",
-                 f"hydra.run.dir={tmp_path}"))  # fmt: skip
+                 "optimize_metric=val/f1_macro", f"hydra.run.dir={tmp_path}"))  # fmt: skip
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "test"):  # the names train.py writes, so any optimize_metric
+        assert {k for k in metrics if k.startswith(f"{split}/")} == {
+            f"{split}/{name}" for name in logged_names(["ham", "spam"])}  # fmt: skip
         for key in ("acc", "loss", "precision", "recall", "f1"):
             assert 0 <= metrics[f"{split}/{key}"] <= (1 if key != "loss" else 10)
     assert metrics["test/acc"] > 0.95 and metrics["val/acc"] > 0.95  # ~0.977 and ~0.993

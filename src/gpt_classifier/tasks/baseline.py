@@ -11,10 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from gpt_classifier.reporting.reports import write_json
+from gpt_classifier.tasks.train import check_monitored
+from gpt_classifier.training.metrics import rates
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +29,7 @@ def baseline(cfg: DictConfig) -> float:
     try:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
-        from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_support
+        from sklearn.metrics import confusion_matrix, log_loss
     except ImportError as err:
         raise SystemExit(
             f'baseline.py needs scikit-learn ({err}); install it with: pip install -e ".[baseline]"'
@@ -35,6 +38,7 @@ def baseline(cfg: DictConfig) -> float:
     datamodule = instantiate(cfg.data, splits_dir=str(output_dir / "splits"), _convert_="all")
     splits = datamodule.load_splits()
     names = datamodule.label_names
+    check_monitored(cfg, names)  # before the fit, as train.py
     features = dict(cfg.features)
     features["ngram_range"] = tuple(features["ngram_range"])
     vectorizer = TfidfVectorizer(**features)
@@ -47,23 +51,17 @@ def baseline(cfg: DictConfig) -> float:
 
     start = time.perf_counter()
     metrics: dict[str, Any] = {}
-    binary = len(names) == 2
+    classes = list(range(len(names)))
     for split, rows in splits.items():
         texts, labels = zip(*rows)
         x = vectorizer.transform(texts)
         predicted, probabilities = model.predict(x), model.predict_proba(x)
-        # The positive class (spam) for two classes, as train.py reports; macro otherwise.
-        precision, recall, f1, _ = precision_recall_fscore_support(
-            labels, predicted, average="binary" if binary else "macro", zero_division=0
-        )
         key = SPLIT_KEYS[split]
-        metrics.update({
-            f"{key}/acc": float(accuracy_score(labels, predicted)),
-            f"{key}/loss": float(log_loss(labels, probabilities, labels=list(range(len(names))))),
-            f"{key}/precision": float(precision),
-            f"{key}/recall": float(recall),
-            f"{key}/f1": float(f1),
-        })  # fmt: skip
+        # The names and definitions train.py logs (per class, macro, micro; spam's for two).
+        matrix = torch.as_tensor(confusion_matrix(labels, predicted, labels=classes))
+        metrics.update({f"{key}/{name}": float(v) for name, v in rates(matrix, names).items()})
+        metrics[f"{key}/loss"] = float(log_loss(labels, probabilities, labels=classes))
+        metrics[f"{key}/examples"] = len(labels)
     metrics.update({
         "model": f"tfidf({features['analyzer']}, {features['ngram_range']}) + logistic regression",
         "features": len(vectorizer.vocabulary_),
