@@ -55,6 +55,13 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column_or_text(tmp_path):
     with pytest.raises(ValueError, match=r"texts.jsonl has no column 'body'; its columns are "
                                          r"\['id', 'text'\]. Set column=<name>"):  # fmt: skip
         read_texts(jsonl, "body")
+    two = tmp_path / "two.csv"  # several text columns, joined as training joins them
+    two.write_text("title,body,id\nWin,a prize now,1\nLunch,at noon?,2\n", encoding="utf-8")
+    assert read_texts(two, ["title", "body"], " | ") == ["Win | a prize now", "Lunch | at noon?"]
+    two.write_text("title,body\nWin,\n", encoding="utf-8")
+    assert read_texts(two, ["title", "body"]) == ["Win "]  # an empty field is text too
+    with pytest.raises(ValueError, match=r"the text \(body\) is empty or missing in rows \[1\]"):
+        read_texts(two, "body")
     labelled = tmp_path / "labelled.csv"
     labelled.write_text(BOM + "Label,Text\nspam,win now\nham,see you\n", encoding="utf-8")
     assert read_labelled_file(labelled, ["ham", "spam"]) == (["win now", "see you"], [1, 0])

@@ -73,6 +73,17 @@ def find_checkpoint(where: Path, best: bool = False) -> Path:
                                      p.name == "last.ckpt"))  # fmt: skip
 
 
+def data_settings(ckpt_path: str | Path) -> dict[str, Any]:
+    """The data settings of the run ``ckpt_path`` names (its best checkpoint's); empty
+    for an export folder, which keeps none, and for checkpoints older than them."""
+    path = Path(ckpt_path).expanduser()
+    if (path / "config.json").is_file():  # an export folder
+        return {}
+    stored = torch.load(settings_file(find_checkpoint(path, best=True)), map_location="cpu",
+                        weights_only=True, mmap=True)  # fmt: skip
+    return dict(stored.get("datamodule_hyper_parameters") or {})
+
+
 def checkpoint_header(path: Path) -> dict[str, Any]:
     """A checkpoint's progress fields, read without loading its tensors (of a sharded
     checkpoint folder: from its metadata file, beside the shards)."""

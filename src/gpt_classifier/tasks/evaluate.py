@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from gpt_classifier.checkpoints import find_checkpoint
+from gpt_classifier.checkpoints import data_settings, find_checkpoint
 from gpt_classifier.data.sms import DataFormatError, Message, parse_messages
 from gpt_classifier.files import read_user_text, user_file, write_text_atomically
 from gpt_classifier.inference import ModelLoadError, TextClassifier
@@ -101,20 +101,10 @@ def _read_split_file(path: Path, names: list[str]) -> tuple[list[str], list[int]
     return texts, labels
 
 
-def data_settings(checkpoint: Path) -> dict[str, Any]:
-    """The data settings a run's checkpoint keeps (empty for older checkpoints)."""
-    from gpt_classifier.checkpoints import settings_file
-
-    stored = torch.load(settings_file(checkpoint), map_location="cpu", weights_only=True)
-    return dict(stored.get("datamodule_hyper_parameters") or {})
-
-
 def table_columns(cfg: DictConfig) -> dict[str, Any]:
     """The columns of a labelled table: as given, else the run's (data=files), else
     ``text`` and ``label``."""
-    run: dict[str, Any] = {}
-    if not (Path(cfg.ckpt_path) / "config.json").is_file():  # not an export folder
-        run = data_settings(find_checkpoint(Path(cfg.ckpt_path), best=True))
+    run = data_settings(cfg.ckpt_path)
     return {key: cfg.get(key) or run.get(key) or value for key, value in TABLE_COLUMNS.items()}
 
 

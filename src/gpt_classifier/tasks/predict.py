@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
+from gpt_classifier.checkpoints import data_settings
 from gpt_classifier.data.sms import parse_messages
 from gpt_classifier.files import read_user_text, user_file
 from gpt_classifier.inference import Prediction, TextClassifier
@@ -18,37 +21,36 @@ from gpt_classifier.tasks.preflight import check_inference
 log = logging.getLogger(__name__)
 
 
-def read_texts(path: Path, column: str = "text") -> list[str]:
-    """Texts from a column of a CSV/TSV (with a header), JSONL/JSON or Parquet file, or
-    from a file of one text per line."""
-    if path.suffix.lower() in (".jsonl", ".json", ".parquet"):
-        from gpt_classifier.data.tables import read_table
+def read_texts(path: Path, column: str | Sequence[str] = "text", separator: str = " "
+               ) -> list[str]:  # fmt: skip
+    """Texts from a column of a CSV/TSV (with a header), JSONL/JSON or Parquet file (several
+    columns are joined with ``separator``, as training joined them), or from a file of one
+    text per line."""
+    columns = [column] if isinstance(column, str) else list(column)
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv", ".jsonl", ".json", ".parquet"):
+        if suffix in (".csv", ".tsv"):  # read here, without 🤗 datasets
+            with io.StringIO(read_user_text(path, "input"), newline="") as f:
+                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+                records, found = list(reader), list(reader.fieldnames or [])
+            table = {c: [record[c] for record in records] for c in columns if c in found}
+        else:
+            from gpt_classifier.data.tables import read_table
 
-        table = read_table(user_file(path, "input"), "input")
-        if column not in table.column_names:
-            raise ValueError(f"{path} has no column {column!r}; its columns are "
-                             f"{table.column_names}. Set column=<name>.")  # fmt: skip
-        texts = table.data.column(column).to_pylist()
-        if empty := [row for row, text in enumerate(texts, 1) if not str(text or "").strip()]:
-            raise ValueError(f"{path}: the {column!r} text is empty in rows {empty[:10]} "
-                             "(counted from 1)")  # fmt: skip
-        return [str(text) for text in texts]
-    raw = read_user_text(path, "input")
-    if path.suffix.lower() in (".csv", ".tsv"):
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        rows = csv.DictReader(raw.splitlines(), delimiter=delimiter)
-        if column not in (rows.fieldnames or []):
-            raise ValueError(
-                f"{path} has no column {column!r}; its columns are {rows.fieldnames}. "
-                "Set column=<name>."
-            )
-        texts = []
-        for line, row in enumerate(rows, start=2):
-            if not (row[column] or "").strip():
-                raise ValueError(f"{path}, line {line}: the {column!r} text is empty")
-            texts.append(row[column])
+            data = read_table(user_file(path, "input"), "input")
+            found = data.column_names
+            table = {c: data.data.column(c).to_pylist() for c in columns if c in found}
+        if absent := [c for c in columns if c not in found]:
+            raise ValueError(f"{path} has no column {', '.join(map(repr, absent))}; its "
+                             f"columns are {found}. Set column=<name>.")  # fmt: skip
+        rows = list(zip(*(table[c] for c in columns)))
+        texts = [separator.join(str(part) for part in parts) for parts in rows]
+        if empty := [i for i, (parts, text) in enumerate(zip(rows, texts), 1)
+                     if None in parts or not text.strip()]:  # fmt: skip
+            raise ValueError(f"{path}: the text ({', '.join(columns)}) is empty or missing in "
+                             f"rows {empty[:10]} (data rows counted from 1)")  # fmt: skip
         return texts
-    texts = raw.split("\n")
+    texts = read_user_text(path, "input").split("\n")
     if texts and texts[-1] == "":
         texts.pop()  # the newline that ends the last line
     for line, text in enumerate(texts, start=1):
@@ -114,8 +116,10 @@ def predict(cfg: DictConfig) -> list[Prediction]:
                 raise ValueError(f"standard input, line {line}: empty; give every line a text")
     elif cfg.text is not None:
         texts = list(cfg.text) if isinstance(cfg.text, ListConfig) else [str(cfg.text)]
-    elif cfg.input is not None:
-        texts = read_texts(Path(cfg.input), cfg.column)
+    elif cfg.input is not None:  # by default the text column(s) the run trained on
+        run = data_settings(cfg.ckpt_path)
+        column = cfg.column or run.get("text_column") or "text"
+        texts = read_texts(Path(cfg.input), column, run.get("text_separator", " "))
     else:
         names = classifier.settings.label_names
         file = user_file(sms_path, "data.path")
