@@ -62,6 +62,9 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column_or_text(tmp_path):
     assert read_texts(two, ["title", "body"]) == ["Win "]  # an empty field is text too
     with pytest.raises(ValueError, match=r"the text \(body\) is empty or missing in rows \[1\]"):
         read_texts(two, "body")
+    two.write_text("title,body\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"two.csv has no rows: nothing to classify"):
+        read_texts(two, "body")
     labelled = tmp_path / "labelled.csv"
     labelled.write_text(BOM + "Label,Text\nspam,win now\nham,see you\n", encoding="utf-8")
     assert read_labelled_file(labelled, ["ham", "spam"]) == (["win now", "see you"], [1, 0])

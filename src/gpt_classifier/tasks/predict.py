@@ -44,6 +44,8 @@ def read_texts(path: Path, column: str | Sequence[str] = "text", separator: str 
             raise ValueError(f"{path} has no column {', '.join(map(repr, absent))}; its "
                              f"columns are {found}. Set column=<name>.")  # fmt: skip
         rows = list(zip(*(table[c] for c in columns)))
+        if not rows:
+            raise ValueError(f"{path} has no rows: nothing to classify")
         texts = [separator.join(str(part) for part in parts) for parts in rows]
         if empty := [i for i, (parts, text) in enumerate(zip(rows, texts), 1)
                      if None in parts or not text.strip()]:  # fmt: skip
