@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from entry_points import REPO, run_entry
 
 # Imported first by the Python of the entry point: a machine with no network at all,
@@ -122,6 +123,21 @@ def test_the_old_accelerator_keys_are_named_with_their_new_names(tmp_path, sms_f
                        timeout=120)  # fmt: skip
     assert result.returncode == 2
     assert "trainer.precision=" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(),
+                    reason="this machine has the GPU that the test asks for in vain")  # fmt: skip
+@pytest.mark.parametrize("accelerator", ["accelerator=cuda", "trainer.accelerator=mps"])
+def test_a_gpu_this_torch_cannot_see_is_named_before_any_work(tmp_path, sms_file, accelerator):
+    result = run_entry("train.py", f"hydra.run.dir={tmp_path / 'run'}", "model=gpt2-tiny",
+                       f"data.path={sms_file}", accelerator, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]  # not Lightning's error, after its import
+    kind = "gpu" if accelerator.endswith("cuda") else "mps"
+    assert f"1. trainer.accelerator={kind}: " in result.stderr
+    assert "fix: accelerator=auto" in result.stderr and "Traceback" not in result.stderr
+    if kind == "gpu" and torch.version.cuda is None:
+        assert "built without CUDA" in result.stderr and "install a CUDA build" in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_lightnings_trainer_keys_reach_the_trainer():

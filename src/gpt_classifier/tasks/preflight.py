@@ -1,6 +1,5 @@
-"""The pre-flight: every missing piece a task needs (weights, tokenizer files, data), found
-at once before any work, each with its fix, so that a new user offline is not sent round
-one download failure at a time."""
+"""The pre-flight: every missing piece a task needs (a device, weights, tokenizer files,
+data), found at once before any work, each with its fix."""
 
 from __future__ import annotations
 
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
@@ -45,9 +45,8 @@ class Missing:
 
 
 def check_training(cfg: DictConfig) -> None:
-    """``train.py``'s pre-flight, before Lightning is even imported: ``model.weights``
-    honoured, then every missing piece listed (exit status 2). A resume takes the run's
-    own config, so it is checked as it loads instead."""
+    """``train.py``'s pre-flight, before Lightning's import (a resume takes the run's own
+    config, checked as it loads)."""
     honour_weights(cfg)
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("ckpt_path"):
@@ -57,6 +56,7 @@ def check_training(cfg: DictConfig) -> None:
     _probe([BPE_URL, "https://huggingface.co", *(cfg.data.get("urls") or [])])
     missing = [
         *_old_keys(cfg),
+        *_device(cfg.trainer),
         *_weights(cfg.model),
         *_tokenizer(cfg.model.weights if cfg.model.pretrained else None),
         *_data_files(cfg.data),
@@ -67,10 +67,10 @@ def check_training(cfg: DictConfig) -> None:
 
 
 def honour_weights(cfg: DictConfig) -> None:
-    """``model.weights`` given on the command line is never ignored: with a preset that
-    trains from random weights (``pretrained: false``, as gpt2-tiny) it is loaded; with
-    ``model.pretrained=false`` given too, the two contradict each other."""
-    given = given_on_command_line()
+    """``model.weights`` given on the command line is loaded, even with a preset that trains
+    from random weights (gpt2-tiny), unless ``model.pretrained=false`` contradicts it."""
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    given = {override.split("=", 1)[0].lstrip("+~") for override in overrides}
     if cfg.model.pretrained or "model.weights" not in given or not cfg.model.weights:
         return
     if "model.pretrained" in given:
@@ -85,15 +85,8 @@ def honour_weights(cfg: DictConfig) -> None:
              "start from random ones)", cfg.model.weights, cfg.model.name)  # fmt: skip
 
 
-def given_on_command_line() -> set[str]:
-    """The keys this command's overrides set (none outside a Hydra app)."""
-    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-    return {override.split("=", 1)[0].lstrip("+~") for override in overrides}
-
-
 def check_inference(cfg: DictConfig) -> None:
-    """The pre-flight of the tasks that load a trained model (predict, eval, export,
-    serve): the model's path and GPT-2's tokenizer files."""
+    """The pre-flight of predict, eval, export and serve: the model's path, the tokenizer."""
     _probe([BPE_URL])
     missing = _tokenizer(None)
     path = Path(str(cfg.ckpt_path)).expanduser()
@@ -111,13 +104,25 @@ def check_inference(cfg: DictConfig) -> None:
 
 
 def _old_keys(cfg: DictConfig) -> list[Missing]:
-    if "accelerator" not in cfg:
+    moved = "accelerator.* keys: the accelerator group sets trainer.accelerator, trainer.precision"
+    fix = "write trainer.precision=... and trainer.accelerator=... instead of accelerator.*"
+    return [Missing(moved, (fix,))] if "accelerator" in cfg else []
+
+
+def _device(trainer: DictConfig) -> list[Missing]:
+    """The GPU that ``accelerator=cuda`` or ``mps`` asks for, where torch sees none."""
+    kind, mps = str(trainer.get("accelerator")), torch.backends.mps.is_available()
+    fixes = ["accelerator=auto (a GPU where there is one, else the CPU), or accelerator=cpu"]
+    if kind == "mps" and not mps:
+        why = "Apple's MPS is not available (it needs macOS on Apple silicon)"
+    elif kind in ("gpu", "cuda") and not (torch.cuda.is_available() or kind == "gpu" and mps):
+        why = f"torch {torch.__version__} finds no CUDA GPU (nvidia-smi, CUDA_VISIBLE_DEVICES?)"
+        if torch.version.cuda is None:  # Lightning's "gpu" is CUDA's, else Apple's MPS
+            why = f"torch {torch.__version__} is built without CUDA"
+            fixes.append("install a CUDA build of torch: https://pytorch.org/get-started/locally/")
+    else:
         return []
-    return [Missing(
-        "accelerator.* keys: the accelerator group now sets Lightning's own "
-        "trainer.accelerator and trainer.precision",
-        ("write trainer.precision=... and trainer.accelerator=... instead of accelerator.*",),
-    )]  # fmt: skip
+    return [Missing(f"trainer.accelerator={kind}: {why}", tuple(fixes))]
 
 
 def _weights(model: DictConfig) -> list[Missing]:
@@ -137,7 +142,7 @@ def _weights(model: DictConfig) -> list[Missing]:
         return []
     return [Missing(
         f"GPT-2 weights {repo!r} (model.weights={source}): not in the Hugging Face cache "
-        f"and the Hub cannot be reached{_offline_note()}",
+        f"and the Hub cannot be reached{' (HF_HUB_OFFLINE=1)' if _hub_offline() else ''}",
         ("model.weights=/path/to/folder (a save_pretrained folder with model.safetensors and "
          "config.json, or OpenAI's checkpoint folder)", "run once with network access: the "
          "download is cached under HF_HOME", SMOKE_RUN),
@@ -216,10 +221,9 @@ def _sms_data(data: DictConfig) -> list[Missing]:
 def _hub_cached(repo: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    def cached(name: str) -> bool:
-        return isinstance(try_to_load_from_cache(repo, name), str)
-
-    return cached("config.json") and (cached("model.safetensors") or cached("pytorch_model.bin"))
+    has = {name for name in ("config.json", "model.safetensors", "pytorch_model.bin")
+           if isinstance(try_to_load_from_cache(repo, name), str)}  # fmt: skip
+    return "config.json" in has and len(has) > 1
 
 
 def _tiktoken_cached() -> bool:
@@ -270,10 +274,6 @@ def _hub_offline() -> bool:
     return constants.HF_HUB_OFFLINE
 
 
-def _offline_note() -> str:
-    return " (HF_HUB_OFFLINE=1)" if _hub_offline() else ""
-
-
 # ----------------------------------------------------------------------------- the report
 
 
@@ -291,8 +291,7 @@ def _stop(missing: list[Missing], output_dir: Path) -> None:
 
 
 def _remove_empty_run_folder(output_dir: Path) -> None:
-    """Hydra has made the run folder by now: when it holds nothing but Hydra's own files
-    (its log, ``.hydra/``), the failed start leaves no folder behind."""
+    """The run folder Hydra made, when it holds only Hydra's files (its log, ``.hydra/``)."""
     if not output_dir.is_dir():
         return
     hydras = {".hydra"} | {p.name for p in output_dir.glob("*.log")}
