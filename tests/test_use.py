@@ -44,6 +44,34 @@ def test_training_writes_curves(run_dir):
     assert history["examples_seen"] == 2 * (1045 // 8) * 8
 
 
+def test_an_export_replaces_an_earlier_one_whole_and_keeps_other_files(run_dir, tmp_path):
+    """Exporting over an earlier export leaves no file of it (an ONNX graph left beside a
+    native export was loaded instead of it); a folder with anything else is refused as is."""
+    clf, folder = TextClassifier.load(run_dir), tmp_path / "model"
+    expected = clf.probabilities([SPAM, HAM])
+    for fmt, first in (("onnx", "model.onnx"), ("native", "model.safetensors"),
+                       ("hf", "vocab.json"), ("onnx", "model.onnx")):  # fmt: skip
+        assert clf.export(folder, format=fmt) == folder and (folder / first).is_file()
+        names = {p.name for p in folder.iterdir()}
+        assert ("model.onnx" in names, "vocab.json" in names) == (fmt == "onnx", fmt == "hf")
+        assert {p.name for p in tmp_path.iterdir()} == {"model"}  # no temporary folder left
+        loaded = TextClassifier.load(folder).probabilities([SPAM, HAM])
+        torch.testing.assert_close(loaded, expected, atol=1e-4, rtol=0)
+    (folder / "notes.txt").write_text("mine")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"model_type": "bert"}')
+    for taken in (folder, mine):
+        before = {p.name: p.read_bytes() for p in taken.iterdir() if p.is_file()}
+        with pytest.raises(FileExistsError, match="not an export of this project .*"
+                           "(notes.txt|config.json).* give a new or empty folder"):  # fmt: skip
+            clf.export(taken, format="native")
+        assert {p.name: p.read_bytes() for p in taken.iterdir() if p.is_file()} == before
+    refused = run_entry("export.py", f"ckpt_path={run_dir}", f"out={mine}",
+                        f"hydra.run.dir={tmp_path / 'hydra'}")  # fmt: skip
+    assert refused.returncode != 0 and f"out={mine} holds files" in refused.stderr
+
+
 def test_export_is_self_contained_and_reproduces_the_checkpoint(run_dir, export_dir):
     assert sorted(p.name for p in export_dir.iterdir()) == [
         "README.md", "config.json", "model.safetensors"
@@ -662,6 +690,7 @@ def test_a_lora_run_exports_a_peft_adapter_that_gives_our_probabilities(
     ok(run_entry("export.py", f"ckpt_path={run}", f"out={out}", "format=peft",
                  f"hydra.run.dir={tmp_path / 'export'}"))  # fmt: skip
     config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((out / "base").resolve())  # where it lies
     assert config["rank_pattern"] == {"attn.c_attn": 8} and config["layers_to_transform"] == [1]
     base = AutoModelForSequenceClassification.from_pretrained(out / "base")
     model = PeftModel.from_pretrained(base, out).eval()

@@ -17,8 +17,14 @@ import torch
 from gpt_classifier.checkpoints import find_checkpoint, is_checkpoint
 from gpt_classifier.data.batching import Collator, plan_batches, truncate
 from gpt_classifier.data.tokenizer import encode_texts, get_tokenizer
+from gpt_classifier.files import atomic_folder
 from gpt_classifier.inference import hf_format, native_format, onnx_format, peft_format
-from gpt_classifier.inference.loading import InferenceSettings, ModelLoadError, read_config
+from gpt_classifier.inference.loading import (
+    EXPORT_FORMAT,
+    InferenceSettings,
+    ModelLoadError,
+    read_config,
+)
 from gpt_classifier.model.classifier import SequenceClassifier
 
 log = logging.getLogger(__name__)
@@ -28,6 +34,12 @@ MAX_BATCH_TOKENS = 1024
 # Each format's module: load(folder, config) -> (model, settings), export(model,
 # settings, folder) -> folder.
 FORMATS = {"native": native_format, "hf": hf_format, "onnx": onnx_format}
+# Every name that an export of some format writes (tests/test_use.py exports each format
+# over each other): a folder of only these, with our config, is an earlier export.
+EXPORT_NAMES = {"README.md", "config.json", "model.safetensors", "vocab.json", "merges.txt",
+                "tokenizer_config.json", "special_tokens_map.json", onnx_format.ONNX_FILE,
+                f"{onnx_format.ONNX_FILE}.data", peft_format.ADAPTER_FILE, peft_format.CONFIG_FILE,
+                peft_format.BASE_FOLDER}  # fmt: skip
 
 
 @dataclass
@@ -158,11 +170,43 @@ class TextClassifier:
         """
         if not isinstance(self.model, torch.nn.Module):
             raise ValueError("this model was loaded from an ONNX export; export its checkpoint")
-        if format == "peft":
-            return peft_format.export(self.model, self.settings, Path(folder), base_model)
-        if format not in FORMATS:
+        if format not in [*FORMATS, "peft"]:
             raise ValueError(f"format={format!r}; choose one of {', '.join([*FORMATS, 'peft'])}")
-        return FORMATS[format].export(self.model, self.settings, Path(folder))
+        folder = Path(folder)
+        check_export_folder(folder)
+        with atomic_folder(folder) as new:  # no file of an earlier export is left to mix in
+            if format == "peft":
+                peft_format.export(self.model, self.settings, new, base_model, folder)
+            else:
+                FORMATS[format].export(self.model, self.settings, new)
+        return folder
+
+
+def check_export_folder(folder: Path) -> None:
+    """``folder`` can take an export: it is new, empty, or an earlier export (which the new
+    one replaces whole). A folder with anything else is refused: that would be lost."""
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file; give a folder to export into")
+    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    others = [name for name in names if name not in EXPORT_NAMES]
+    config = folder / "config.json"
+    earlier = _is_ours(config) if config.is_file() else peft_format.CONFIG_FILE in names
+    if names and (others or not earlier):
+        raise FileExistsError(
+            f"{folder} holds files that are not an export of this project "
+            f"({', '.join((others or names)[:5])}{', ...' if len(others or names) > 5 else ''}), "
+            "which exporting there would delete: give a new or empty folder"
+        )
+
+
+def _is_ours(config: Path) -> bool:
+    try:
+        found = read_config(config)
+    except ModelLoadError:
+        return False
+    if not isinstance(found, dict):
+        return False
+    return found.get("format") == EXPORT_FORMAT or "gpt_classifier" in found  # hf: ours inside
 
 
 def export_format(folder: Path, config: dict[str, Any]) -> str:

@@ -34,10 +34,12 @@ def export(
     settings: InferenceSettings,
     folder: Path,
     base_model: str | None = None,
+    final: Path | None = None,
 ) -> Path:
     """``adapter_config.json`` and ``adapter_model.safetensors`` into ``folder``;
     ``base_model``: the Hub id of the weights the run started from, else their
-    ``format=hf`` export is written to ``folder/base``."""
+    ``format=hf`` export is written to ``folder/base`` (``final``: where ``folder`` is
+    moved to once written)."""
     from safetensors.torch import save_file
 
     layers = lora_layers(model)
@@ -72,8 +74,9 @@ def export(
     for name in ("score.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"):
         tensors[PREFIX + name] = merged[name]
     folder.mkdir(parents=True, exist_ok=True)
-    if base_model is None:
-        base_model = str(_write_base(model, settings, folder / BASE_FOLDER).resolve())
+    if base_model is None:  # the base beside the adapters, by the path it will have
+        _write_base(model, settings, folder / BASE_FOLDER)
+        base_model = str(((final or folder) / BASE_FOLDER).resolve())
     targets = sorted([HF_NAMES[n] for n in first if n in HF_NAMES] +
                      (["attn.c_attn"] if qkv_parts else []))  # fmt: skip
     every_block = sorted(blocks) == list(range(arch["n_layers"]))

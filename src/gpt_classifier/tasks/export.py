@@ -8,8 +8,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from gpt_classifier.inference import TextClassifier
+from gpt_classifier.inference.classifier import check_export_folder
 from gpt_classifier.tasks.model_card import hub_base_model, run_folder, write_model_card
-from gpt_classifier.tasks.preflight import check_inference
+from gpt_classifier.tasks.preflight import ConfigError, check_inference
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +19,10 @@ def export(cfg: DictConfig) -> Path:
     """Write the export folder ``cfg.out`` (``cfg.format``: native or hf) and, with
     ``cfg.hub_repo``, upload it to the Hugging Face Hub."""
     check_inference(cfg)
+    try:
+        check_export_folder(Path(cfg.out))  # before the model loads
+    except FileExistsError as err:
+        raise ConfigError(f"out={err}") from err
     fmt = cfg.get("format", "native")
     classifier = TextClassifier.load(cfg.ckpt_path)
     run = run_folder(cfg.ckpt_path)
