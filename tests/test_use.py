@@ -160,7 +160,7 @@ def test_eval_and_predict_take_data_path_like_train(run_dir, sms_file, tmp_path)
     assert [(r["text"], r["file_label"]) for r in rows] == [(HAM, "ham"), (SPAM, "spam")]
 
 
-def test_data_path_keeps_its_old_name_and_inputs_are_exclusive():
+def test_data_path_keeps_its_old_name_and_inputs_are_exclusive(tmp_path):
     from omegaconf import OmegaConf
 
     from gpt_classifier.tasks.evaluate import data_path
@@ -176,6 +176,12 @@ def test_data_path_keeps_its_old_name_and_inputs_are_exclusive():
     json_out = OmegaConf.create({"text": "hi", "input": None, "output": "p.json"})
     with pytest.raises(ValueError, match=r"output=p.json: end it in .csv or .jsonl"):
         predict(json_out)  # not CSV under a .json name
+    texts = tmp_path / "t.csv"
+    texts.write_text("text\nhi\n")
+    over = OmegaConf.create({"text": None, "input": str(texts), "output": f"{tmp_path}/./t.csv"})
+    with pytest.raises(ValueError, match=r"output=.*t.csv is the input file"):
+        predict(over)
+    assert texts.read_text() == "text\nhi\n"
 
 
 def test_eval_on_a_labelled_file(run_dir, export_dir, tmp_path):

@@ -105,6 +105,10 @@ def predict(cfg: DictConfig) -> list[Prediction]:
     output = Path(cfg.output)
     if output.suffix.lower() not in (".csv", ".jsonl"):
         raise ValueError(f"output={output}: end it in .csv or .jsonl, the format to write")
+    source = cfg.input if cfg.input is not None else sms_path
+    if source is not None and output.resolve() == Path(str(source)).expanduser().resolve():
+        raise ValueError(f"output={output} is the input file: the predictions would replace "
+                         "it; give another output=")  # fmt: skip
     check_inference(cfg)
     classifier = TextClassifier.load(cfg.ckpt_path, device=cfg.device)
     file_labels = None
