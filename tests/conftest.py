@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,8 +86,12 @@ def trained_run(tmp_path_factory, sms_file) -> Path:
     from entry_points import ok, run_entry
 
     out = tmp_path_factory.mktemp("trained") / "run"
+    here = out.parent / "data"  # a relative data.path: eval.py from elsewhere must find it
+    here.mkdir()
+    shutil.copy(sms_file, here / "SMSSpamCollection")
     # float32, as inference runs: the tests compare eval.py with the run's metrics.
-    ok(run_entry("train.py", "model=gpt2-tiny", "accelerator=cpu", "trainer.precision=32-true",
-                 f"data.path={sms_file}", "trainer.max_epochs=2", f"hydra.run.dir={out}",
-                 "callbacks.progress_bar.refresh_rate=0"))  # fmt: skip
+    ok(run_entry(REPO_ROOT / "train.py", "model=gpt2-tiny", "accelerator=cpu",
+                 "trainer.precision=32-true", "data.path=SMSSpamCollection", "trainer.max_epochs=2",
+                 f"hydra.run.dir={out}", "callbacks.progress_bar.refresh_rate=0",
+                 cwd=here))  # fmt: skip
     return out

@@ -117,6 +117,12 @@ def test_prediction_is_the_same_alone_batched_and_through_each_entry_point(
 
 
 def test_eval_writes_metrics_confusion_matrix_and_report(run_dir, tmp_path):
+    """The run was trained on data.path=SMSSpamCollection in another folder: it keeps the
+    file's absolute path, so that eval.py re-makes its split from here."""
+    from omegaconf import OmegaConf
+
+    given = run_dir.parent / "data" / "SMSSpamCollection"
+    assert OmegaConf.load(run_dir / "run_config.yaml").config.data.path == str(given)
     ok(run_entry("eval.py", f"ckpt_path={run_dir}", f"hydra.run.dir={tmp_path / 'e'}"))
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     trained = json.loads((run_dir / "metrics.json").read_text())

@@ -70,6 +70,19 @@ def save_run_config(
         OmegaConf.save(record, tmp)
 
 
+def absolute_data_paths(cfg: DictConfig) -> None:
+    """The run's data files and folders (``data.path``, ``data.files.*``, a ``data.name``
+    folder) named by absolute path in its config and checkpoints, so that ``eval.py`` and a
+    resume find them from any working directory."""
+    files = cfg.data.get("files") or {}
+    for key in ("data.path", "data.name", *(f"data.files.{split}" for split in files)):
+        given = OmegaConf.select(cfg, key, default=None)
+        path = Path(str(given)).expanduser()
+        if given is not None and not Path(str(given)).is_absolute() and path.exists():
+            OmegaConf.update(cfg, key, str(path.resolve()))
+            log.info("%s=%s: the run keeps it as %s", key, given, path.resolve())
+
+
 def config_for_resume(cfg: DictConfig, checkpoint: Path) -> DictConfig:
     """The config of the run ``checkpoint`` belongs to, with the resume command's plain
     ``key=value`` overrides applied; ``cfg`` as it is when the run kept none."""
