@@ -451,3 +451,26 @@ def test_a_second_ctrl_c_stops_at_once_and_exits_130(tmp_path, caplog):
         signals.fit(Shutdown(), None, None, None, tmp_path, stop)
     assert exited.value.code == 130
     assert "second Ctrl-C" in caplog.text and f"hydra.run.dir={tmp_path}" in caplog.text
+
+
+def test_a_run_keeps_its_local_files_by_absolute_path(tmp_path, monkeypatch):
+    """What a run reads from disk, given relative to where it started, is kept absolute:
+    eval.py and a resume started elsewhere find the same files. Hub names stay names."""
+    from hydra import compose, initialize_config_dir
+
+    from gpt_classifier.tasks.run_config import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.csv").write_text("text,label\n")
+    (tmp_path / "weights").mkdir()
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["data=files", "data.files.train=train.csv",
+                                          "data.files.test=/abs/test.csv",
+                                          "model.weights=weights"])  # fmt: skip
+        hub = compose("train", overrides=["data=hf", "data.name=ag_news"])
+    absolute_paths(cfg)
+    absolute_paths(hub)
+    assert cfg.data.files.train == str(tmp_path / "train.csv")
+    assert cfg.data.files.test == "/abs/test.csv" and cfg.data.path is None
+    assert cfg.model.weights == str(tmp_path / "weights")
+    assert (hub.data.name, hub.model.weights) == ("ag_news", "gpt2")

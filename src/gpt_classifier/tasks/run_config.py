@@ -70,12 +70,12 @@ def save_run_config(
         OmegaConf.save(record, tmp)
 
 
-def absolute_data_paths(cfg: DictConfig) -> None:
-    """The run's data files and folders (``data.path``, ``data.files.*``, a ``data.name``
-    folder) named by absolute path in its config and checkpoints, so that ``eval.py`` and a
-    resume find them from any working directory."""
-    files = cfg.data.get("files") or {}
-    for key in ("data.path", "data.name", *(f"data.files.{split}" for split in files)):
+def absolute_paths(cfg: DictConfig) -> None:
+    """The run's local files and folders (``data.path``, ``data.files.*``, a ``data.name`` or
+    ``model.weights`` folder) named by absolute path in its config and checkpoints, so that
+    ``eval.py`` and a resume find them from any working directory."""
+    files = [f"data.files.{split}" for split in cfg.data.get("files") or {}]
+    for key in ("data.path", "data.name", *files, "model.weights"):
         given = OmegaConf.select(cfg, key, default=None)
         path = Path(str(given)).expanduser()
         if given is not None and not Path(str(given)).is_absolute() and path.exists():

@@ -31,7 +31,7 @@ from gpt_classifier.tasks.components import (
     in_multirun,
 )
 from gpt_classifier.tasks.run_config import (
-    absolute_data_paths,
+    absolute_paths,
     config_for_resume,
     finished_run,
     job_metric,
@@ -74,7 +74,7 @@ def train(cfg: DictConfig) -> float:
         resume_step = header["batches_that_stepped"]
         log.info("Resuming from %s (epoch %d, step %d)", checkpoint, header["epoch"],
                  header["global_step"])  # fmt: skip
-    absolute_data_paths(cfg)
+    absolute_paths(cfg)
     # Everything a user can get wrong fails here, before any weights or data are read
     # (what is missing from the machine failed before, in the entry point's pre-flight).
     build_method(cfg)
