@@ -60,12 +60,14 @@ def test_a_three_class_csv_trains_splits_stratified_and_predicts_by_name(tmp_pat
     for index, label in enumerate(LABELS):  # each label's share, within one row
         assert abs(test.count(index) - 0.2 * counts[label]) <= 1, (label, test.count(index))
     # predict.py reads the run's text column (message) from a file of the same kind.
-    new = write_csv(tmp_path / "new.csv", [{"id": "1", "message": "hello there"}])
+    new = write_csv(tmp_path / "new.csv", [{"id": "7", "message": "hello there", "label": "x"}])
     ok(run_entry("predict.py", f"ckpt_path={run}", f"input={new}",
                  f"hydra.run.dir={tmp_path / 'predict'}"))  # fmt: skip
     with (tmp_path / "predict" / "predictions.csv").open(encoding="utf-8", newline="") as f:
         (predicted,) = list(csv.DictReader(f))
     assert predicted["text"] == "hello there" and predicted["label"] in LABELS
+    # The input's other columns follow, its own label as file_label, to join back by id.
+    assert (predicted["id"], predicted["file_label"]) == ("7", "x")
     # eval.py rebuilds the run's test split from the CSV, as training made it.
     ok(run_entry("eval.py", f"ckpt_path={run}", f"hydra.run.dir={tmp_path / 'eval'}"))
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())

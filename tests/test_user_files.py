@@ -9,7 +9,7 @@ import pytest
 
 from gpt_classifier.data.sms import DataFormatError, ensure_sms_file
 from gpt_classifier.tasks.evaluate import read_labelled_file
-from gpt_classifier.tasks.predict import read_texts
+from gpt_classifier.tasks.predict import read_input, read_texts
 
 BOM = "\ufeff"
 
@@ -52,6 +52,7 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column_or_text(tmp_path):
     jsonl = tmp_path / "texts.jsonl"  # JSON lines are records, not texts
     jsonl.write_text('{"id": 1, "text": "hello there"}\n{"id": 2, "text": "bye"}\n')
     assert read_texts(jsonl) == ["hello there", "bye"]
+    assert read_input(jsonl) == (["hello there", "bye"], [{"id": 1}, {"id": 2}])
     with pytest.raises(ValueError, match=r"texts.jsonl has no column 'body'; its columns are "
                                          r"\['id', 'text'\]. Set column=<name>"):  # fmt: skip
         read_texts(jsonl, "body")

@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 
@@ -26,6 +27,13 @@ def read_texts(path: Path, column: str | Sequence[str] = "text", separator: str 
     """Texts from a column of a CSV/TSV (with a header), JSONL/JSON or Parquet file (several
     columns are joined with ``separator``, as training joined them), or from a file of one
     text per line."""
+    return read_input(path, column, separator)[0]
+
+
+def read_input(path: Path, column: str | Sequence[str] = "text", separator: str = " "
+               ) -> tuple[list[str], list[dict[str, Any]]]:  # fmt: skip
+    """The texts of ``path`` (:func:`read_texts`), and each row's other columns (a table's:
+    an id, a label) to be written beside its prediction."""
     columns = [column] if isinstance(column, str) else list(column)
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv", ".jsonl", ".json", ".parquet"):
@@ -33,13 +41,13 @@ def read_texts(path: Path, column: str | Sequence[str] = "text", separator: str 
             with io.StringIO(read_user_text(path, "input"), newline="") as f:
                 reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
                 records, found = list(reader), list(reader.fieldnames or [])
-            table = {c: [record[c] for record in records] for c in columns if c in found}
+            table = {c: [record.get(c) for record in records] for c in found}
         else:
             from gpt_classifier.data.tables import read_table
 
             data = read_table(user_file(path, "input"), "input")
             found = data.column_names
-            table = {c: data.data.column(c).to_pylist() for c in columns if c in found}
+            table = {c: data.data.column(c).to_pylist() for c in found}
         if absent := [c for c in columns if c not in found]:
             raise ValueError(f"{path} has no column {', '.join(map(repr, absent))}; its "
                              f"columns are {found}. Set column=<name>.")  # fmt: skip
@@ -51,41 +59,41 @@ def read_texts(path: Path, column: str | Sequence[str] = "text", separator: str 
                      if None in parts or not text.strip()]:  # fmt: skip
             raise ValueError(f"{path}: the text ({', '.join(columns)}) is empty or missing in "
                              f"rows {empty[:10]} (data rows counted from 1)")  # fmt: skip
-        return texts
+        others = [c for c in found if c not in columns]
+        return texts, [dict(zip(others, values)) for values in zip(*(table[c] for c in others))]
     texts = read_user_text(path, "input").split("\n")
     if texts and texts[-1] == "":
         texts.pop()  # the newline that ends the last line
     for line, text in enumerate(texts, start=1):
         if not text.strip():
             raise ValueError(f"{path}, line {line}: empty line; remove it or give it a text")
-    return [t.removesuffix("\r") for t in texts]
+    return [t.removesuffix("\r") for t in texts], []
 
 
-def write_predictions(
-    texts: list[str], predictions: list[Prediction], path: Path,
-    file_labels: list[str] | None = None,
-) -> Path:  # fmt: skip
-    """CSV (``.csv``) or JSON lines (``.jsonl``) with text, label and probabilities, and
-    the label the input file gave each text (``file_label``) when it gave one."""
+def write_predictions(texts: list[str], predictions: list[Prediction], path: Path,
+                      given: list[dict[str, Any]] | None = None) -> Path:  # fmt: skip
+    """CSV (``.csv``) or JSON lines (``.jsonl``): text, label, probabilities, and after them
+    what the input gave each text (``given``: its other columns; a column named like one of
+    ours, as ``label``, is written as ``file_label``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    given = file_labels if file_labels is not None else [None] * len(texts)
+    names = list(predictions[0].probabilities) if predictions else []
+    ours = {"text", "label", "probabilities", "truncated", *(f"p_{n}" for n in names)}
+    given = [{(f"file_{k}" if k in ours else k): v for k, v in row.items()} for row in given or []]
+    extra = list(given[0]) if given else []
+    given = given or [{}] * len(texts)
     if path.suffix.lower() == ".jsonl":
         with path.open("w", encoding="utf-8") as f:
-            for text, p, label in zip(texts, predictions, given):
+            for text, p, row in zip(texts, predictions, given):
                 record = {"text": text, "label": p.label, "probabilities": p.probabilities,
-                          "truncated": p.truncated}  # fmt: skip
-                if file_labels is not None:
-                    record["file_label"] = label
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                          "truncated": p.truncated, **row}  # fmt: skip
+                f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
         return path
-    names = list(predictions[0].probabilities) if predictions else []
-    extra = ["file_label"] if file_labels is not None else []
     with path.open("w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["text", "label", *(f"p_{n}" for n in names), "truncated", *extra])
-        for text, p, label in zip(texts, predictions, given):
+        for text, p, row in zip(texts, predictions, given):
             writer.writerow([text, p.label, *(f"{p.probabilities[n]:.6f}" for n in names),
-                             p.truncated, *([label] if extra else [])])  # fmt: skip
+                             p.truncated, *(row[k] for k in extra)])  # fmt: skip
     return path
 
 
@@ -111,7 +119,7 @@ def predict(cfg: DictConfig) -> list[Prediction]:
                          "it; give another output=")  # fmt: skip
     check_inference(cfg)
     classifier = TextClassifier.load(cfg.ckpt_path, device=cfg.device)
-    file_labels = None
+    given: list[dict[str, Any]] = []
     if piped:  # no Hydra quoting: any text as it is, one a line
         texts = [line.removesuffix("\r") for line in sys.stdin.read().splitlines()]
         if not texts:
@@ -125,18 +133,18 @@ def predict(cfg: DictConfig) -> list[Prediction]:
     elif cfg.input is not None:  # by default the text column(s) the run trained on
         run = data_settings(cfg.ckpt_path)
         column = cfg.column or run.get("text_column") or "text"
-        texts = read_texts(Path(cfg.input), column, run.get("text_separator", " "))
+        texts, given = read_input(Path(cfg.input), column, run.get("text_separator", " "))
     else:
         names = classifier.settings.label_names
         file = user_file(sms_path, "data.path")
         messages = parse_messages(file, {name: i for i, name in enumerate(names)})
-        texts, file_labels = [m.text for m in messages], [m.label for m in messages]
+        texts, given = [m.text for m in messages], [{"label": m.label} for m in messages]
     predictions = classifier.classify(texts, batch_size=cfg.batch_size, progress=True)
     if cfg.text is not None or piped:
         for text, p in zip(texts, predictions):
             probs = ", ".join(f"{name} {value:.4f}" for name, value in p.probabilities.items())
             print(f"{p.label}\t({probs})\t{text}")
-    write_predictions(texts, predictions, output, file_labels)
+    write_predictions(texts, predictions, output, given)
     counts = {n: sum(p.label == n for p in predictions) for n in classifier.settings.label_names}
     log.info("%d predictions %s written to %s", len(predictions), counts, output)
     return predictions
