@@ -301,7 +301,10 @@ def test_the_sweep_summary_ranks_jobs_by_the_metric_and_marks_the_best(tmp_path)
         metrics = {"val/acc": acc, "test/acc": acc - 0.01, "test/examples": 300.0,
                    "val/loss": 1 - acc}  # fmt: skip
         (folder / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "3" / ".hydra").mkdir(parents=True)  # a job that failed: no metrics.json
+    (tmp_path / "3" / ".hydra" / "overrides.yaml").write_text("- optimizer.lr=-1\n- seed=1\n")
     write_sweep_summary(tmp_path, "val/acc")
+    assert "\n- 3: `optimizer.lr=-1`\n" in (tmp_path / "summary.md").read_text()
     table = [line for line in (tmp_path / "summary.md").read_text().splitlines()
              if line.startswith("| ") and "optimizer.lr" in line]  # fmt: skip
     assert [line.split(" | ")[2] for line in table] == ["optimizer.lr=5e-5", "optimizer.lr=1e-4",
@@ -314,6 +317,19 @@ def test_the_sweep_summary_ranks_jobs_by_the_metric_and_marks_the_best(tmp_path)
     first = next(line for line in (tmp_path / "summary.md").read_text().splitlines()
                  if line.startswith("| **best**"))  # fmt: skip
     assert "optimizer.lr=5e-5" in first
+
+
+def test_a_sweep_whose_job_fails_still_summarises_the_others(tmp_path, sms_file):
+    """Hydra ends a sweep with a failed job without on_multirun_end: the summary is written
+    after each job, and it names the jobs that left no metrics.json."""
+    result = run_train(tmp_path, sms_file, "optimizer.lr=-1,1e-4", "trainer.max_epochs=1",
+                       "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
+                       multirun=True)  # fmt: skip
+    assert result.returncode != 0 and "optimizer: Invalid learning rate: -1" in result.stderr
+    with (tmp_path / "sweep" / "summary.csv").open(newline="") as f:
+        assert [row["job"] for row in csv.DictReader(f)] == ["1"]
+    table = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "| optimizer.lr=0.0001 |" in table and "\n- 0: `optimizer.lr=-1`\n" in table
 
 
 def test_early_stopping_is_off_by_default_and_stops_after_patience(tmp_path, sms_file):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from gpt_classifier.files import write_text_atomically
@@ -60,13 +61,19 @@ def _job_order(job_dir: Path) -> tuple[int, str]:
 
 def write_sweep_summary(sweep_dir: Path, metric: str = "val/acc") -> list[dict[str, Any]]:
     """Write ``summary.csv`` (jobs in order) and ``summary.md`` (best ``metric`` first,
-    the best job marked) into ``sweep_dir``."""
+    the best job marked; then the jobs without ``metrics.json``) into ``sweep_dir``."""
     rows = sweep_rows(sweep_dir)
+    finished = {row["job"] for row in rows}
+    others = {path.parent.parent.name: list(OmegaConf.load(path))
+              for path in sorted(sweep_dir.glob("*/.hydra/overrides.yaml"),
+                                 key=lambda path: _job_order(path.parent.parent))
+              if path.parent.parent.name not in finished}  # fmt: skip
     if not rows:
         log.warning("No finished job with metrics.json under %s; no summary written", sweep_dir)
         return rows
     # Overrides shared by every job say nothing about the differences: list them once.
-    common = set.intersection(*(set(row["overrides"]) for row in rows))
+    jobs = [*(row["overrides"] for row in rows), *others.values()]
+    common = set.intersection(*(set(overrides) for overrides in jobs))
     for row in rows:
         row["overrides"] = " ".join(o for o in row["overrides"] if o not in common)
     columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -92,6 +99,11 @@ def write_sweep_summary(sweep_dir: Path, metric: str = "val/acc") -> list[dict[s
         cells = ["**best**" if ranked and row is ranked[0] else ""]
         cells += [_cell(c, row.get(c, "")) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
+    if others:
+        lines += ["", "Jobs without `metrics.json` (failed, stopped, or still running; their "
+                  "`train.log` says which):", ""]  # fmt: skip
+        lines += [f"- {job}: `{' '.join(o for o in overrides if o not in common)}`"
+                  for job, overrides in others.items()]  # fmt: skip
     write_text_atomically(sweep_dir / "summary.md", "\n".join(lines) + "\n")
     log.info("Sweep summary of %d jobs: %s", len(rows), sweep_dir / "summary.md")
     return rows
@@ -122,7 +134,12 @@ def _cell(column: str, value: Any) -> str:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: when a multirun ends, tabulate every job's final metrics."""
+    """Hydra callback: tabulate every job's final metrics after each job of a multirun (a
+    failed job ends the sweep without ``on_multirun_end``) and when it ends."""
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN:
+            self.on_multirun_end(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         write_sweep_summary(Path(config.hydra.sweep.dir), config.get("optimize_metric", "val/acc"))
