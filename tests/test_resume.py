@@ -474,3 +474,24 @@ def test_a_run_keeps_its_local_files_by_absolute_path(tmp_path, monkeypatch):
     assert cfg.data.files.test == "/abs/test.csv" and cfg.data.path is None
     assert cfg.model.weights == str(tmp_path / "weights")
     assert (hub.data.name, hub.model.weights) == ("ag_news", "gpt2")
+
+
+def test_a_new_run_in_an_earlier_runs_folder_is_refused_before_any_work(
+    trained_run, sms_file, tmp_path
+):
+    """Without ckpt_path, training into a folder that holds a run would mix its checkpoints
+    with that run's, under that run's run_config.yaml (which a resume then follows)."""
+    import shutil
+
+    earlier = tmp_path / "run"
+    shutil.copytree(trained_run, earlier)
+    kept = {p: p.read_bytes() for p in earlier.rglob("*")
+            if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"}  # fmt: skip
+    refused = run_entry("train.py", "model=gpt2-tiny", "freeze=last_layer", "accelerator=cpu",
+                        f"data.path={sms_file}", f"hydra.run.dir={earlier}")  # fmt: skip
+    assert refused.returncode != 0
+    assert f"the output folder {earlier} holds a run already (run_config.yaml" in refused.stderr
+    assert f"ckpt_path=last hydra.run.dir={earlier}" in refused.stderr
+    assert {p: p.read_bytes() for p in kept} == kept  # nothing of it changed, nothing added
+    assert {p for p in earlier.rglob("*") if p.is_file() and ".hydra" not in p.parts} == {
+        *kept, earlier / "train.log"}  # fmt: skip

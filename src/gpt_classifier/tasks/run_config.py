@@ -185,6 +185,19 @@ def requeued_run(output_dir: Path) -> str | None:
     return "last"
 
 
+def check_new_run_folder(output_dir: Path) -> None:
+    """A new run (no ``ckpt_path``) starts in a folder that holds no run yet: in an earlier
+    run's folder it would mix its checkpoints with that run's, under that run's config."""
+    found = [name for name in (RUN_CONFIG_FILE, "metrics.json") if (output_dir / name).exists()]
+    found += [f"checkpoints/{p.name}" for p in sorted(output_dir.glob("checkpoints/*.ckpt"))]
+    if found:
+        raise ConfigError(
+            f"the output folder {output_dir} holds a run already ({', '.join(found[:4])}): "
+            f"resume it with ckpt_path=last hydra.run.dir={output_dir}, or start this run in "
+            "a new folder (another hydra.run.dir or hydra.sweep.dir, or none: a new dated one)"
+        )
+
+
 def finished_run(cfg: DictConfig, output_dir: Path, header: dict[str, Any]) -> float | None:
     """The final metric of a run that ``header``'s checkpoint shows complete, else None."""
     metrics_file = output_dir / "metrics.json"

@@ -32,6 +32,7 @@ from gpt_classifier.tasks.components import (
 )
 from gpt_classifier.tasks.run_config import (
     absolute_paths,
+    check_new_run_folder,
     config_for_resume,
     finished_run,
     job_metric,
@@ -82,6 +83,8 @@ def train(cfg: DictConfig) -> float:
     check_optimizer(cfg)
     prefix_cache: PrefixCacheCallback = build(cfg, "prefix_cache")
     check_writable(cfg, output_dir)
+    if checkpoint is None and is_rank_zero_process():  # the others start in its folder
+        check_new_run_folder(output_dir)
     timer.excluded = lambda: prefix_cache.seconds  # reported apart, as time/prefix_s
     stop, random_state = signals.GracefulStop(), KeepRandomState()
     callbacks = [timer, prefix_cache, ResumeState(), stop, random_state]
