@@ -476,6 +476,41 @@ def test_a_run_keeps_its_local_files_by_absolute_path(tmp_path, monkeypatch):
     assert (hub.data.name, hub.model.weights) == ("ag_news", "gpt2")
 
 
+def test_a_resume_may_name_the_runs_data_file_by_a_relative_path(tmp_path, monkeypatch):
+    """The run keeps data.path absolute; the resume command may repeat it as first given."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from gpt_classifier.tasks.run_config import (
+        ResumeConfigError,
+        absolute_paths,
+        config_for_resume,
+        save_run_config,
+    )
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("sms.tsv", "other.tsv"):
+        (tmp_path / name).write_text("ham\thi\n")
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+
+    def composed(*overrides: str):
+        with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
+    started = composed("data.path=sms.tsv")
+    absolute_paths(started)
+    save_run_config(started, tmp_path / "run")
+    resumed = config_for_resume(composed("ckpt_path=last", "data.path=./sms.tsv"), checkpoint)
+    assert resumed.data.path == "./sms.tsv"  # the same file
+    with pytest.raises(ResumeConfigError, match="data.path=other.tsv: the run in"):
+        config_for_resume(composed("ckpt_path=last", "data.path=other.tsv"), checkpoint)
+
+
 def test_a_new_run_in_an_earlier_runs_folder_is_refused_before_any_work(
     trained_run, sms_file, tmp_path
 ):

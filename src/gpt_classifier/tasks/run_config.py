@@ -117,8 +117,10 @@ def config_for_resume(cfg: DictConfig, checkpoint: Path) -> DictConfig:
             changed.append(f"{key}: {before} -> {value}")
     for key in DATA_KEYS:
         before, after = (OmegaConf.select(c, key, default=None) for c in (original, resumed))
+        paths = [Path(str(v)).expanduser().resolve() for v in (before, after) if v is not None]
+        same = before == after or (key == "data.path" and len(paths) == 2 and len(set(paths)) == 1)
         moved = key == "data.path" and before is not None and not Path(before).exists()
-        if before != after and not moved:
+        if not same and not moved:
             raise ResumeConfigError(
                 f"{key}={after}: the run in {checkpoint.parent.parent} was trained with "
                 f"{key}={before}, and changing it within the run would change its data split "
