@@ -313,11 +313,14 @@ def test_ckpt_path_names_what_is_missing(tmp_path):
         resume_checkpoint(str(tmp_path / "nope.ckpt"), tmp_path)
 
 
-def test_a_resume_keeps_the_runs_config_and_applies_plain_overrides(tmp_path):
+@pytest.fixture
+def composed():
+    """train.yaml composed as a command with these overrides composes it, Hydra's state set
+    as under that command (and cleared afterwards, for later tests)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    def composed(*overrides: str):
+    def compose_train(*overrides: str):
         with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
             cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
@@ -325,13 +328,14 @@ def test_a_resume_keeps_the_runs_config_and_applies_plain_overrides(tmp_path):
             del cfg["hydra"]
         return cfg
 
+    yield compose_train
+    HydraConfig.instance().cfg = None
+
+
+def test_a_resume_keeps_the_runs_config_and_applies_plain_overrides(tmp_path, composed):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
-    checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    try:
-        _check_resume_config(composed, run_dir, checkpoint)
-    finally:
-        HydraConfig.instance().cfg = None  # no Hydra state for later tests
+    _check_resume_config(composed, run_dir, run_dir / "checkpoints" / "last.ckpt")
 
 
 def _check_resume_config(composed, run_dir: Path, checkpoint: Path) -> None:
@@ -476,11 +480,8 @@ def test_a_run_keeps_its_local_files_by_absolute_path(tmp_path, monkeypatch):
     assert (hub.data.name, hub.model.weights) == ("ag_news", "gpt2")
 
 
-def test_a_resume_may_name_the_runs_data_file_by_a_relative_path(tmp_path, monkeypatch):
+def test_a_resume_may_name_the_runs_data_file_by_a_relative_path(tmp_path, monkeypatch, composed):
     """The run keeps data.path absolute; the resume command may repeat it as first given."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-
     from gpt_classifier.tasks.run_config import (
         ResumeConfigError,
         absolute_paths,
@@ -493,14 +494,6 @@ def test_a_resume_may_name_the_runs_data_file_by_a_relative_path(tmp_path, monke
         (tmp_path / name).write_text("ham\thi\n")
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
     checkpoint.parent.mkdir(parents=True)
-
-    def composed(*overrides: str):
-        with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-            cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        return cfg
 
     started = composed("data.path=sms.tsv")
     absolute_paths(started)
