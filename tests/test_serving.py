@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from entry_points import run_entry, start_entry
 
 from gpt_classifier.data.sms import parse_messages
@@ -450,3 +451,25 @@ def test_a_connection_that_never_finishes_its_headers_is_closed(server):
         start = time.monotonic()
         assert conn.recv(1024) == b""
         assert time.monotonic() - start < 5
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(),
+                    reason="this machine has the GPU that the test asks for in vain")  # fmt: skip
+def test_a_device_this_torch_cannot_use_is_named_before_a_worker_starts(trained_run):
+    """device=cuda on a machine without CUDA: the server said it was serving while its
+    worker could not start, and hung; predict.py failed in torch's words."""
+    from hydra import compose, initialize_config_dir
+
+    from gpt_classifier.inference.classifier import resolve_device
+    from gpt_classifier.tasks.serve import build_server
+
+    for device, said in (("cuda", "device=cuda: torch .* CUDA; use device=auto"),
+                         ("cuda:1", "device=cuda:1: torch"), ("mps", "MPS is not available"),
+                         ("gpu", "device=gpu: choose auto, cpu, cuda")):  # fmt: skip
+        with pytest.raises(ValueError, match=said):
+            resolve_device(device)
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("auto").type == "cpu"
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("serve", overrides=[f"ckpt_path={trained_run}", "device=cuda"])
+    with pytest.raises(ValueError, match="device=cuda: torch"):
+        build_server(cfg)

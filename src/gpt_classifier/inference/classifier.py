@@ -219,11 +219,31 @@ def export_format(folder: Path, config: dict[str, Any]) -> str:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA, then Apple's MPS, then the CPU."""
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU; a device that this torch cannot
+    use (``cuda`` on a machine without one) is an error naming ``device=``."""
     if device != "auto":
-        return torch.device(device)
+        try:
+            chosen = torch.device(device)
+        except RuntimeError as err:
+            raise ValueError(f"device={device}: choose auto, cpu, cuda (cuda:<n>) or mps") from err
+        if (why := unusable(chosen)) is not None:
+            raise ValueError(f"device={device}: {why}; use device=auto (a GPU where there is "
+                             "one, else the CPU) or device=cpu")  # fmt: skip
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def unusable(device: torch.device) -> str | None:
+    """Why this torch cannot run on ``device`` (a CUDA or MPS one), or None where it can."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        built = "finds no CUDA GPU" if torch.version.cuda else "is built without CUDA"
+        return f"torch {torch.__version__} {built}"
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA GPU(s), counted from 0"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return "Apple's MPS is not available (it needs macOS on Apple silicon)"
+    return None

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, open_dict
 
 from gpt_classifier.data.sms import FILE_NAME
 from gpt_classifier.data.tokenizer import BPE_URL
+from gpt_classifier.inference.classifier import unusable
 from gpt_classifier.model.weights import HUB_MODELS, HUB_PREFIX
 
 log = logging.getLogger(__name__)
@@ -111,17 +112,15 @@ def _old_keys(cfg: DictConfig) -> list[Missing]:
 
 def _device(trainer: DictConfig) -> list[Missing]:
     """The GPU that ``accelerator=cuda`` or ``mps`` asks for, where torch sees none."""
-    kind, mps = str(trainer.get("accelerator")), torch.backends.mps.is_available()
-    fixes = ["accelerator=auto (a GPU where there is one, else the CPU), or accelerator=cpu"]
-    if kind == "mps" and not mps:
-        why = "Apple's MPS is not available (it needs macOS on Apple silicon)"
-    elif kind in ("gpu", "cuda") and not (torch.cuda.is_available() or kind == "gpu" and mps):
-        why = f"torch {torch.__version__} finds no CUDA GPU (nvidia-smi, CUDA_VISIBLE_DEVICES?)"
-        if torch.version.cuda is None:  # Lightning's "gpu" is CUDA's, else Apple's MPS
-            why = f"torch {torch.__version__} is built without CUDA"
-            fixes.append("install a CUDA build of torch: https://pytorch.org/get-started/locally/")
-    else:
+    kind = str(trainer.get("accelerator"))
+    if kind not in ("gpu", "cuda", "mps"):
         return []
+    why = unusable(torch.device("mps" if kind == "mps" else "cuda"))
+    if why is None or (kind == "gpu" and unusable(torch.device("mps")) is None):
+        return []  # Lightning's "gpu" is CUDA's, else Apple's MPS
+    fixes = ["accelerator=auto (a GPU where there is one, else the CPU), or accelerator=cpu"]
+    if kind != "mps" and torch.version.cuda is None:
+        fixes.append("install a CUDA build of torch: https://pytorch.org/get-started/locally/")
     return [Missing(f"trainer.accelerator={kind}: {why}", tuple(fixes))]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from gpt_classifier.inference import TextClassifier
+from gpt_classifier.inference.classifier import resolve_device
 from gpt_classifier.tasks.preflight import ConfigError, check_inference
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ def build_server(cfg: DictConfig):
 
     if cfg.device not in DEVICES:
         raise ValueError(f"device={cfg.device!r} is not one of {list(DEVICES)}")
+    resolve_device(cfg.device)  # here, not in a worker that cannot start
     at_least_one = ("max_batch_size", "batch_size", "workers", "max_request_bytes", "max_texts")
     for key in (*at_least_one, "header_timeout"):
         if float(cfg[key]) < 1:
