@@ -301,6 +301,10 @@ def test_the_sweep_summary_ranks_jobs_by_the_metric_and_marks_the_best(tmp_path)
         metrics = {"val/acc": acc, "test/acc": acc - 0.01, "test/examples": 300.0,
                    "val/loss": 1 - acc}  # fmt: skip
         (folder / "metrics.json").write_text(json.dumps(metrics))
+    # A start refused in job 0's folder rewrote its .hydra/; its run_config.yaml keeps the
+    # overrides it ran with.
+    (tmp_path / "0" / "run_config.yaml").write_text("overrides: [optimizer.lr=1e-5, seed=1]\n")
+    (tmp_path / "0" / ".hydra" / "overrides.yaml").write_text("- optimizer.lr=9\n- seed=1\n")
     (tmp_path / "3" / ".hydra").mkdir(parents=True)  # a job that failed: no metrics.json
     (tmp_path / "3" / ".hydra" / "overrides.yaml").write_text("- optimizer.lr=-1\n- seed=1\n")
     write_sweep_summary(tmp_path, "val/acc")

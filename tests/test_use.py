@@ -560,7 +560,7 @@ def test_eval_report_from_torchmetrics_equals_the_landed_numbers(n):
 
 
 @pytest.mark.parametrize("which", ["last_block", "lora"])
-def test_onnx_export_runs_in_onnx_runtime_like_ours(which, request, tmp_path):
+def test_onnx_export_runs_in_onnx_runtime_like_ours(which, request, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     run = request.getfixturevalue("run_dir" if which == "last_block" else "lora_run_dir")
     ours = TextClassifier.load(run)
@@ -585,6 +585,23 @@ def test_onnx_export_runs_in_onnx_runtime_like_ours(which, request, tmp_path):
     )  # fmt: skip
     with pytest.raises(ValueError, match="runs on the CPU here"):
         TextClassifier.load(out, device="cuda")
+    # On a machine with a GPU, device=auto (predict.py's and serve.py's default) is the CPU
+    # for an ONNX export: it was the GPU, which the export refused.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert TextClassifier.load(out).device.type == "cpu"
+    from hydra import compose, initialize_config_dir
+
+    from gpt_classifier.inference import server_processes
+    from gpt_classifier.tasks.serve import build_server
+
+    class Server:
+        def __init__(self, api, accelerator, **settings):
+            self.accelerator = accelerator
+
+    monkeypatch.setattr(server_processes, "ClassifierServer", Server)
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("serve", overrides=[f"ckpt_path={out}"])
+    assert build_server(cfg).accelerator == "cpu"
 
 
 def test_a_sharded_checkpoint_folder_loads_and_exports_as_one_model(run_dir, tmp_path):

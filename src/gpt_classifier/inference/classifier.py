@@ -57,7 +57,12 @@ class TextClassifier:
     def __init__(
         self, model: SequenceClassifier, settings: InferenceSettings, device: str = "cpu"
     ) -> None:
-        self.model = model.eval().to(resolve_device(device))
+        if isinstance(model, torch.nn.Module):
+            model = model.eval().to(resolve_device(device))
+        elif device not in ("auto", "cpu"):  # ONNX Runtime: auto is the CPU, on any machine
+            raise ValueError(f"an ONNX export runs on the CPU here, not {device}; use device=cpu "
+                             "(or auto), or the native export on an accelerator")  # fmt: skip
+        self.model = model
         self.settings = settings
         self.tokenizer = get_tokenizer()
 

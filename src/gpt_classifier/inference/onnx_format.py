@@ -44,15 +44,6 @@ class OnnxClassifier:
         self.cfg = cfg
         self.num_parameters = num_parameters
 
-    def eval(self) -> OnnxClassifier:
-        return self
-
-    def to(self, device: torch.device) -> OnnxClassifier:
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"an ONNX export runs on the CPU here, not {device}; use "
-                             "device=cpu, or the native export on an accelerator")  # fmt: skip
-        return self
-
     def __call__(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         feed = {"input_ids": input_ids.cpu().numpy(), "lengths": lengths.cpu().numpy()}
         (logits,) = self.session.run(["logits"], feed)

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 
 SPLITS = ("train", "val", "test")
+# A run's record of its config, written once at its first start (tasks/run_config.py).
+RUN_CONFIG_FILE = "run_config.yaml"
 
 
 def write_json(path: Path, values: Mapping[str, Any]) -> None:
@@ -46,13 +48,20 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         sweep_dir.glob("*/metrics.json"), key=lambda p: _job_order(p.parent)
     ):
         job_dir = metrics_file.parent
-        overrides_file = job_dir / ".hydra" / "overrides.yaml"
-        overrides = OmegaConf.load(overrides_file) if overrides_file.is_file() else []
         metrics = json.loads(metrics_file.read_text())
-        row: dict[str, Any] = {"job": job_dir.name, "overrides": list(overrides)}
+        row: dict[str, Any] = {"job": job_dir.name, "overrides": job_overrides(job_dir)}
         row.update({k: v for k, v in metrics.items() if k != "best_checkpoint"})
         rows.append(row)
     return rows
+
+
+def job_overrides(job_dir: Path) -> list[str]:
+    """A job's overrides as its first start recorded them in ``run_config.yaml`` (Hydra
+    rewrites ``.hydra/`` at every start, a refused one included), else as in ``.hydra/``."""
+    record, hydra = job_dir / RUN_CONFIG_FILE, job_dir / ".hydra" / "overrides.yaml"
+    if record.is_file() and (overrides := OmegaConf.load(record).get("overrides")) is not None:
+        return list(overrides)
+    return list(OmegaConf.load(hydra)) if hydra.is_file() else []
 
 
 def _job_order(job_dir: Path) -> tuple[int, str]:
@@ -64,10 +73,9 @@ def write_sweep_summary(sweep_dir: Path, metric: str = "val/acc") -> list[dict[s
     the best job marked; then the jobs without ``metrics.json``) into ``sweep_dir``."""
     rows = sweep_rows(sweep_dir)
     finished = {row["job"] for row in rows}
-    others = {path.parent.parent.name: list(OmegaConf.load(path))
-              for path in sorted(sweep_dir.glob("*/.hydra/overrides.yaml"),
-                                 key=lambda path: _job_order(path.parent.parent))
-              if path.parent.parent.name not in finished}  # fmt: skip
+    others = {job.name: job_overrides(job) for job in sorted(
+        (path.parent.parent for path in sweep_dir.glob("*/.hydra/overrides.yaml")),
+        key=_job_order) if job.name not in finished}  # fmt: skip
     if not rows:
         log.warning("No finished job with metrics.json under %s; no summary written", sweep_dir)
         return rows

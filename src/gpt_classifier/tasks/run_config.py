@@ -22,11 +22,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gpt_classifier.checkpoints import find_checkpoint
 from gpt_classifier.files import atomic_path
+from gpt_classifier.reporting.reports import RUN_CONFIG_FILE
 from gpt_classifier.tasks.preflight import ConfigError
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG_FILE = "run_config.yaml"
 # Overrides a resume command always carries; they are not changes to the run.
 RESUME_KEYS = ("ckpt_path",)
 # What the split and the tokens depend on: a resume must not change them (the run's

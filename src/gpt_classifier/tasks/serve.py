@@ -33,12 +33,15 @@ def build_server(cfg: DictConfig):
             raise ValueError(f"{key}={cfg[key]} must be at least 1")
     path = Path(cfg.ckpt_path).expanduser()
     info = model_info(TextClassifier.load(path, device="cpu"), path)
+    # An ONNX export runs on the CPU: auto must not hand its workers a GPU.
+    onnx = info["runtime"] == "onnxruntime"
+    device = "cpu" if onnx and cfg.device == "auto" else cfg.device
     api = ClassifierAPI(str(path), batch_size=int(cfg.batch_size), workers=int(cfg.workers),
                         max_batch_size=int(cfg.max_batch_size),
                         batch_timeout=float(cfg.batch_timeout))  # fmt: skip
     return ClassifierServer(
         api,
-        accelerator=cfg.device,
+        accelerator=device,
         workers_per_device=int(cfg.workers),
         timeout=float(cfg.timeout),
         model_metadata=info,
