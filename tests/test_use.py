@@ -72,6 +72,33 @@ def test_an_export_replaces_an_earlier_one_whole_and_keeps_other_files(run_dir, 
     assert refused.returncode != 0 and f"out={mine} holds files" in refused.stderr
 
 
+def test_an_upload_that_cannot_happen_is_named_before_the_export(run_dir, tmp_path, monkeypatch):
+    """export.py hub_repo=...: offline, without a token, or not owner/name, it said so only
+    after writing the export, in huggingface_hub's words."""
+    from huggingface_hub import constants
+    from omegaconf import OmegaConf
+
+    from gpt_classifier.tasks.export import export
+    from gpt_classifier.tasks.preflight import ConfigError
+
+    out = tmp_path / "model"
+    cfg = OmegaConf.create({"ckpt_path": str(run_dir), "out": str(out), "hub_repo": "me/spam",
+                            "paths": {"output_dir": str(tmp_path)}})  # fmt: skip
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match="hub_repo=me/spam: HF_HUB_OFFLINE=1 forbids"):
+        export(cfg)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    with pytest.raises(ConfigError, match="an upload needs a Hugging Face token: run `hf auth"):
+        export(cfg)
+    cfg.hub_repo = "spam classifier"
+    with pytest.raises(ConfigError, match="hub_repo=spam classifier: .* Give owner/name"):
+        export(cfg)
+    assert not out.exists()
+
+
 def test_export_is_self_contained_and_reproduces_the_checkpoint(run_dir, export_dir):
     assert sorted(p.name for p in export_dir.iterdir()) == [
         "README.md", "config.json", "model.safetensors"

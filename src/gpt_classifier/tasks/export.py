@@ -23,6 +23,8 @@ def export(cfg: DictConfig) -> Path:
         check_export_folder(Path(cfg.out))  # before the model loads
     except FileExistsError as err:
         raise ConfigError(f"out={err}") from err
+    if cfg.get("hub_repo"):
+        check_hub_upload(str(cfg.hub_repo))
     fmt = cfg.get("format", "native")
     classifier = TextClassifier.load(cfg.ckpt_path)
     run = run_folder(cfg.ckpt_path)
@@ -33,9 +35,26 @@ def export(cfg: DictConfig) -> Path:
     if cfg.get("hub_repo"):
         from huggingface_hub import HfApi
 
-        # Needs a token (huggingface-cli login or HF_TOKEN) and the network.
         api = HfApi()
         api.create_repo(cfg.hub_repo, exist_ok=True)
         url = api.upload_folder(folder_path=str(folder), repo_id=cfg.hub_repo)
         log.info("Uploaded %s to %s", folder, url)
     return folder
+
+
+def check_hub_upload(repo: str) -> None:
+    """What ``hub_repo=`` needs, checked before the export: an ``owner/name``, the Hub not
+    switched off, and a token."""
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as err:
+        raise ConfigError(f"hub_repo={repo}: {err} Give owner/name.") from err
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"hub_repo={repo}: HF_HUB_OFFLINE=1 forbids the upload; unset it, "
+                          "or export without hub_repo")  # fmt: skip
+    if get_token() is None:
+        raise ConfigError(f"hub_repo={repo}: an upload needs a Hugging Face token: run `hf auth "
+                          "login` (or `huggingface-cli login`), or set HF_TOKEN")  # fmt: skip
