@@ -221,6 +221,10 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(reference, sms_file, tm
                            signal.SIGKILL)  # fmt: skip
     assert process.wait(timeout=60) == -signal.SIGKILL
     assert not (run_dir / "metrics.json").exists()
+    # The run's best so far (its first epoch's), not its furthest (a step checkpoint), is
+    # what predict.py, eval.py and export.py take from the unfinished run's folder.
+    assert find_checkpoint(run_dir, best=True).name == "best-epoch00.ckpt"
+    assert find_checkpoint(run_dir).name != "best-epoch00.ckpt"
     splits = {p.name: p.stat().st_mtime_ns for p in (run_dir / "splits").iterdir()}
     # Only the run folder: the run's own config comes from run_config.yaml.
     ok(run_entry("train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"))

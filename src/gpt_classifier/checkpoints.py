@@ -43,9 +43,10 @@ def is_checkpoint(path: Path) -> bool:
 
 def find_checkpoint(where: Path, best: bool = False) -> Path:
     """The checkpoint ``where`` names: itself when it is one; in a run folder (or its
-    ``checkpoints/``) the one that trained furthest, or with ``best`` the run's best
-    checkpoint when its ``metrics.json`` names one (looked for in this folder first: it
-    may have been moved since). Raises FileNotFoundError saying what to pass instead."""
+    ``checkpoints/``) the one that trained furthest, or with ``best`` the run's best: the
+    one its ``metrics.json`` names, or until it has one, its furthest checkpoint (looked for
+    in this folder first: it may have been moved since). Raises FileNotFoundError saying
+    what to pass instead."""
     where = Path(where).expanduser()
     if is_checkpoint(where):
         return where
@@ -69,8 +70,13 @@ def find_checkpoint(where: Path, best: bool = False) -> Path:
             ".ckpt file."
         )
     # Ties (a best checkpoint and last.ckpt saved at one step) go to last.ckpt.
-    return max(found, key=lambda p: (checkpoint_header(p)["global_step"], p.stat().st_mtime,
-                                     p.name == "last.ckpt"))  # fmt: skip
+    furthest = max(found, key=lambda p: (checkpoint_header(p)["global_step"], p.stat().st_mtime,
+                                         p.name == "last.ckpt"))  # fmt: skip
+    # A run that has not finished (no metrics.json): its furthest checkpoint knows its best.
+    named = checkpoint_header(furthest)["best_model_path"] if best else None
+    if named and is_checkpoint(candidate := folder / Path(named).name):
+        return candidate
+    return furthest
 
 
 def data_settings(ckpt_path: str | Path) -> dict[str, Any]:
@@ -93,7 +99,14 @@ def checkpoint_header(path: Path) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
         raise RuntimeError(f"{path} is not a readable checkpoint ({err})") from err
     loop = stored.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+    best = [
+        state.get("best_model_path")
+        for state in (stored.get("callbacks") or {}).values()
+        if isinstance(state, dict) and state.get("monitor") and state.get("best_model_path")
+    ]
     return {"global_step": int(stored.get("global_step", 0)),
+            # The best checkpoint so far by the monitored metric (ModelCheckpoint's state).
+            "best_model_path": best[0] if best else None,
             "epoch": int(stored.get("epoch", 0)),
             "epochs_done": stored.get("epochs_done"),
             # The step Lightning's loggers were at (TensorBoard continues from it).
