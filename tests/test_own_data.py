@@ -113,6 +113,9 @@ def test_multiple_text_columns_are_joined(tmp_path):
     [
         ("message,label\nhi,a\n", "m.csv", r"no column \['text'\] \(set data.text_column\); "
                                            r"its columns are \['message', 'label'\]"),
+        ("ham\tGo until jurong point\nspam\tFree entry\n", "m.tsv",
+         r"its columns are \['ham', 'Go until jurong point'\]; its first row looks like data: add "
+         r"a header row naming the columns"),
         ("text,label\nhi,a\n,b\n   ,a\nyo,\n", "m.csv",
          r"an empty text: rows 3; 1 row\(s\) with an empty 'label': rows 4"),
         ("text,label\nhi,a\n,b\nyo,a\n", "m.csv", r"1 row\(s\) with a null text \(text\): rows 2"),

@@ -70,8 +70,12 @@ def read_rows(table: Any, source: str, text_columns: Sequence[str], label_column
     absent = [c for c in [*text_columns, label_column] if c not in columns]
     if absent:
         which = f"{keys}text_column" if label_column not in absent else f"{keys}label_column"
+        # No column found, and names with spaces: a file without a header row, whose first
+        # row was taken for column names.
+        headless = len(absent) == len(text_columns) + 1 and any(" " in str(c) for c in columns)
+        hint = "; its first row looks like data: add a header row naming the columns" * headless
         raise DataFormatError(f"{source}: no column {absent} (set {which}); its columns "
-                              f"are {columns}")  # fmt: skip
+                              f"are {columns}{hint}")  # fmt: skip
     feature = table.features[label_column]
     names = getattr(feature, "names", None)  # a ClassLabel keeps its names
     # Whole columns at once: iterating a Dataset formats a table per row.
