@@ -73,7 +73,8 @@ def read_rows(table: Any, source: str, text_columns: Sequence[str], label_column
         # No column found, and names with spaces: a file without a header row, whose first
         # row was taken for column names.
         headless = len(absent) == len(text_columns) + 1 and any(" " in str(c) for c in columns)
-        hint = "; its first row looks like data: add a header row naming the columns" * headless
+        hint = "; its first row looks like data: add a header row naming the columns"
+        hint = hint if headless else ""
         raise DataFormatError(f"{source}: no column {absent} (set {which}); its columns "
                               f"are {columns}{hint}")  # fmt: skip
     feature = table.features[label_column]
