@@ -527,3 +527,35 @@ def test_a_new_run_in_an_earlier_runs_folder_is_refused_before_any_work(
     assert {p: p.read_bytes() for p in kept} == kept  # nothing of it changed, nothing added
     assert {p for p in earlier.rglob("*") if p.is_file() and ".hydra" not in p.parts} == {
         *kept, earlier / "train.log"}  # fmt: skip
+
+
+def test_a_start_that_fails_its_checks_leaves_its_folder_free_for_the_fixed_command(
+    sms_file, tmp_path
+):
+    """A run that stops on a bad setting before training (here the last check, the head
+    against the data's labels) keeps no run_config.yaml: the same command, fixed, trains
+    in that folder instead of being refused as a second run there."""
+    run = tmp_path / "run"
+    fixed = ["train.py", "model=gpt2-tiny", "accelerator=cpu", f"data.path={sms_file}",
+             f"hydra.run.dir={run}", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+             "callbacks.progress_bar.refresh_rate=0"]  # fmt: skip
+    failed = run_entry(*fixed, "classifier.num_classes=3")
+    assert failed.returncode != 0 and "classifier.num_classes=3" in failed.stderr
+    assert not (run / "run_config.yaml").exists()
+    ok(run_entry(*fixed))
+    assert (run / "run_config.yaml").is_file() and (run / "metrics.json").is_file()
+
+
+def test_a_folder_whose_run_saved_no_checkpoint_is_not_offered_for_resuming(tmp_path):
+    """Refusing a new run in a folder whose run never saved a checkpoint (killed in the
+    prefix pass) says to delete it or use another, not ``ckpt_path=last``, which fails."""
+    from gpt_classifier.tasks.run_config import check_new_run_folder
+
+    (tmp_path / "run_config.yaml").write_text("config: {}\n")
+    with pytest.raises(ConfigError, match="it saved no checkpoint to resume from: delete") as err:
+        check_new_run_folder(tmp_path)
+    assert "ckpt_path=last" not in str(err.value)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step.ckpt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=f"ckpt_path=last hydra.run.dir={tmp_path}"):
+        check_new_run_folder(tmp_path)

@@ -190,12 +190,15 @@ def requeued_run(output_dir: Path) -> str | None:
 def check_new_run_folder(output_dir: Path) -> None:
     """A new run (no ``ckpt_path``) starts in a folder that holds no run yet: in an earlier
     run's folder it would mix its checkpoints with that run's, under that run's config."""
+    checkpoints = [f"checkpoints/{p.name}" for p in sorted(output_dir.glob("checkpoints/*.ckpt"))]
     found = [name for name in (RUN_CONFIG_FILE, "metrics.json") if (output_dir / name).exists()]
-    found += [f"checkpoints/{p.name}" for p in sorted(output_dir.glob("checkpoints/*.ckpt"))]
-    if found:
+    if found or checkpoints:
+        earlier = (f"resume it with ckpt_path=last hydra.run.dir={output_dir}" if checkpoints
+                   else f"it saved no checkpoint to resume from: delete {output_dir} to start "
+                   "over there")  # fmt: skip
         raise ConfigError(
-            f"the output folder {output_dir} holds a run already ({', '.join(found[:4])}): "
-            f"resume it with ckpt_path=last hydra.run.dir={output_dir}, or start this run in "
+            f"the output folder {output_dir} holds a run already "
+            f"({', '.join([*found, *checkpoints][:4])}): {earlier}, or start this run in "
             "a new folder (another hydra.run.dir or hydra.sweep.dir, or none: a new dated one)"
         )
 

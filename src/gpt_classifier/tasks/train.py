@@ -95,9 +95,6 @@ def train(cfg: DictConfig) -> float:
     # Only the first process writes the run's files (the others are started by the
     # strategy inside fit, or by the cluster, and run this function too).
     rank_zero = is_rank_zero_process()
-    if rank_zero:
-        save_run_config(cfg, output_dir, {"trainer.precision": trainer.precision})
-
     L.seed_everything(cfg.seed, workers=True)
     backbone = build_backbone(cfg.model)
     splits_dir = output_dir / "splits" if rank_zero else None
@@ -109,6 +106,8 @@ def train(cfg: DictConfig) -> float:
     train_labels = [label for _, label in datamodule.load_splits().train]
     counts = [train_labels.count(i) for i in range(len(datamodule.label_names))]
     module = build_module(cfg, backbone, datamodule.label_names, fsdp, counts)
+    if rank_zero:  # only now: a start that failed its checks leaves the folder free for a rerun
+        save_run_config(cfg, output_dir, {"trainer.precision": trainer.precision})
 
     random_state.capture()
     start = time.perf_counter()
