@@ -140,7 +140,7 @@ def test_inference_batches_pad_least_within_their_limits(seed):
     lengths = [
         rng.choice([1, 3, 5, 8, 20, 40, 90]) + rng.randrange(5) for _ in range(rng.randrange(1, 9))
     ]
-    batches = plan_batches(lengths, max_size=3, max_tokens=100, per_batch_cost=10)
+    batches = plan_batches(lengths, batch_size=3, max_tokens=100, per_batch_cost=10)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert all(fits(lengths, b) for b in batches)
     # No other cut of the longest-first order into batches within the limits costs less.
@@ -150,6 +150,12 @@ def test_inference_batches_pad_least_within_their_limits(seed):
     within = [parts for parts in plans if all(fits(lengths, part) for part in parts)]
     best = min(padded_cost(lengths, parts, 10) for parts in within)
     assert padded_cost(lengths, batches, 10) == best
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_a_batch_size_below_one_is_refused_not_taken_as_one_batch_of_everything(batch_size):
+    with pytest.raises(ValueError, match=f"batch_size={batch_size}: give a whole number, 1 or"):
+        plan_batches([5, 3, 8], batch_size=batch_size, max_tokens=100)
 
 
 def fits(lengths, batch) -> bool:

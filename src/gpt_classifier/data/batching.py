@@ -26,24 +26,26 @@ def truncate(ids: list[int], max_length: int, side: TruncationSide) -> tuple[lis
     return (ids[:max_length] if side == "right" else ids[-max_length:]), True
 
 
-def plan_batches(lengths: Sequence[int], max_size: int, max_tokens: int,
+def plan_batches(lengths: Sequence[int], batch_size: int, max_tokens: int,
                  per_batch_cost: int = 64) -> list[list[int]]:  # fmt: skip
     """Indices of ``lengths`` grouped into batches for inference, longest first, so that
     padded tokens plus a fixed cost per batch are fewest.
 
     Each batch pads to its longest text: cutting a sorted list into equal-size batches
-    pads random SMS messages to ~1.8x their tokens. A batch holds at most ``max_size``
+    pads random SMS messages to ~1.8x their tokens. A batch holds at most ``batch_size``
     texts and ``max_tokens`` padded tokens (one text always fits); ``per_batch_cost``, in
     tokens, is what one more forward pass costs beyond its tokens (smaller matrix products
     run slower), so that the plan does not shatter into single texts.
     """
+    if batch_size < 1:  # else every text would go into one batch, however many
+        raise ValueError(f"batch_size={batch_size}: give a whole number, 1 or more")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     widths = [lengths[i] for i in order]
     n = len(order)
     # best[i]: least cost of the first i texts; start[i]: where the last batch begins.
     best, start = [0.0] + [float("inf")] * n, [0] * (n + 1)
     for i in range(1, n + 1):
-        for j in range(i - 1, max(-1, i - 1 - max_size), -1):
+        for j in range(i - 1, max(-1, i - 1 - batch_size), -1):
             count = i - j
             if count > 1 and widths[j] * count > max_tokens:
                 break  # widths[j] only grows as j falls
