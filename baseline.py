@@ -8,8 +8,10 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig) -> float:
     """TF-IDF + logistic regression; returns the metric a sweep optimises."""
     from gpt_classifier.tasks.baseline import baseline
+    from gpt_classifier.tasks.errors import shown_as_messages
 
-    return baseline(cfg)
+    with shown_as_messages():
+        return baseline(cfg)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="configs", config_name="serve")
 def main(cfg: DictConfig) -> None:
     """Hand the composed config to the task."""
+    from gpt_classifier.tasks.errors import shown_as_messages
     from gpt_classifier.tasks.serve import serve
 
-    serve(cfg)
+    with shown_as_messages():
+        serve(cfg)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,14 @@ warnings.filterwarnings("ignore", message=".*validated against ConfigStore schem
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
     """Run one training job; returns the metric a sweep optimises."""
+    from gpt_classifier.tasks.errors import shown_as_messages
     from gpt_classifier.tasks.preflight import check_training
 
-    check_training(cfg)  # before Lightning is imported: a failed start takes seconds
-    from gpt_classifier.tasks.train import train
+    with shown_as_messages():
+        check_training(cfg)  # before Lightning is imported: a failed start takes seconds
+        from gpt_classifier.tasks.train import train
 
-    return train(cfg)
+        return train(cfg)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,8 @@ def test_trainer_fsdp_is_lightnings_strategy_per_block_and_needs_gpus(tmp_path):
     from lightning.pytorch.strategies import FSDPStrategy
 
     from gpt_classifier.model.gpt import TransformerBlock
-    from gpt_classifier.tasks.components import ConfigError, build_trainer
+    from gpt_classifier.tasks.components import build_trainer
+    from gpt_classifier.tasks.errors import ConfigError
 
     with initialize_config_dir(str(Path(__file__).parents[1] / "configs"), version_base="1.3"):
         overrides = ["trainer=fsdp", "model=gpt2-tiny", "accelerator=cpu", "trainer.devices=2",

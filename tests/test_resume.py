@@ -20,7 +20,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf, open_dict
 
 from gpt_classifier.checkpoints import find_checkpoint
-from gpt_classifier.tasks.components import ConfigError, check_writable
+from gpt_classifier.tasks.components import check_writable
+from gpt_classifier.tasks.errors import ConfigError
 from gpt_classifier.tasks.run_config import resume_checkpoint
 from gpt_classifier.training.resume import (
     AtomicCheckpointIO,
@@ -540,7 +541,8 @@ def test_a_start_that_fails_its_checks_leaves_its_folder_free_for_the_fixed_comm
              f"hydra.run.dir={run}", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
              "callbacks.progress_bar.refresh_rate=0"]  # fmt: skip
     failed = run_entry(*fixed, "classifier.num_classes=3")
-    assert failed.returncode != 0 and "classifier.num_classes=3" in failed.stderr
+    assert failed.returncode != 0 and "\nConfigError: classifier.num_classes=3" in failed.stderr
+    assert "Traceback" not in failed.stderr  # a message to act on, not our frames
     assert not (run / "run_config.yaml").exists()
     ok(run_entry(*fixed))
     assert (run / "run_config.yaml").is_file() and (run / "metrics.json").is_file()

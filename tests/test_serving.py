@@ -217,7 +217,7 @@ def test_a_port_in_use_is_named_before_the_model_loads(monkeypatch):
     from omegaconf import OmegaConf
 
     from gpt_classifier.tasks import serve as task
-    from gpt_classifier.tasks.preflight import ConfigError
+    from gpt_classifier.tasks.errors import ConfigError
     from gpt_classifier.tasks.serve import serve
 
     def load(*args, **kwargs):

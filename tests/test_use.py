@@ -78,8 +78,8 @@ def test_an_upload_that_cannot_happen_is_named_before_the_export(run_dir, tmp_pa
     from huggingface_hub import constants
     from omegaconf import OmegaConf
 
+    from gpt_classifier.tasks.errors import ConfigError
     from gpt_classifier.tasks.export import export
-    from gpt_classifier.tasks.preflight import ConfigError
 
     out = tmp_path / "model"
     cfg = OmegaConf.create({"ckpt_path": str(run_dir), "out": str(out), "hub_repo": "me/spam",

@@ -300,7 +300,8 @@ def test_model_weights_given_on_the_command_line_is_never_ignored(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    from gpt_classifier.tasks.preflight import ConfigError, honour_weights
+    from gpt_classifier.tasks.errors import ConfigError
+    from gpt_classifier.tasks.preflight import honour_weights
 
     def composed(*overrides: str):
         configs = str(Path(__file__).resolve().parents[1] / "configs")

@@ -29,7 +29,7 @@ from gpt_classifier.model.config import PRESETS
 from gpt_classifier.model.gpt import GPT
 from gpt_classifier.reporting.tensorboard import skip_tensorflow_import
 from gpt_classifier.sweep_reuse import reuse
-from gpt_classifier.tasks.preflight import ConfigError
+from gpt_classifier.tasks.errors import ConfigError
 from gpt_classifier.training.module import ClassifierModule
 from gpt_classifier.training.precision import PRECISION_RECORD, resolve_precision
 from gpt_classifier.training.resume import AtomicCheckpointIO

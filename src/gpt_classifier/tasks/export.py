@@ -9,8 +9,9 @@ from omegaconf import DictConfig
 
 from gpt_classifier.inference import TextClassifier
 from gpt_classifier.inference.classifier import check_export_folder
+from gpt_classifier.tasks.errors import ConfigError
 from gpt_classifier.tasks.model_card import hub_base_model, run_folder, write_model_card
-from gpt_classifier.tasks.preflight import ConfigError, check_inference
+from gpt_classifier.tasks.preflight import check_inference
 
 log = logging.getLogger(__name__)
 

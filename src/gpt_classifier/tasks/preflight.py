@@ -23,6 +23,7 @@ from gpt_classifier.data.sms import FILE_NAME
 from gpt_classifier.data.tokenizer import BPE_URL
 from gpt_classifier.inference.classifier import unusable
 from gpt_classifier.model.weights import HUB_MODELS, HUB_PREFIX
+from gpt_classifier.tasks.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,6 @@ EXIT_STATUS = 2
 REACH_TIMEOUT_S = 2.0
 _SHORT_NAMES = [name for name in HUB_MODELS if "/" not in name]
 SMOKE_RUN = "model.pretrained=false (random weights: a smoke run, not a classifier)"
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and what to set."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from gpt_classifier.checkpoints import find_checkpoint
 from gpt_classifier.files import atomic_path
 from gpt_classifier.reporting.reports import RUN_CONFIG_FILE
-from gpt_classifier.tasks.preflight import ConfigError
+from gpt_classifier.tasks.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ from omegaconf import DictConfig
 
 from gpt_classifier.inference import TextClassifier
 from gpt_classifier.inference.classifier import resolve_device
-from gpt_classifier.tasks.preflight import ConfigError, check_inference
+from gpt_classifier.tasks.errors import ConfigError
+from gpt_classifier.tasks.preflight import check_inference
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from gpt_classifier.reporting.plots import plt, save_confusion_matrix
 from gpt_classifier.reporting.reports import results_table, write_json
 from gpt_classifier.reporting.tensorboard import hparams_for_dashboard, log_final_hparams
 from gpt_classifier.tasks.components import (
-    ConfigError,
     build,
     build_backbone,
     build_datamodule,
@@ -30,6 +29,7 @@ from gpt_classifier.tasks.components import (
     check_writable,
     in_multirun,
 )
+from gpt_classifier.tasks.errors import ConfigError
 from gpt_classifier.tasks.run_config import (
     absolute_paths,
     check_new_run_folder,
