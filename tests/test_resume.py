@@ -561,3 +561,35 @@ def test_a_folder_whose_run_saved_no_checkpoint_is_not_offered_for_resuming(tmp_
     (tmp_path / "checkpoints" / "step.ckpt").write_bytes(b"")
     with pytest.raises(ConfigError, match=f"ckpt_path=last hydra.run.dir={tmp_path}"):
         check_new_run_folder(tmp_path)
+
+
+def test_a_run_continued_into_a_new_folder_keeps_its_best_checkpoint(sms_file, tmp_path):
+    """``ckpt_path=<run>`` with another ``hydra.run.dir`` continues the run in a new folder:
+    the final evaluation takes the best checkpoint of the whole run, as the uninterrupted
+    run does, not the new folder's first (Lightning's ModelCheckpoint forgets the record
+    there). The earlier folder's files stay as they were."""
+    common = ["model=gpt2-tiny", "accelerator=cpu", f"data.path={sms_file}",
+              "trainer.limit_train_batches=30", "optimizer.lr=5e-3", "trainer.precision=32-true",
+              "optimize_metric=val/loss", "callbacks.progress_bar.refresh_rate=0"]  # fmt: skip
+    whole, first, continued = tmp_path / "whole", tmp_path / "first", tmp_path / "continued"
+    ok(run_entry("train.py", *common, "trainer.max_epochs=2", f"hydra.run.dir={whole}"))
+    # At this learning rate the second epoch's validation loss is worse (0.557 to 0.518).
+    assert Path(json.loads((whole / "metrics.json").read_text())["best_checkpoint"]).name == (
+        "best-epoch00.ckpt")  # fmt: skip
+    ok(run_entry("train.py", *common, "trainer.max_epochs=1", f"hydra.run.dir={first}"))
+    kept = {p: p.read_bytes() for p in (first / "checkpoints").iterdir()}
+    ok(run_entry("train.py", f"ckpt_path={first}", "trainer.max_epochs=2",
+                 f"hydra.run.dir={continued}"))  # fmt: skip
+    assert final_metrics(continued) == final_metrics(whole)
+    assert json.loads((continued / "metrics.json").read_text())["best_checkpoint"] == str(
+        first / "checkpoints" / "best-epoch00.ckpt")  # fmt: skip
+    assert {p: p.read_bytes() for p in (first / "checkpoints").iterdir()} == kept
+
+
+def test_run_checkpoints_keep_lightnings_state_key():
+    """Checkpoints saved with Lightning's ModelCheckpoint resume into RunCheckpoint (and the
+    other way round): Lightning finds a callback's state by its key, named for its class."""
+    from gpt_classifier.training.resume import RunCheckpoint
+
+    for kwargs in ({"monitor": "val/acc", "mode": "max"}, {"monitor": None}):
+        assert RunCheckpoint(**kwargs).state_key == ModelCheckpoint(**kwargs).state_key

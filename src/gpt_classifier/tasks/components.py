@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
@@ -32,7 +32,7 @@ from gpt_classifier.sweep_reuse import reuse
 from gpt_classifier.tasks.errors import ConfigError
 from gpt_classifier.training.module import ClassifierModule
 from gpt_classifier.training.precision import PRECISION_RECORD, resolve_precision
-from gpt_classifier.training.resume import AtomicCheckpointIO
+from gpt_classifier.training.resume import AtomicCheckpointIO, RunCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -239,11 +239,11 @@ def _monitor_mode(monitor: str, mode: str | None, key: str) -> str:
 
 
 def best_checkpoint(monitor: str = "val/acc", mode: str | None = None,
-                    **kwargs: Any) -> ModelCheckpoint:  # fmt: skip
-    """Lightning's ``ModelCheckpoint`` keeping the best checkpoint by ``monitor``
-    (``optimize_metric``); ``mode`` null: ``min`` for a loss, else ``max``."""
+                    **kwargs: Any) -> RunCheckpoint:  # fmt: skip
+    """The best checkpoint by ``monitor`` (``optimize_metric``); ``mode`` null: ``min``
+    for a loss, else ``max``."""
     mode = _monitor_mode(monitor, mode, "optimize_metric")
-    return ModelCheckpoint(monitor=monitor, mode=mode, **kwargs)
+    return RunCheckpoint(monitor=monitor, mode=mode, **kwargs)
 
 
 def early_stopping(
