@@ -336,6 +336,18 @@ def test_a_sweep_whose_job_fails_still_summarises_the_others(tmp_path, sms_file)
     assert "| optimizer.lr=0.0001 |" in table and "\n- 0: `optimizer.lr=-1`\n" in table
 
 
+def test_a_sweep_job_that_cannot_start_fails_alone(tmp_path, sms_file):
+    """A job stopped by the pre-flight (here its data file is missing) fails as a job: the
+    jobs after it still run, and the summary lists it with its overrides."""
+    result = run_train(tmp_path, sms_file, f"data.path=missing.txt,{sms_file}",
+                       "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+                       "trainer.limit_val_batches=2", multirun=True)  # fmt: skip
+    assert result.returncode != 0 and "1. data.path=missing.txt does not exist" in result.stderr
+    assert (tmp_path / "sweep" / "1" / "metrics.json").is_file()
+    table = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "\n- 0: `data.path=missing.txt`\n" in table
+
+
 def test_early_stopping_is_off_by_default_and_stops_after_patience(tmp_path, sms_file):
     # Learning rate 0: val/acc never improves, so patience 1 stops after the second epoch.
     ok(run_train(tmp_path, sms_file, "optimizer.lr=0.0", "trainer.max_epochs=5",

@@ -31,7 +31,7 @@ def baseline(cfg: DictConfig) -> float:
         from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import confusion_matrix, log_loss
     except ImportError as err:
-        raise SystemExit(
+        raise ImportError(
             f'baseline.py needs scikit-learn ({err}); install it with: pip install -e ".[baseline]"'
         ) from err
     output_dir = Path(cfg.paths.output_dir)

@@ -17,13 +17,14 @@ from urllib.parse import urlparse
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from gpt_classifier.data.sms import FILE_NAME
 from gpt_classifier.data.tokenizer import BPE_URL
 from gpt_classifier.inference.classifier import unusable
 from gpt_classifier.model.weights import HUB_MODELS, HUB_PREFIX
-from gpt_classifier.tasks.errors import ConfigError
+from gpt_classifier.tasks.errors import ConfigError, ShownAsMessage
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +280,10 @@ def _stop(missing: list[Missing], output_dir: Path) -> None:
         lines.append(f"  {number}. {item.what}")
         lines.extend(f"     fix: {fix}" for fix in item.fixes)
     message = "\n".join(lines)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        # A failed job, as Hydra records it: the sweep's other jobs still run, and its
+        # summary lists this one (its folder kept, with the overrides in .hydra/).
+        raise ShownAsMessage(message)
     _remove_empty_run_folder(output_dir)
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise RuntimeError(message)
