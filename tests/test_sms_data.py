@@ -135,6 +135,8 @@ def test_too_little_data_fails_before_training_naming_file_and_counts(
         ({"eval_batch_size": 2.5}, "data.eval_batch_size=2.5: give a whole number"),
         ({"max_length": 0}, "data.max_length=0: give a whole number"),  # not "the context"
         ({"train_frac": 0.95}, "data.train_frac=0.95, validation_frac=0.1: give a train share"),
+        # Checked here, not only when a text is long enough to be cut.
+        ({"truncation_side": "middle"}, "data.truncation_side='middle'; use right (keep the"),
     ],
 )
 def test_bad_numbers_are_named_when_the_data_module_is_made(setting, says):
@@ -143,6 +145,13 @@ def test_bad_numbers_are_named_when_the_data_module_is_made(setting, says):
     for module in (SMSSpamDataModule, FilesDataModule):
         with pytest.raises(ValueError, match=re.escape(says)):
             module(path="unused.csv", **setting)
+
+
+def test_a_max_length_past_the_context_is_said_to_be_cut_there(caplog):
+    with caplog.at_level("WARNING"):
+        SMSSpamDataModule(path="unused", max_length=5000, context_length=1024)
+    assert "data.max_length=5000 is more than the model's context: texts are cut at its 1024" in (
+        caplog.text)  # fmt: skip
 
 
 def test_split_minimum_follows_the_batch_settings(tmp_path):

@@ -101,6 +101,12 @@ class SMSSpamDataModule(L.LightningDataModule):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"data.{key}={value!r}: give a whole number, 1 or more")
+        if truncation_side not in ("right", "left"):
+            raise ValueError(f"data.truncation_side={truncation_side!r}; use right (keep the "
+                             "start) or left (keep the end)")  # fmt: skip
+        if max_length is not None and max_length > context_length:
+            log.warning("data.max_length=%d is more than the model's context: texts are cut "
+                        "at its %d tokens", max_length, context_length)  # fmt: skip
         self.save_hyperparameters(ignore=["splits_dir"], logger=False)
         self.path, self.data_dir = path, data_dir
         self.labels = dict(labels)
@@ -220,12 +226,10 @@ class SMSSpamDataModule(L.LightningDataModule):
             long = [i for i, row in enumerate(ids) if len(row) > limit]
             for i in long:
                 ids[i], _ = truncate(ids[i], limit, hp.truncation_side)
-            if n_cut := len(long):
-                log.warning(
-                    "%s: %d of %d messages were longer than %d tokens and were truncated (%s)",
-                    name, n_cut, len(ids), limit,
-                    "end kept" if hp.truncation_side == "left" else "start kept",
-                )  # fmt: skip
+            if long:
+                kept = "end kept" if hp.truncation_side == "left" else "start kept"
+                log.warning("%s: %d of %d messages were longer than %d tokens and were "
+                            "truncated (%s)", name, len(long), len(ids), limit, kept)  # fmt: skip
             datasets[name] = TokenizedTexts(ids, [y for _, y in rows], pad_to)
         return datasets
 
@@ -259,10 +263,8 @@ class SMSSpamDataModule(L.LightningDataModule):
             # data.batch_size per process: the global batch is batch_size x processes.
             global_size = hp.batch_size * world_size
             if hp.bucket_by_length:
-                batches = BucketBatchSampler(
-                    dataset.sizes.tolist(), global_size, hp.drop_last,
-                    seed=hp.seed,
-                )  # fmt: skip
+                batches = BucketBatchSampler(dataset.sizes.tolist(), global_size,
+                                             hp.drop_last, seed=hp.seed)  # fmt: skip
             else:
                 order = (
                     ReplayableRandomSampler(dataset) if hp.shuffle else SequentialSampler(dataset)
@@ -277,12 +279,9 @@ class SMSSpamDataModule(L.LightningDataModule):
                 dataset, batch_size=hp.batch_size, drop_last=hp.drop_last,
                 sampler=ReplayableRandomSampler(dataset) if hp.shuffle else None, **common,
             )  # fmt: skip
-        return DataLoader(
-            dataset,
-            batch_size=hp.eval_batch_size or hp.batch_size,
-            sampler=LengthSortedSampler(dataset.sizes.tolist(), rank, world_size),
-            **common,
-        )
+        return DataLoader(dataset, batch_size=hp.eval_batch_size or hp.batch_size,
+                          sampler=LengthSortedSampler(dataset.sizes.tolist(), rank, world_size),
+                          **common)  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["train"], train=True)
