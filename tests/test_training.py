@@ -348,6 +348,17 @@ def test_a_sweep_job_that_cannot_start_fails_alone(tmp_path, sms_file):
     assert "\n- 0: `data.path=missing.txt`\n" in table
 
 
+@pytest.mark.parametrize(("override", "says"), [
+    ("seed=-1", "\nConfigError: seed=-1: -1 is not in bounds"),
+    # A string is not a list of weights: it was read character by character.
+    ("classifier.class_weights=auot", "classifier.class_weights=auot: give 2 positive numbers"),
+])  # fmt: skip
+def test_a_bad_value_is_named_by_its_key(tmp_path, sms_file, override, says):
+    result = run_train(tmp_path, sms_file, override, "trainer.limit_train_batches=1")
+    assert result.returncode != 0 and says in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_early_stopping_is_off_by_default_and_stops_after_patience(tmp_path, sms_file):
     # Learning rate 0: val/acc never improves, so patience 1 stops after the second epoch.
     ok(run_train(tmp_path, sms_file, "optimizer.lr=0.0", "trainer.max_epochs=5",

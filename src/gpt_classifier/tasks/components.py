@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import FSDPStrategy
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from gpt_classifier.data.datamodule import SMSSpamDataModule
 from gpt_classifier.finetuning.methods import FineTuningMethod
@@ -135,7 +135,7 @@ def build_module(
     weights = cfg.classifier.get("class_weights")
     if weights == "auto":
         weights = inverse_frequency(class_counts or [], label_names)
-    elif weights is not None:
+    elif isinstance(weights, ListConfig):
         weights = list(weights)
     try:
         return ClassifierModule(model, method, build(cfg, "optimizer"), scheduler,

@@ -95,7 +95,10 @@ def train(cfg: DictConfig) -> float:
     # Only the first process writes the run's files (the others are started by the
     # strategy inside fit, or by the cluster, and run this function too).
     rank_zero = is_rank_zero_process()
-    L.seed_everything(cfg.seed, workers=True)
+    try:
+        L.seed_everything(cfg.seed, workers=True)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"seed={cfg.seed}: {err}") from err
     backbone = build_backbone(cfg.model)
     splits_dir = output_dir / "splits" if rank_zero else None
     datamodule = build_datamodule(cfg, backbone.cfg.context_length, splits_dir)

@@ -74,9 +74,11 @@ class ClassifierModule(L.LightningModule):
         if not 0 <= positive_class < model.num_classes:
             raise ValueError(f"positive class {positive_class} is not one of the classes")
         if class_weights is not None:
-            class_weights = [float(w) for w in class_weights]
-            if len(class_weights) != model.num_classes or min(class_weights) <= 0:
-                raise ValueError(f"classifier.class_weights={class_weights}: give "
+            given = class_weights  # a list of numbers; a string, e.g. a typo of auto, is not
+            numbers = not isinstance(given, str) and all(isinstance(w, int | float) for w in given)
+            class_weights = [float(w) for w in given] if numbers else []
+            if len(class_weights) != model.num_classes or min(class_weights, default=0) <= 0:
+                raise ValueError(f"classifier.class_weights={given}: give "
                                  f"{model.num_classes} positive numbers, one per class "
                                  f"({', '.join(names)}), or auto")  # fmt: skip
         self.model = model
@@ -270,10 +272,8 @@ class ClassifierModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
-        }
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}  # fmt: skip
 
     def _fused_default(self) -> dict[str, Any]:
         """``fused=True`` where the optimizer has a fused kernel for this device and the
