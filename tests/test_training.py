@@ -350,11 +350,13 @@ def test_a_sweep_job_that_cannot_start_fails_alone(tmp_path, sms_file):
 
 @pytest.mark.parametrize(("override", "says"), [
     ("seed=-1", "\nConfigError: seed=-1: -1 is not in bounds"),
+    # torch divides by T_max at the first epoch's end, after that epoch's work.
+    ("scheduler=cosine scheduler.T_max=0", "ConfigError: scheduler: integer modulo by zero"),
     # A string is not a list of weights: it was read character by character.
     ("classifier.class_weights=auot", "classifier.class_weights=auot: give 2 positive numbers"),
 ])  # fmt: skip
 def test_a_bad_value_is_named_by_its_key(tmp_path, sms_file, override, says):
-    result = run_train(tmp_path, sms_file, override, "trainer.limit_train_batches=1")
+    result = run_train(tmp_path, sms_file, *override.split(), "trainer.limit_train_batches=1")
     assert result.returncode != 0 and says in result.stderr
     assert "Traceback" not in result.stderr
 

@@ -141,12 +141,21 @@ def train(cfg: DictConfig) -> float:
 
 
 def check_optimizer(cfg: DictConfig) -> None:
-    """The optimizer's settings, tried on a stand-in parameter: a bad value (a negative
-    ``optimizer.lr``) fails now, naming the key, not when training starts."""
+    """The optimizer's and the scheduler's settings, tried on a stand-in parameter: a bad
+    value (a negative ``optimizer.lr``, ``scheduler.T_max=0``) fails now, naming the
+    group, not in the middle of training."""
     try:
-        build(cfg, "optimizer")([torch.nn.Parameter(torch.zeros(1))])
+        optimizer = build(cfg, "optimizer")([torch.nn.Parameter(torch.zeros(1))])
     except (ValueError, TypeError) as err:
         raise ConfigError(f"optimizer: {err}") from err
+    if cfg.get("scheduler"):
+        try:
+            scheduler = build(cfg, "scheduler")(optimizer)
+            optimizer.step()  # no gradient: nothing changes, and the scheduler may step after it
+            scheduler.step()
+        except (ValueError, TypeError, ArithmeticError) as err:
+            settings = {k: v for k, v in cfg.scheduler.items() if not k.startswith("_")}
+            raise ConfigError(f"scheduler: {err} (with {settings})") from err
 
 
 def check_monitored(cfg: DictConfig, label_names: list[str]) -> None:
