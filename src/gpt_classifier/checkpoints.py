@@ -57,11 +57,11 @@ def find_checkpoint(where: Path, best: bool = False) -> Path:
     run = where.parent if where.name == "checkpoints" else where
     folder = run / "checkpoints"
     metrics = run / "metrics.json"
-    if best and metrics.is_file():
-        named = json.loads(metrics.read_text()).get("best_checkpoint")
-        for candidate in (folder / Path(named).name, Path(named)) if named else ():
-            if is_checkpoint(candidate):
-                return candidate
+    recorded = None
+    if best and metrics.is_file():  # a finished run: the checkpoint its final evaluation took
+        recorded = json.loads(metrics.read_text()).get("best_checkpoint")
+    if named := _named(folder, recorded):
+        return named
     found = [p for p in folder.glob("*.ckpt") if is_checkpoint(p)] if folder.is_dir() else []
     if not found:
         raise FileNotFoundError(
@@ -73,10 +73,15 @@ def find_checkpoint(where: Path, best: bool = False) -> Path:
     furthest = max(found, key=lambda p: (checkpoint_header(p)["global_step"], p.stat().st_mtime,
                                          p.name == "last.ckpt"))  # fmt: skip
     # A run that has not finished (no metrics.json): its furthest checkpoint knows its best.
-    named = checkpoint_header(furthest)["best_model_path"] if best else None
-    if named and is_checkpoint(candidate := folder / Path(named).name):
-        return candidate
-    return furthest
+    named = _named(folder, checkpoint_header(furthest)["best_model_path"]) if best else None
+    return named or furthest
+
+
+def _named(folder: Path, recorded: str | None) -> Path | None:
+    """The checkpoint a run recorded as its best: in ``folder`` by name (the run may have
+    moved since), else where it was written (a run continued from another folder)."""
+    candidates = (folder / Path(recorded).name, Path(recorded)) if recorded else ()
+    return next((candidate for candidate in candidates if is_checkpoint(candidate)), None)
 
 
 def data_settings(ckpt_path: str | Path) -> dict[str, Any]:
