@@ -9,7 +9,7 @@ import pytest
 
 from gpt_classifier.data.sms import DataFormatError, ensure_sms_file
 from gpt_classifier.tasks.evaluate import read_labelled_file
-from gpt_classifier.tasks.predict import read_input, read_texts
+from gpt_classifier.tasks.predict import read_input
 
 BOM = "\ufeff"
 
@@ -18,7 +18,7 @@ def test_a_folder_is_named_as_a_folder(tmp_path):
     with pytest.raises(IsADirectoryError, match=f"data.path={tmp_path} is a folder"):
         ensure_sms_file(tmp_path, tmp_path / "data")
     with pytest.raises(IsADirectoryError, match=f"input={tmp_path} is a folder"):
-        read_texts(tmp_path)
+        read_input(tmp_path)[0]
     with pytest.raises(IsADirectoryError, match=f"labelled_file={tmp_path} is a folder"):
         read_labelled_file(tmp_path, ["ham", "spam"])
 
@@ -32,40 +32,40 @@ def test_a_truncated_zip_is_not_read_as_text(tmp_path, sms_file):
     with pytest.raises(DataFormatError, match="starts like a zip archive .* download it again"):
         ensure_sms_file(cut, tmp_path / "data")
     with pytest.raises(ValueError, match="is a zip archive, not text"):
-        read_texts(cut)
+        read_input(cut)[0]
 
 
 def test_texts_in_another_encoding_name_the_file_and_line(tmp_path):
     latin = tmp_path / "texts.txt"
     latin.write_bytes("fine\ncaf\xe9 at 5\n".encode("latin-1"))
     with pytest.raises(ValueError, match=rf"{latin}, line 2: bytes b'\\xe9' are not UTF-8"):
-        read_texts(latin)
+        read_input(latin)[0]
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_column_or_text(tmp_path):
     csv_file = tmp_path / "texts.csv"
     csv_file.write_text(BOM + "text,id\nhello there,1\n", encoding="utf-8")
-    assert read_texts(csv_file) == ["hello there"]
+    assert read_input(csv_file)[0] == ["hello there"]
     txt = tmp_path / "texts.txt"
     txt.write_text(BOM + "first\nsecond\n", encoding="utf-8")
-    assert read_texts(txt) == ["first", "second"]
+    assert read_input(txt)[0] == ["first", "second"]
     jsonl = tmp_path / "texts.jsonl"  # JSON lines are records, not texts
     jsonl.write_text('{"id": 1, "text": "hello there"}\n{"id": 2, "text": "bye"}\n')
-    assert read_texts(jsonl) == ["hello there", "bye"]
+    assert read_input(jsonl)[0] == ["hello there", "bye"]
     assert read_input(jsonl) == (["hello there", "bye"], [{"id": 1}, {"id": 2}])
     with pytest.raises(ValueError, match=r"texts.jsonl has no column 'body'; its columns are "
                                          r"\['id', 'text'\]. Set column=<name>"):  # fmt: skip
-        read_texts(jsonl, "body")
+        read_input(jsonl, "body")[0]
     two = tmp_path / "two.csv"  # several text columns, joined as training joins them
     two.write_text("title,body,id\nWin,a prize now,1\nLunch,at noon?,2\n", encoding="utf-8")
-    assert read_texts(two, ["title", "body"], " | ") == ["Win | a prize now", "Lunch | at noon?"]
+    assert read_input(two, ["title", "body"], " | ")[0] == ["Win | a prize now", "Lunch | at noon?"]
     two.write_text("title,body\nWin,\n", encoding="utf-8")
-    assert read_texts(two, ["title", "body"]) == ["Win "]  # an empty field is text too
+    assert read_input(two, ["title", "body"])[0] == ["Win "]  # an empty field is text too
     with pytest.raises(ValueError, match=r"the text \(body\) is empty or missing in rows \[1\]"):
-        read_texts(two, "body")
+        read_input(two, "body")[0]
     two.write_text("title,body\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"two.csv has no rows: nothing to classify"):
-        read_texts(two, "body")
+        read_input(two, "body")[0]
     labelled = tmp_path / "labelled.csv"
     labelled.write_text(BOM + "Label,Text\nspam,win now\nham,see you\n", encoding="utf-8")
     assert read_labelled_file(labelled, ["ham", "spam"]) == (["win now", "see you"], [1, 0])

@@ -22,18 +22,12 @@ from gpt_classifier.tasks.preflight import check_inference
 log = logging.getLogger(__name__)
 
 
-def read_texts(path: Path, column: str | Sequence[str] = "text", separator: str = " "
-               ) -> list[str]:  # fmt: skip
-    """Texts from a column of a CSV/TSV (with a header), JSONL/JSON or Parquet file (several
-    columns are joined with ``separator``, as training joined them), or from a file of one
-    text per line."""
-    return read_input(path, column, separator)[0]
-
-
 def read_input(path: Path, column: str | Sequence[str] = "text", separator: str = " "
                ) -> tuple[list[str], list[dict[str, Any]]]:  # fmt: skip
-    """The texts of ``path`` (:func:`read_texts`), and each row's other columns (a table's:
-    an id, a label) to be written beside its prediction."""
+    """The texts of ``path``, and each row's other columns (a table's: an id, a label) to be
+    written beside its prediction: from a column of a CSV/TSV (with a header), JSONL/JSON or
+    Parquet file (several columns joined with ``separator``, as training joined them), or
+    from a file of one text per line."""
     columns = [column] if isinstance(column, str) else list(column)
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv", ".jsonl", ".json", ".parquet"):
