@@ -585,7 +585,8 @@ def test_a_folder_whose_run_saved_no_checkpoint_is_not_offered_for_resuming(tmp_
 def test_run_checkpoints_keep_lightnings_state_key():
     """Checkpoints saved with Lightning's ModelCheckpoint resume into RunCheckpoint (and the
     other way round): Lightning finds a callback's state by its key, named for its class."""
-    from gpt_classifier.training.resume import RunCheckpoint
+    from gpt_classifier.training.resume import RunCheckpoint, StepCheckpoint
 
     for kwargs in ({"monitor": "val/acc", "mode": "max"}, {"monitor": None}):
         assert RunCheckpoint(**kwargs).state_key == ModelCheckpoint(**kwargs).state_key
+    assert StepCheckpoint(dirpath="c").state_key.startswith("StepCheckpoint{")  # its own, as ever

@@ -76,7 +76,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from err
 
 
-class StepCheckpoint(ModelCheckpoint):
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, which also keeps the run's record (the best
+    checkpoints so far) when a run continues into a new folder (``ckpt_path=<run>`` with
+    another ``hydra.run.dir``). Lightning's forgets it there, so the new folder's first
+    checkpoint became the best however it compared, and the final evaluation could take
+    a worse one than the uninterrupted run. The earlier folder's files stay: Lightning
+    deletes only checkpoints inside its own ``dirpath``."""
+
+    @property
+    def state_key(self) -> str:
+        # Lightning's own key, so that runs saved by plain ModelCheckpoint resume as before
+        # (a subclass, StepCheckpoint, keeps its own).
+        return super().state_key.replace("RunCheckpoint", "ModelCheckpoint", 1)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("dirpath", self.dirpath) != self.dirpath:
+            if self.monitor is not None:
+                log.info("Continuing in a new folder: the best checkpoint so far is %s",
+                         state_dict.get("best_model_path"))  # fmt: skip
+            # last_model_path is this folder's own; the rest is the run's record.
+            state_dict = {**state_dict, "dirpath": self.dirpath,
+                          "last_model_path": self.last_model_path}  # fmt: skip
+        super().load_state_dict(state_dict)
+
+
+class StepCheckpoint(RunCheckpoint):
     """``step.ckpt``, rewritten during the epoch: every ``every_n_train_steps`` optimizer
     steps, or every ``minutes`` of training when that is null.
 
@@ -131,30 +156,6 @@ class StepCheckpoint(ModelCheckpoint):
             if wanted > self._train_time_interval.total_seconds() + 1:
                 log.info("Step checkpoints every %.0f s: saving one took %.1f s", wanted, took)
             self._train_time_interval = timedelta(seconds=wanted)
-
-
-class RunCheckpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint``, which also keeps the run's record (the best
-    checkpoints so far) when a run continues into a new folder (``ckpt_path=<run>`` with
-    another ``hydra.run.dir``). Lightning's forgets it there, so the new folder's first
-    checkpoint became the best however it compared, and the final evaluation could take
-    a worse one than the uninterrupted run. The earlier folder's files stay: Lightning
-    deletes only checkpoints inside its own ``dirpath``."""
-
-    @property
-    def state_key(self) -> str:
-        # Lightning's own key, so that runs saved by plain ModelCheckpoint resume as before.
-        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("dirpath", self.dirpath) != self.dirpath:
-            if self.monitor is not None:
-                log.info("Continuing in a new folder: the best checkpoint so far is %s",
-                         state_dict.get("best_model_path"))  # fmt: skip
-            # last_model_path is this folder's own; the rest is the run's record.
-            state_dict = {**state_dict, "dirpath": self.dirpath,
-                          "last_model_path": self.last_model_path}  # fmt: skip
-        super().load_state_dict(state_dict)
 
 
 # ----------------------------------------------------------------------------- resuming
