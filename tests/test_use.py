@@ -306,6 +306,15 @@ def test_transformers_export_refuses_what_it_would_compute_differently(run_dir, 
 # ----------------------------------------------------------------------------- errors
 
 
+def test_a_sweep_folder_names_its_runs(tmp_path):
+    for job in ("0", "1", "10", "2"):
+        (tmp_path / job / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ModelLoadError) as err:
+        TextClassifier.load(tmp_path)
+    said = f"It holds runs (0, 1, 2, 10): pass one, e.g. ckpt_path={tmp_path / '0'}"
+    assert said in str(err.value)
+
+
 def test_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(ModelLoadError, match="checkpoint .*nope.ckpt does not exist"):
         TextClassifier.load(tmp_path / "nope.ckpt")

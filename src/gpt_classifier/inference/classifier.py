@@ -88,9 +88,15 @@ class TextClassifier:
             return cls(*FORMATS[export_format(path, config)].load(path, config), device)
         run_folder = (path / "checkpoints").is_dir() or any(path.glob("*.ckpt"))
         if path.is_dir() and not run_folder and not is_checkpoint(path):
+            runs = sorted((p.parent.name for p in path.glob("*/checkpoints")),
+                          key=lambda name: (len(name), name))  # fmt: skip
+            within = (f" It holds runs ({', '.join(runs[:5])}{', ...' if len(runs) > 5 else ''}): "
+                      f"pass one, e.g. ckpt_path={path / runs[0]} (a sweep's summary.md ranks "
+                      "its jobs)." if runs else "")  # fmt: skip
             raise ModelLoadError(
                 f"{path} is neither an export folder (config.json + model.safetensors) nor a "
                 "training run with checkpoints/; pass ckpt_path=<file.ckpt> or a run folder."
+                + within
             )
         try:
             checkpoint = find_checkpoint(path, best=True)
