@@ -311,7 +311,7 @@ def test_a_sweep_folder_names_its_runs(tmp_path):
         (tmp_path / job / "checkpoints").mkdir(parents=True)
     with pytest.raises(ModelLoadError) as err:
         TextClassifier.load(tmp_path)
-    said = f"It holds runs (0, 1, 2, 10): pass one, e.g. ckpt_path={tmp_path / '0'}"
+    said = f"It holds runs (0, 1, 2, 10): pass one, e.g. the latest: ckpt_path={tmp_path / '10'}"
     assert said in str(err.value)
 
 

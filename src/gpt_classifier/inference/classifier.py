@@ -90,9 +90,9 @@ class TextClassifier:
         if path.is_dir() and not run_folder and not is_checkpoint(path):
             runs = sorted((p.parent.name for p in path.glob("*/checkpoints")),
                           key=lambda name: (len(name), name))  # fmt: skip
-            within = (f" It holds runs ({', '.join(runs[:5])}{', ...' if len(runs) > 5 else ''}): "
-                      f"pass one, e.g. ckpt_path={path / runs[0]} (a sweep's summary.md ranks "
-                      "its jobs)." if runs else "")  # fmt: skip
+            within = (f" It holds runs ({'..., ' if len(runs) > 5 else ''}{', '.join(runs[-5:])}): "
+                      f"pass one, e.g. the latest: ckpt_path={path / runs[-1]} (a sweep's "
+                      "summary.md ranks its jobs)." if runs else "")  # fmt: skip
             raise ModelLoadError(
                 f"{path} is neither an export folder (config.json + model.safetensors) nor a "
                 "training run with checkpoints/; pass ckpt_path=<file.ckpt> or a run folder."
