@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from gpt_classifier.tasks.run_config import resume_checkpoint
 from gpt_classifier.training.resume import (
     AtomicCheckpointIO,
     CheckpointSaveError,
+    ResumeState,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -440,6 +442,50 @@ def test_best_and_last_checkpoints_follow_the_run_and_survive_a_resume(tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == ["best-epoch01.ckpt", "last.ckpt"]
     assert stored(folder / "last.ckpt")["global_step"] == 12
     assert stored(folder / "best-epoch01.ckpt")["global_step"] == 6
+
+
+class WithOptimizerFactory(ScheduledAccuracy):
+    """ScheduledAccuracy with its optimizer built from a factory, as ClassifierModule's."""
+
+    def __init__(self, lr: float) -> None:
+        super().__init__([0.5] * 3)
+        self.optimizer_factory = functools.partial(torch.optim.SGD, lr=lr)
+
+    def configure_optimizers(self):
+        return self.optimizer_factory(self.parameters())
+
+
+def test_a_resume_trains_with_the_optimizer_values_it_is_given(tmp_path, composed):
+    """Lightning restores the optimizer with the values it was saved with: a resume's
+    optimizer.lr=... was logged as a change and then ignored."""
+    from gpt_classifier.tasks.run_config import (
+        ResumeConfigError,
+        config_for_resume,
+        save_run_config,
+    )
+
+    def fit(lr: float, epochs: int, ckpt_path: str | None = None) -> L.Trainer:
+        trainer = L.Trainer(
+            max_epochs=epochs,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            callbacks=[ResumeState(), ModelCheckpoint(tmp_path, "last")],
+        )
+        trainer.fit(WithOptimizerFactory(lr), ckpt_path=ckpt_path)
+        return trainer
+
+    fit(0.1, 1)
+    assert fit(0.1, 2, str(tmp_path / "last.ckpt")).optimizers[0].param_groups[0]["lr"] == 0.1
+    assert fit(0.5, 3, str(tmp_path / "last.ckpt")).optimizers[0].param_groups[0]["lr"] == 0.5
+    # Under a scheduler, whose state sets the learning rate, such a change is refused.
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    save_run_config(composed("model=gpt2-tiny", "scheduler=cosine"), tmp_path / "run")
+    with pytest.raises(ResumeConfigError, match="optimizer.lr=0.001: the run in .* has a "
+                       "learning-rate scheduler"):  # fmt: skip
+        config_for_resume(composed("ckpt_path=last", "optimizer.lr=1e-3"),
+                          tmp_path / "run" / "checkpoints" / "last.ckpt")  # fmt: skip
 
 
 def test_a_run_continued_into_a_new_folder_keeps_its_best_checkpoint(tmp_path):

@@ -113,6 +113,13 @@ def config_for_resume(cfg: DictConfig, checkpoint: Path) -> DictConfig:
         before = OmegaConf.select(resumed, key, throw_on_missing=False)
         with open_dict(resumed):
             OmegaConf.update(resumed, key, value, force_add=True)
+        if before != value and key.startswith("optimizer.") and resumed.get("scheduler"):
+            raise ResumeConfigError(
+                f"{key}={value}: the run in {checkpoint.parent.parent} has a learning-rate "
+                "scheduler, whose state sets the optimizer's values as the run goes on; a "
+                f"resume continues it. Resume without {key}=, or start a new run (without "
+                "ckpt_path) to train with it."
+            )
         if before != value:
             changed.append(f"{key}: {before} -> {value}")
     for key in DATA_KEYS:

@@ -207,6 +207,17 @@ class ResumeState(L.Callback):
             if hasattr(loader, "end_epoch"):  # data.samplers.ResumableLoader
                 loader.end_epoch()
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resume restores the optimizer with the values it was saved with; the config's
+        # win, so that a resume's optimizer.lr=... applies (under a scheduler, whose state
+        # sets them, the run's config refuses such a change).
+        factory = getattr(pl_module, "optimizer_factory", None)
+        if trainer.ckpt_path is None or trainer.lr_scheduler_configs or factory is None:
+            return
+        for group in (g for optimizer in trainer.optimizers for g in optimizer.param_groups):
+            group.update({k: v for k, v in getattr(factory, "keywords", {}).items()
+                          if k in group and group[k] != v})  # fmt: skip
+
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
