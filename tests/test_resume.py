@@ -488,6 +488,31 @@ def test_a_resume_trains_with_the_optimizer_values_it_is_given(tmp_path, compose
                           tmp_path / "run" / "checkpoints" / "last.ckpt")  # fmt: skip
 
 
+def test_a_resume_takes_the_early_stopping_patience_it_is_given(tmp_path):
+    """Lightning restores EarlyStopping's patience from the checkpoint: a resume's
+    callbacks.early_stopping.patience=... was ignored."""
+    from gpt_classifier.training.resume import RunEarlyStopping
+
+    def fit(patience: int, folder: str, ckpt_path: str | None = None) -> int:
+        stop = RunEarlyStopping(monitor="val/acc", mode="max", patience=patience)
+        trainer = L.Trainer(
+            max_epochs=10,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            callbacks=[stop, ModelCheckpoint(tmp_path / folder, "last")],
+        )
+        trainer.fit(ScheduledAccuracy([0.5] * 10), ckpt_path=ckpt_path)  # never improves
+        return trainer.current_epoch
+
+    first = fit(1, "first")  # stops once one epoch brings no improvement
+    last = str(tmp_path / "first" / "last.ckpt")
+    assert fit(1, "same", last) < fit(3, "more", last) < 10
+    assert first < 10
+    assert RunEarlyStopping(monitor="val/acc").state_key.startswith("EarlyStopping{")
+
+
 def test_a_run_continued_into_a_new_folder_keeps_its_best_checkpoint(tmp_path):
     """``ckpt_path=<run>`` with another ``hydra.run.dir``: Lightning's ModelCheckpoint
     forgot the best so far when its folder changed, so the new folder's first checkpoint

@@ -17,7 +17,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -32,7 +31,7 @@ from gpt_classifier.sweep_reuse import reuse
 from gpt_classifier.tasks.errors import ConfigError
 from gpt_classifier.training.module import ClassifierModule
 from gpt_classifier.training.precision import PRECISION_RECORD, resolve_precision
-from gpt_classifier.training.resume import AtomicCheckpointIO, RunCheckpoint
+from gpt_classifier.training.resume import AtomicCheckpointIO, RunCheckpoint, RunEarlyStopping
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +248,7 @@ def best_checkpoint(monitor: str = "val/acc", mode: str | None = None,
 def early_stopping(
     patience: int | None, monitor: str = "val/acc", mode: str | None = None,
     min_delta: float = 0.0,
-) -> EarlyStopping | None:  # fmt: skip
+) -> RunEarlyStopping | None:  # fmt: skip
     """Lightning's ``EarlyStopping`` on ``monitor``, or None (off) while ``patience`` is
     null; ``mode`` null: ``min`` for a loss, else ``max``."""
     if patience is None:
@@ -258,7 +257,7 @@ def early_stopping(
         raise ConfigError(f"callbacks.early_stopping.patience={patience!r}: give a whole "
                           "number of epochs (1 or more), or null to turn it off")  # fmt: skip
     mode = _monitor_mode(monitor, mode, "callbacks.early_stopping.monitor")
-    return EarlyStopping(monitor=monitor, patience=patience, mode=mode, min_delta=min_delta,
+    return RunEarlyStopping(monitor=monitor, patience=patience, mode=mode, min_delta=min_delta,
                          verbose=True)  # fmt: skip
 
 

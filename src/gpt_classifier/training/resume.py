@@ -25,7 +25,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
@@ -99,6 +99,19 @@ class RunCheckpoint(ModelCheckpoint):
             state_dict = {**state_dict, "dirpath": self.dirpath,
                           "last_model_path": self.last_model_path}  # fmt: skip
         super().load_state_dict(state_dict)
+
+
+class RunEarlyStopping(EarlyStopping):
+    """Lightning's ``EarlyStopping``, whose patience on a resume is the config's: Lightning's
+    restores the one it was saved with, so a resume's ``callbacks.early_stopping.patience``
+    was ignored."""
+
+    @property
+    def state_key(self) -> str:
+        return super().state_key.replace("RunEarlyStopping", "EarlyStopping", 1)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict({**state_dict, "patience": self.patience})
 
 
 class StepCheckpoint(RunCheckpoint):
