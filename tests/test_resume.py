@@ -488,6 +488,28 @@ def test_a_resume_trains_with_the_optimizer_values_it_is_given(tmp_path, compose
                           tmp_path / "run" / "checkpoints" / "last.ckpt")  # fmt: skip
 
 
+def test_a_resume_mid_epoch_keeps_the_batches_that_epoch_is_drawn_in(tmp_path, composed):
+    """The rest of an interrupted epoch is counted in batches as they were drawn: another
+    data.batch_size there would skip other messages. At an epoch's end it may change."""
+    from gpt_classifier.tasks.run_config import (
+        ResumeConfigError,
+        config_for_resume,
+        save_run_config,
+    )
+
+    run, checkpoint = tmp_path / "run", tmp_path / "run" / "checkpoints" / "step.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    save_run_config(composed("model=gpt2-tiny"), run)
+    torch.save({"epoch": 1, "epochs_done": 1, "global_step": 150}, checkpoint)  # mid-epoch 2
+    with pytest.raises(ResumeConfigError, match=r"data.batch_size=16: .*step.ckpt was saved in "
+                       r"the middle of epoch 2, .*\(with data.batch_size=8\)"):  # fmt: skip
+        config_for_resume(composed("ckpt_path=last", "data.batch_size=16"), checkpoint)
+    assert config_for_resume(composed("ckpt_path=last", "data.eval_batch_size=64"), checkpoint)
+    torch.save({"epoch": 1, "epochs_done": 2, "global_step": 260}, checkpoint)  # epoch 2's end
+    resumed = config_for_resume(composed("ckpt_path=last", "data.batch_size=16"), checkpoint)
+    assert resumed.data.batch_size == 16
+
+
 def test_a_resume_takes_the_early_stopping_patience_it_is_given(tmp_path):
     """Lightning restores EarlyStopping's patience from the checkpoint: a resume's
     callbacks.early_stopping.patience=... was ignored."""

@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from gpt_classifier.checkpoints import find_checkpoint
+from gpt_classifier.checkpoints import checkpoint_header, find_checkpoint
 from gpt_classifier.files import atomic_path
 from gpt_classifier.reporting.reports import RUN_CONFIG_FILE
 from gpt_classifier.tasks.errors import ConfigError
@@ -34,6 +34,10 @@ RESUME_KEYS = ("ckpt_path",)
 DATA_KEYS = ("seed", "data.seed", "data.path", "data.train_frac", "data.validation_frac",
              "data.balance", "data.book_compat", "data.labels", "data.padding",
              "data.max_length", "data.truncation_side")  # fmt: skip
+
+
+# How the training batches are drawn: kept within an epoch that a resume finishes.
+BATCH_KEYS = ("data.batch_size", "data.shuffle", "data.drop_last", "data.bucket_by_length")
 
 
 class ResumeConfigError(ValueError):
@@ -134,6 +138,7 @@ def config_for_resume(cfg: DictConfig, checkpoint: Path) -> DictConfig:
                 f"(its splits/ and what each split holds). Resume without {key}=, or start a "
                 f"new run (without ckpt_path and hydra.run.dir) to train with {key}={after}."
             )
+    _check_batches_kept(original, resumed, checkpoint)
     # An ``auto`` setting continues as it resolved when the run started (precision=auto
     # measures the CPU: a resume must not train on in another precision), unless this
     # command sets the key itself.
@@ -148,6 +153,21 @@ def config_for_resume(cfg: DictConfig, checkpoint: Path) -> DictConfig:
     if changed:
         log.info("Resuming with the run's config, changed by this command: %s", "; ".join(changed))
     return resumed
+
+
+def _check_batches_kept(original: DictConfig, resumed: DictConfig, checkpoint: Path) -> None:
+    """A checkpoint saved mid-epoch resumes with the batches that epoch had left, counted
+    in batches as they were drawn: another batching there would skip other messages."""
+    for key in BATCH_KEYS:
+        before, after = (OmegaConf.select(c, key, default=None) for c in (original, resumed))
+        header = checkpoint_header(checkpoint) if before != after else {}
+        if header and header.get("epochs_done") == header["epoch"]:
+            raise ResumeConfigError(
+                f"{key}={after}: {checkpoint} was saved in the middle of epoch "
+                f"{header['epoch'] + 1}, which goes on with the batches it had left (with "
+                f"{key}={before}). Resume without {key}=, or from the end of the last whole "
+                f"epoch with ckpt_path={checkpoint.parent / 'last.ckpt'}."
+            )
 
 
 def _moved_accelerator_keys(record: DictConfig) -> DictConfig:
