@@ -16,6 +16,22 @@ def test_explicit_precision_is_kept():
 
 
 @pytest.mark.parametrize(
+    ("capability", "expected"), [((7, 0), "16-mixed"), ((7, 5), "16-mixed"), ((8, 0), "bf16-mixed"),
+                                 ((9, 0), "bf16-mixed")],
+)  # fmt: skip
+def test_cuda_auto_takes_bfloat16_only_where_the_gpu_computes_in_it(monkeypatch, capability,
+                                                                    expected):  # fmt: skip
+    """A V100 or T4 (7.x) emulates bfloat16, although torch.cuda.is_bf16_supported() is
+    true there: float16 mixed precision is the fast choice."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert precision.resolve_precision("cuda", "auto") == expected
+    assert precision.resolve_precision("gpu", "auto") == expected
+
+
+@pytest.mark.parametrize(
     ("speedup", "expected"),
     [(0.6, "32-true"), (1.4, "32-true"), (1.5, "bf16-mixed"), (4.5, "bf16-mixed")],
 )

@@ -105,7 +105,7 @@ def cpu_bf16_speedup(record: Path | None = None) -> float:
 def resolve_precision(accelerator: str, precision: str | int, record: Path | None = None) -> str:
     """Lightning precision for ``precision=auto``.
 
-    CUDA: bf16-mixed where supported, else 16-mixed. CPU: bf16-mixed only where a short
+    CUDA: bf16-mixed from Ampere on (and on ROCm), else 16-mixed. CPU: bf16-mixed only where a short
     probe finds bfloat16 matrix products ``CPU_BF16_MIN_SPEEDUP`` times faster than
     float32 (a CPU's flags do not tell: see docs/benchmarks.md), else 32-true; the probe
     runs once per machine when ``record`` names a file to keep its answer in.
@@ -122,7 +122,12 @@ def resolve_precision(accelerator: str, precision: str | int, record: Path | Non
         else:
             kind = "cpu"
     if kind in ("gpu", "cuda"):
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        # Not torch.cuda.is_bf16_supported(): it says yes on Turing and Volta (a T4, a
+        # V100), which only emulate bfloat16, at a fraction of float16's speed.
+        native = torch.cuda.is_available() and (
+            torch.version.hip is not None or torch.cuda.get_device_capability()[0] >= 8
+        )
+        return "bf16-mixed" if native else "16-mixed"
     if kind == "cpu":
         speedup = cpu_bf16_speedup(record)
         chosen = "bf16-mixed" if speedup >= CPU_BF16_MIN_SPEEDUP else "32-true"
