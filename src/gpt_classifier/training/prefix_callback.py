@@ -253,10 +253,10 @@ class PrefixCacheCallback(L.Callback):
         if self.cache.computed != before:
             self.seconds += time.perf_counter() - start
         # The residual stream runs in the parameters' dtype, whatever the cache stores.
+        # A blocking copy: from pageable memory a non-blocking one gains nothing on CUDA,
+        # and on MPS it can read ``hidden`` after its memory is freed (pytorch#189690).
         dtype = module.model.backbone.pos_emb.weight.dtype
-        batch["prefix"] = CachedPrefix(
-            hidden.to(ids.device, dtype, non_blocking=True), self.cache.depth
-        )
+        batch["prefix"] = CachedPrefix(hidden.to(ids.device, dtype), self.cache.depth)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *args: int
