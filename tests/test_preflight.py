@@ -117,6 +117,23 @@ def test_the_model_tasks_check_their_model_path_and_tokenizer(tmp_path, offline,
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("entry", ["predict.py", "serve.py"])
+def test_a_model_task_without_ckpt_path_names_the_latest_run(tmp_path, entry):
+    runs = tmp_path / "outputs" / "train" / "runs"
+    for age, name in enumerate(["2026-01-02_10-00-00", "2026-01-01_09-00-00"]):  # newest last
+        (runs / name / "checkpoints").mkdir(parents=True)
+        (runs / name / "checkpoints" / "last.ckpt").write_bytes(b"")
+        os.utime(runs / name / "checkpoints" / "last.ckpt", (1e9 + age, 1e9 + age))
+    (runs / "2026-01-03_08-00-00").mkdir()  # started, never saved a checkpoint
+    text = ["text=hello"] if entry == "predict.py" else []
+    result = run_entry(REPO / entry, *text, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "1. ckpt_path is not given: which trained model to use" in result.stderr
+    latest = Path("outputs/train/runs/2026-01-01_09-00-00")
+    assert f"fix: ckpt_path={latest} (the latest training run here)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_the_old_accelerator_keys_are_named_with_their_new_names(tmp_path, sms_file):
     result = run_entry("train.py", f"hydra.run.dir={tmp_path / 'run'}", "model=gpt2-tiny",
                        f"data.path={sms_file}", "+accelerator.precision=32-true",

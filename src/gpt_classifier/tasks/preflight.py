@@ -3,14 +3,10 @@ data), found at once before any work, each with its fix."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
-import socket
 import sys
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -18,19 +14,24 @@ from urllib.parse import urlparse
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gpt_classifier.data.sms import FILE_NAME
 from gpt_classifier.data.tokenizer import BPE_URL
 from gpt_classifier.inference.classifier import unusable
 from gpt_classifier.model.weights import HUB_MODELS, HUB_PREFIX
 from gpt_classifier.tasks.errors import ConfigError, ShownAsMessage
+from gpt_classifier.tasks.reachability import (
+    hub_cached,
+    hub_offline,
+    probe,
+    reachable,
+    tiktoken_cached,
+)
 
 log = logging.getLogger(__name__)
 
 EXIT_STATUS = 2
-# One connection attempt per host, all at once: offline, the answer comes in this long.
-REACH_TIMEOUT_S = 2.0
 _SHORT_NAMES = [name for name in HUB_MODELS if "/" not in name]
 SMOKE_RUN = "model.pretrained=false (random weights: a smoke run, not a classifier)"
 
@@ -52,7 +53,7 @@ def check_training(cfg: DictConfig) -> None:
         if str(cfg.ckpt_path) == "last" and not _checkpoints(output_dir):
             _stop([_no_run_to_resume(output_dir)], output_dir)
         return
-    _probe([BPE_URL, "https://huggingface.co", *(cfg.data.get("urls") or [])])
+    probe([BPE_URL, "https://huggingface.co", *(cfg.data.get("urls") or [])])
     missing = [
         *_old_keys(cfg),
         *_device(cfg.trainer),
@@ -86,15 +87,16 @@ def honour_weights(cfg: DictConfig) -> None:
 
 def check_inference(cfg: DictConfig) -> None:
     """The pre-flight of predict, eval, export and serve: the model's path, the tokenizer."""
-    _probe([BPE_URL])
+    probe([BPE_URL])
     missing = _tokenizer(None)
-    path = Path(str(cfg.ckpt_path)).expanduser()
-    if not path.exists():
-        missing.insert(0, Missing(
-            f"ckpt_path={cfg.ckpt_path} does not exist",
-            ("ckpt_path=<a run folder (outputs/train/runs/...), one of its .ckpt files, or an "
-             "export folder>",),
-        ))  # fmt: skip
+    fixes = ["ckpt_path=<a run folder (outputs/train/runs/...), one of its .ckpt files, or an "
+             "export folder>"]  # fmt: skip
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        if latest := _latest_run(Path(cfg.paths.root_dir) / "outputs" / "train" / "runs"):
+            fixes.insert(0, f"ckpt_path={latest} (the latest training run here)")
+        missing.insert(0, Missing("ckpt_path is not given: which trained model to use", (*fixes,)))
+    elif not Path(str(cfg.ckpt_path)).expanduser().exists():
+        missing.insert(0, Missing(f"ckpt_path={cfg.ckpt_path} does not exist", (*fixes,)))
     if missing:
         _stop(missing, Path(cfg.paths.output_dir))
 
@@ -135,11 +137,11 @@ def _weights(model: DictConfig) -> list[Missing]:
             (f"model.weights=<a Hub name: {', '.join(sorted(_SHORT_NAMES))}, "
              "hf:<owner>/<repo>, or a folder>", SMOKE_RUN),
         )]  # fmt: skip
-    if _hub_cached(repo) or _reachable("https://huggingface.co"):
+    if hub_cached(repo) or reachable("https://huggingface.co"):
         return []
     return [Missing(
         f"GPT-2 weights {repo!r} (model.weights={source}): not in the Hugging Face cache "
-        f"and the Hub cannot be reached{' (HF_HUB_OFFLINE=1)' if _hub_offline() else ''}",
+        f"and the Hub cannot be reached{' (HF_HUB_OFFLINE=1)' if hub_offline() else ''}",
         ("model.weights=/path/to/folder (a save_pretrained folder with model.safetensors and "
          "config.json, or OpenAI's checkpoint folder)", "run once with network access: the "
          "download is cached under HF_HOME", SMOKE_RUN),
@@ -152,7 +154,7 @@ def _tokenizer(folder: str | None) -> list[Missing]:
         path = path if path.is_dir() else path.parent
         if (path / "encoder.json").is_file() and (path / "vocab.bpe").is_file():
             return []
-    if _tiktoken_cached() or _reachable(BPE_URL):
+    if tiktoken_cached() or reachable(BPE_URL):
         return []
     cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
     where = f"TIKTOKEN_CACHE_DIR={cache}" if cache else "tiktoken's cache"
@@ -186,14 +188,21 @@ def _checkpoints(run: Path) -> list[Path]:
     return list((run / "checkpoints").glob("*.ckpt"))
 
 
+def _latest_run(folder: Path) -> Path | None:
+    """The run in ``folder`` that saved a checkpoint last (relative to here, if within)."""
+    runs = [run for run in folder.iterdir() if run.is_dir() and _checkpoints(run)] if (
+        folder.is_dir()) else []  # fmt: skip
+    if not runs:
+        return None
+    latest = max(runs, key=lambda run: max(p.stat().st_mtime for p in _checkpoints(run)))
+    return latest.relative_to(Path.cwd()) if latest.is_relative_to(Path.cwd()) else latest
+
+
 def _no_run_to_resume(output_dir: Path) -> Missing:
     """``ckpt_path=last`` where no checkpoint is: the fix names the latest run with some."""
-    runs = [run for run in output_dir.parent.iterdir() if run.is_dir() and _checkpoints(run)]
     fixes = ["hydra.run.dir=<the folder of the run to resume>"]
-    if runs:
-        latest = max(runs, key=lambda run: max(p.stat().st_mtime for p in _checkpoints(run)))
-        shown = latest.relative_to(Path.cwd()) if latest.is_relative_to(Path.cwd()) else latest
-        fixes.insert(0, f"hydra.run.dir={shown} (the latest run there with checkpoints)")
+    if latest := _latest_run(output_dir.parent):
+        fixes.insert(0, f"hydra.run.dir={latest} (the latest run there with checkpoints)")
     return Missing(f"ckpt_path=last resumes the run in hydra.run.dir, but {output_dir} holds "
                    "no checkpoint", tuple(fixes))  # fmt: skip
 
@@ -202,7 +211,7 @@ def _sms_data(data: DictConfig) -> list[Missing]:
     if data.get("path") is not None or "urls" not in data:
         return []  # a given file: _data_files checks it is there, the data module the rest
     target = Path(data.data_dir) / FILE_NAME
-    if target.is_file() or any(_reachable(url) for url in data.urls):
+    if target.is_file() or any(reachable(url) for url in data.urls):
         return []
     return [Missing(
         f"the SMS Spam Collection: not at {target}, and none of its download hosts "
@@ -210,65 +219,6 @@ def _sms_data(data: DictConfig) -> list[Missing]:
         (f"data.path=/path/to/{FILE_NAME} (or the UCI zip)",
          f"put the file at {target}"),
     )]  # fmt: skip
-
-
-# ----------------------------------------------------------------------------- caches, network
-
-
-def _hub_cached(repo: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    has = {name for name in ("config.json", "model.safetensors", "pytorch_model.bin")
-           if isinstance(try_to_load_from_cache(repo, name), str)}  # fmt: skip
-    return "config.json" in has and len(has) > 1
-
-
-def _tiktoken_cached() -> bool:
-    # tiktoken keeps each downloaded file under the SHA-1 of its URL (tiktoken.load).
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
-    folder = Path(cache) if cache else Path(tempfile.gettempdir()) / "data-gym-cache"
-    files = ("vocab.bpe", "encoder.json")
-    return all((folder / hashlib.sha1((BPE_URL + f).encode()).hexdigest()).is_file() for f in files)
-
-
-_REACHED: dict[str, bool] = {}
-
-
-def _probe(urls: list[str]) -> None:
-    """Try every host at once, each once, so that offline the pre-flight takes seconds."""
-    hosts = {urlparse(url).hostname or "" for url in urls} - set(_REACHED)
-    if _hub_offline():
-        _REACHED["huggingface.co"] = False
-        hosts.discard("huggingface.co")
-
-    def connects(host: str) -> bool:
-        try:
-            with socket.create_connection((host, 443), timeout=REACH_TIMEOUT_S):
-                return True
-        except OSError:
-            return False
-
-    pool = ThreadPoolExecutor(max(1, len(hosts)))
-    futures = {host: pool.submit(connects, host) for host in hosts}
-    for host, future in futures.items():
-        try:  # getaddrinfo has no timeout of its own: bound the whole attempt
-            _REACHED[host] = future.result(timeout=REACH_TIMEOUT_S + 0.5)
-        except TimeoutError:
-            _REACHED[host] = False
-    pool.shutdown(wait=False)
-
-
-def _reachable(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    if host not in _REACHED:
-        _probe([url])
-    return _REACHED[host]
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants  # HF_HUB_OFFLINE read as the Hub's client reads it
-
-    return constants.HF_HUB_OFFLINE
 
 
 # ----------------------------------------------------------------------------- the report
