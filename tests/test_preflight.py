@@ -83,6 +83,10 @@ def test_data_files_that_do_not_exist_are_listed_with_the_rest(tmp_path, offline
                      "model.pretrained=false", env=offline, timeout=120)  # fmt: skip
     assert none.returncode == 2 and "data=files names no file" in none.stderr
     assert "fix: data.path=<one file, to split>" in none.stderr
+    unnamed = run_entry("train.py", "data=hf", f"hydra.run.dir={tmp_path / 'run'}",
+                        "model.pretrained=false", env=offline, timeout=120)  # fmt: skip
+    assert unnamed.returncode == 2 and "data=hf names no dataset" in unnamed.stderr
+    assert "Traceback" not in unnamed.stderr
 
 
 def test_resuming_a_folder_without_checkpoints_names_the_latest_run_that_has_some(tmp_path):

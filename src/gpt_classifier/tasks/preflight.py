@@ -168,13 +168,17 @@ def _tokenizer(folder: str | None) -> list[Missing]:
 
 
 def _data_files(data: DictConfig) -> list[Missing]:
-    """The data files given by path (``data.path``, ``data.files.*``) that do not exist."""
+    """The data files given by path (``data.path``, ``data.files.*``) that do not exist,
+    and a dataset not named at all."""
     given = {"data.path": data.get("path")}
     given |= {f"data.files.{split}": file for split, file in (data.get("files") or {}).items()}
     missing = []
     if "files" in data and given["data.path"] is None and given["data.files.train"] is None:
         missing.append(Missing("data=files names no file", ("data.path=<one file, to split>",
                                "data.files.train=<file> (and .validation=, .test=)")))  # fmt: skip
+    if OmegaConf.is_missing(data, "name"):
+        missing.append(Missing("data=hf names no dataset", ("data.name=<a 🤗 Hub id (owner/name), "
+                               "or a folder written by save_to_disk>",)))  # fmt: skip
     for key, file in given.items():
         if file is None or (path := Path(str(file)).expanduser()).exists():
             continue
