@@ -144,6 +144,26 @@ def test_the_old_accelerator_keys_are_named_with_their_new_names(tmp_path, sms_f
                        timeout=120)  # fmt: skip
     assert result.returncode == 2
     assert "trainer.precision=" in result.stderr
+    assert "Cannot start: 1 thing(s) missing" in result.stderr  # not also as an unread key
+
+
+def test_a_key_that_hydras_plus_brings_in_and_nothing_reads_is_refused(tmp_path, sms_file):
+    """Hydra answers ``optimiser.lr=1e-4`` (a typo) with "use +optimiser.lr=1e-4", which
+    would train with the value ignored."""
+    result = run_entry("train.py", f"hydra.run.dir={tmp_path / 'run'}", "model=gpt2-tiny",
+                       f"data.path={sms_file}", "+optimiser.lr=1e-4", "+optimiser.betas=[0,0]",
+                       "+trainer.gradient_clip_val=1", "+optimizer.foreach=false", "+bogus=1",
+                       timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Cannot start: 2 thing(s) missing" in result.stderr  # added keys that are read pass
+    assert "+optimiser.lr=1e-4, +optimiser.betas=[0,0]: nothing reads 'optimiser'" in result.stderr
+    assert "fix: optimizer.lr=1e-4 (did you mean optimizer?)" in result.stderr
+    assert "+bogus=1: nothing reads 'bogus'" in result.stderr
+    assert not (tmp_path / "run").exists()
+    predict = run_entry("predict.py", f"ckpt_path={tmp_path}", "+colum=text", "text=hi",
+                        f"hydra.run.dir={tmp_path / 'p'}", timeout=120)  # fmt: skip
+    assert predict.returncode == 2 and "+colum=text: nothing reads 'colum'" in predict.stderr
+    assert "fix: column=text (did you mean column?)" in predict.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(),

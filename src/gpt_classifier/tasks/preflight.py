@@ -3,6 +3,7 @@ data), found at once before any work, each with its fix."""
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import shutil
@@ -55,6 +56,7 @@ def check_training(cfg: DictConfig) -> None:
         return
     probe([BPE_URL, "https://huggingface.co", *(cfg.data.get("urls") or [])])
     missing = [
+        *_unread_keys(cfg),
         *_old_keys(cfg),
         *_device(cfg.trainer),
         *_weights(cfg.model),
@@ -88,7 +90,7 @@ def honour_weights(cfg: DictConfig) -> None:
 def check_inference(cfg: DictConfig) -> None:
     """The pre-flight of predict, eval, export and serve: the model's path, the tokenizer."""
     probe([BPE_URL])
-    missing = _tokenizer(None)
+    missing = [*_unread_keys(cfg), *_tokenizer(None)]
     fixes = ["ckpt_path=<a run folder (outputs/train/runs/...), one of its .ckpt files, or an "
              "export folder>"]  # fmt: skip
     if OmegaConf.is_missing(cfg, "ckpt_path"):
@@ -102,6 +104,30 @@ def check_inference(cfg: DictConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- the checks
+
+
+def _unread_keys(cfg: DictConfig) -> list[Missing]:
+    """Top-level keys that ``+key=value`` overrides brought in and no code reads: Hydra's
+    answer to a typo (``optimiser.lr=...``) is to suggest ``+optimiser.lr=...``."""
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    added = {o[1:].split("=", 1)[0]: o[1:] for o in overrides if o[:1] == "+" != o[1:2]}
+    unread = []
+    for top in dict.fromkeys(key.split(".")[0] for key in added if "/" not in key):
+        node = OmegaConf.to_container(cfg)[top] if top in cfg else None
+        if top not in cfg or top == "accelerator" or not _paths(node, top) <= set(added):
+            continue  # the key was there before, its value read (accelerator: _old_keys)
+        given = [o for key, o in added.items() if key.split(".")[0] == top]
+        close = difflib.get_close_matches(top, [k for k in cfg if k != top], n=1)
+        fix = (f"{given[0].replace(top, close[0], 1)} (did you mean {close[0]}?)" if close
+               else "drop it (`--cfg job` prints the keys there are)")  # fmt: skip
+        unread.append(Missing(f"+{', +'.join(given)}: nothing reads {top!r}", (fix,)))
+    return unread
+
+
+def _paths(node: object, prefix: str) -> set[str]:
+    if not isinstance(node, dict) or not node:
+        return {prefix}
+    return {path for k, v in node.items() for path in _paths(v, f"{prefix}.{k}")}
 
 
 def _old_keys(cfg: DictConfig) -> list[Missing]:
