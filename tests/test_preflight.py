@@ -153,16 +153,18 @@ def test_a_key_that_hydras_plus_brings_in_and_nothing_reads_is_refused(tmp_path,
     result = run_entry("train.py", f"hydra.run.dir={tmp_path / 'run'}", "model=gpt2-tiny",
                        f"data.path={sms_file}", "+optimiser.lr=1e-4", "+optimiser.betas=[0,0]",
                        "+trainer.gradient_clip_val=1", "+optimizer.foreach=false", "+bogus=1",
+                       "+model.dropout=0.1", "+callbacks.mine._target_=x", "+hydra.job.env_set.A=1",
                        timeout=120)  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "Cannot start: 2 thing(s) missing" in result.stderr  # added keys that are read pass
-    assert "+optimiser.lr=1e-4, +optimiser.betas=[0,0]: nothing reads 'optimiser'" in result.stderr
+    assert "Cannot start: 3 thing(s) missing" in result.stderr  # added keys that are read pass
+    assert "+optimiser.lr=1e-4, +optimiser.betas=[0,0]: nothing reads optimiser" in result.stderr
     assert "fix: optimizer.lr=1e-4 (did you mean optimizer?)" in result.stderr
-    assert "+bogus=1: nothing reads 'bogus'" in result.stderr
+    assert "+bogus=1: nothing reads bogus" in result.stderr
+    assert "fix: model.drop_rate=0.1 (did you mean model.drop_rate?)" in result.stderr
     assert not (tmp_path / "run").exists()
     predict = run_entry("predict.py", f"ckpt_path={tmp_path}", "+colum=text", "text=hi",
                         f"hydra.run.dir={tmp_path / 'p'}", timeout=120)  # fmt: skip
-    assert predict.returncode == 2 and "+colum=text: nothing reads 'colum'" in predict.stderr
+    assert predict.returncode == 2 and "+colum=text: nothing reads colum" in predict.stderr
     assert "fix: column=text (did you mean column?)" in predict.stderr
 
 

@@ -36,10 +36,10 @@ from gpt_classifier.training.resume import AtomicCheckpointIO, RunCheckpoint, Ru
 log = logging.getLogger(__name__)
 
 
-def build(cfg: DictConfig, key: str) -> Any:
+def build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
     """``instantiate`` the node at ``key`` (dotted); a bad value's error names ``key``."""
     try:
-        return instantiate(OmegaConf.select(cfg, key), _convert_="all")
+        return instantiate(OmegaConf.select(cfg, key), _convert_="all", **kwargs)
     except InstantiationException as err:
         raise ConfigError(f"{key}: {err.__cause__ or err}") from err
 
@@ -160,13 +160,9 @@ def build_datamodule(
     weights = cfg.model.get("weights")
     # OpenAI's checkpoint folder ships GPT-2's BPE files: nothing to download.
     ships_bpe = cfg.model.pretrained and weights and (Path(weights) / "encoder.json").is_file()
-    return instantiate(
-        cfg.data,
-        context_length=context_length,
-        splits_dir=str(splits_dir) if splits_dir else None,
-        tokenizer_dir=str(weights) if ships_bpe else None,
-        _convert_="all",
-    )
+    return build(cfg, "data", context_length=context_length,
+                 splits_dir=str(splits_dir) if splits_dir else None,
+                 tokenizer_dir=str(weights) if ships_bpe else None)  # fmt: skip
 
 
 def trainer_settings(cfg: DictConfig) -> dict[str, Any]:

@@ -107,20 +107,32 @@ def check_inference(cfg: DictConfig) -> None:
 
 
 def _unread_keys(cfg: DictConfig) -> list[Missing]:
-    """Top-level keys that ``+key=value`` overrides brought in and no code reads: Hydra's
-    answer to a typo (``optimiser.lr=...``) is to suggest ``+optimiser.lr=...``."""
+    """Keys that ``+key=value`` overrides brought in and nothing reads: Hydra's answer to
+    a typo (``optimiser.lr=...``) is ``+optimiser.lr=...``. What a built object (a node
+    with ``_target_``) or the Trainer is given, its constructor checks."""
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
     added = {o[1:].split("=", 1)[0]: o[1:] for o in overrides if o[:1] == "+" != o[1:2]}
+    new: dict[str, list[str]] = {}  # the first key of each path that only overrides made
+    for key, given in added.items():
+        parts = key.split(".")
+        nodes = [OmegaConf.select(cfg, ".".join(parts[:i])) for i in range(1, len(parts) + 1)]
+        built = any(isinstance(node, DictConfig) and "_target_" in node for node in nodes)
+        if built or "/" in key or parts[0] in ("trainer", "accelerator", "hydra"):
+            continue  # (accelerator: _old_keys names its new keys)
+        for i, node in enumerate(nodes, 1):
+            plain = OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
+            if _paths(plain, ".".join(parts[:i])) <= set(added):
+                new.setdefault(".".join(parts[:i]), []).append(given)
+                break
     unread = []
-    for top in dict.fromkeys(key.split(".")[0] for key in added if "/" not in key):
-        node = OmegaConf.to_container(cfg)[top] if top in cfg else None
-        if top not in cfg or top == "accelerator" or not _paths(node, top) <= set(added):
-            continue  # the key was there before, its value read (accelerator: _old_keys)
-        given = [o for key, o in added.items() if key.split(".")[0] == top]
-        close = difflib.get_close_matches(top, [k for k in cfg if k != top], n=1)
-        fix = (f"{given[0].replace(top, close[0], 1)} (did you mean {close[0]}?)" if close
+    for path, given in new.items():
+        parent, _, name = path.rpartition(".")
+        close = difflib.get_close_matches(name, [k for k in OmegaConf.select(cfg, parent) or cfg
+                                                 if k != name], n=1)  # fmt: skip
+        fixed = f"{parent}.{close[0]}".lstrip(".") if close else ""
+        fix = (f"{given[0].replace(path, fixed, 1)} (did you mean {fixed}?)" if close
                else "drop it (`--cfg job` prints the keys there are)")  # fmt: skip
-        unread.append(Missing(f"+{', +'.join(given)}: nothing reads {top!r}", (fix,)))
+        unread.append(Missing(f"+{', +'.join(given)}: nothing reads {path}", (fix,)))
     return unread
 
 
