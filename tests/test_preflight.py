@@ -162,6 +162,11 @@ def test_a_key_that_hydras_plus_brings_in_and_nothing_reads_is_refused(tmp_path,
     assert "+bogus=1: nothing reads bogus" in result.stderr
     assert "fix: model.drop_rate=0.1 (did you mean model.drop_rate?)" in result.stderr
     assert not (tmp_path / "run").exists()
+    (tmp_path / "old" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "old" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    resume = run_entry("train.py", "ckpt_path=last", f"hydra.run.dir={tmp_path / 'old'}",
+                       "+optimiser.lr=1", timeout=120)  # fmt: skip
+    assert resume.returncode == 2 and "+optimiser.lr=1: nothing reads optimiser" in resume.stderr
     predict = run_entry("predict.py", f"ckpt_path={tmp_path}", "+colum=text", "text=hi",
                         f"hydra.run.dir={tmp_path / 'p'}", timeout=120)  # fmt: skip
     assert predict.returncode == 2 and "+colum=text: nothing reads colum" in predict.stderr

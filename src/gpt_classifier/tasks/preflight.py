@@ -50,13 +50,16 @@ def check_training(cfg: DictConfig) -> None:
     config, checked as it loads)."""
     honour_weights(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    unread = _unread_keys(cfg)
     if cfg.get("ckpt_path"):
         if str(cfg.ckpt_path) == "last" and not _checkpoints(output_dir):
-            _stop([_no_run_to_resume(output_dir)], output_dir)
+            unread.append(_no_run_to_resume(output_dir))
+        if unread:
+            _stop(unread, output_dir)
         return
     probe([BPE_URL, "https://huggingface.co", *(cfg.data.get("urls") or [])])
     missing = [
-        *_unread_keys(cfg),
+        *unread,
         *_old_keys(cfg),
         *_device(cfg.trainer),
         *_weights(cfg.model),
