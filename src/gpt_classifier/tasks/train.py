@@ -189,7 +189,8 @@ def final_metrics(trainer: L.Trainer, module: L.LightningModule, timings: dict[s
     metrics.update({"params/trainable": trainable, "params/total": total})
     metrics.update({k: None if v is None else round(v, 3) for k, v in timings.items()})
     metrics["best_checkpoint"] = best
-    log.info("Final evaluation of %s:\n%s", best or "the last weights", results_table(metrics))
+    if trainer.is_global_zero:  # the same table in every process
+        log.info("Final evaluation of %s:\n%s", best or "the last weights", results_table(metrics))
     return metrics
 
 
