@@ -104,6 +104,10 @@ def test_hub_layout_files_match_reference(tmp_path, fmt, lm_head):
     else:
         torch.save(state, tmp_path / "pytorch_model.bin")
     assert_same_logits(GPT.from_pretrained(tmp_path), ref, shape[4], shape[3])
+    # A file of the folder: the weights file itself, or another one (its folder is meant).
+    weights = "model.safetensors" if fmt == "safetensors" else "pytorch_model.bin"
+    for given in (weights, "config.json"):
+        assert_same_logits(GPT.from_pretrained(tmp_path / given), ref, shape[4], shape[3])
 
 
 def test_prefixed_bin_with_tied_lm_head(tmp_path):

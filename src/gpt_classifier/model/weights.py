@@ -24,6 +24,8 @@ from gpt_classifier.model.weight_names import WeightLoadError, strip_prefix, to_
 
 log = logging.getLogger(__name__)
 
+WEIGHT_SUFFIXES = (".safetensors", ".index.json", ".bin", ".pt", ".pth")
+
 # Hub repositories of the four published sizes, by every name people use for them.
 HUB_MODELS: dict[str, str] = {
     "gpt2": "openai-community/gpt2",
@@ -64,8 +66,9 @@ def read_pretrained(source: str | Path, **overrides: Any) -> PretrainedWeights:
                 state, cfg, origin = read_openai_folder(folder)
             except (OSError, ValueError, KeyError) as err:
                 raise WeightLoadError(str(err)) from err
-        else:
-            state, cfg, origin = _read_hf_folder(folder, path if path.is_file() else None)
+        else:  # a file of the folder that holds no weights (config.json): the folder's
+            weights = path.is_file() and path.name.endswith(WEIGHT_SUFFIXES)
+            state, cfg, origin = _read_hf_folder(folder, path if weights else None)
     else:
         state, cfg, origin = _read_hub(str(source))
     cfg = GPTConfig.from_dict({**cfg.to_dict(), **overrides})
