@@ -711,6 +711,15 @@ def test_empty_or_whitespace_texts_are_refused_with_their_index(run_dir):
             clf.classify(texts)
 
 
+def test_one_string_is_one_text_and_a_non_string_is_named(run_dir):
+    clf = TextClassifier.load(run_dir)
+    text = "Free entry in 2 a wkly comp to win FA Cup final tkts"
+    assert clf.classify(text) == clf.classify([text])  # not one text per letter
+    assert torch.equal(clf.probabilities(text), clf.probabilities([text]))
+    with pytest.raises(TypeError, match="text 1 is NoneType None, not a str"):
+        clf.classify(["fine", None])
+
+
 @pytest.mark.parametrize(("method", "name"), [("last_block", "last_blocks"), ("lora", "lora")])
 def test_load_from_checkpoint_gives_a_module_that_tests_as_the_run_did(
     tmp_path, sms_file, method, name

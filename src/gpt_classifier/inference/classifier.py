@@ -106,12 +106,16 @@ class TextClassifier:
 
     # ------------------------------------------------------------------ classifying
 
-    def encode(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
-        """Token ids as training saw them (same truncation), and which were truncated."""
+    def encode(self, texts: Sequence[str] | str) -> tuple[list[list[int]], list[bool]]:
+        """Token ids as training saw them (same truncation), and which were truncated; one
+        ``str`` is one text (not a sequence of one-letter texts)."""
         out, cut = [], []
         s = self.settings
         limit = min(s.max_length, s.pad_to or s.max_length, self.model.cfg.context_length)
+        texts = [texts] if isinstance(texts, str) else texts
         for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {index} is {type(text).__name__} {text!r}, not a str")
             if not text.strip():  # whitespace has tokens, but nothing to classify
                 raise ValueError(f"text {index} is empty or only whitespace; give it some text")
         for ids in encode_texts(self.tokenizer, list(texts)):
@@ -121,7 +125,7 @@ class TextClassifier:
         return out, cut
 
     @torch.no_grad()
-    def probabilities(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+    def probabilities(self, texts: Sequence[str] | str, batch_size: int = 32) -> torch.Tensor:
         """Class probabilities (N, num_classes), in the order of ``texts``."""
         ids, _ = self.encode(texts)
         return self.probabilities_from_ids(ids, batch_size)
@@ -153,9 +157,9 @@ class TextClassifier:
         return out
 
     def classify(
-        self, texts: Sequence[str], batch_size: int = 32, progress: bool = False
+        self, texts: Sequence[str] | str, batch_size: int = 32, progress: bool = False
     ) -> list[Prediction]:
-        """Label and probabilities of each text."""
+        """Label and probabilities of each text (one ``str``: a list of one prediction)."""
         ids, cut = self.encode(texts)
         if any(cut):
             log.warning("%d of %d texts were longer than %d tokens and were truncated",
