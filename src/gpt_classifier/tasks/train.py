@@ -76,15 +76,7 @@ def train(cfg: DictConfig) -> float:
         log.info("Resuming from %s (epoch %d, step %d)", checkpoint, header["epoch"],
                  header["global_step"])  # fmt: skip
     absolute_paths(cfg)
-    # Everything a user can get wrong fails here, before any weights or data are read
-    # (what is missing from the machine failed before, in the entry point's pre-flight).
-    build_method(cfg)
-    pooling_rule(cfg.classifier.pooling)
-    check_optimizer(cfg)
-    prefix_cache: PrefixCacheCallback = build(cfg, "prefix_cache")
-    check_writable(cfg, output_dir)
-    if checkpoint is None and is_rank_zero_process():  # the others start in its folder
-        check_new_run_folder(output_dir)
+    prefix_cache = check_settings(cfg, output_dir, new_run=checkpoint is None)
     timer.excluded = lambda: prefix_cache.seconds  # reported apart, as time/prefix_s
     stop, random_state = signals.GracefulStop(), KeepRandomState()
     callbacks = [timer, prefix_cache, ResumeState(), stop, random_state]
@@ -106,9 +98,7 @@ def train(cfg: DictConfig) -> float:
     datamodule.setup("fit")  # data errors (too few messages, one label) before any training
     check_monitored(cfg, datamodule.label_names)
     fsdp = isinstance(trainer.strategy, FSDPStrategy)
-    train_labels = [label for _, label in datamodule.load_splits().train]
-    counts = [train_labels.count(i) for i in range(len(datamodule.label_names))]
-    module = build_module(cfg, backbone, datamodule.label_names, fsdp, counts)
+    module = build_module(cfg, backbone, datamodule.label_names, fsdp, class_counts(datamodule))
     if rank_zero:  # only now: a start that failed its checks leaves the folder free for a rerun
         save_run_config(cfg, output_dir, {"trainer.precision": trainer.precision})
 
@@ -124,7 +114,7 @@ def train(cfg: DictConfig) -> float:
         # load a sharded checkpoint into them (Lightning #20373): a new module and Trainer.
         counts = module.parameter_counts
         module = build_module(cfg, build_backbone(cfg.model), datamodule.label_names, fsdp,
-                              counts)  # fmt: skip
+                              class_counts(datamodule))  # fmt: skip
         module.parameter_counts = counts
         trainer = build_trainer(cfg, output_dir, [prefix_cache, stop])
     module.test_split_names = ["train", "val", "test"]
@@ -138,6 +128,26 @@ def train(cfg: DictConfig) -> float:
         write_confusion_matrices(trainer, module, output_dir)  # before the loggers close
         write_final_metrics(cfg, trainer, output_dir, metrics)
     return float(metrics[cfg.optimize_metric])
+
+
+def check_settings(cfg: DictConfig, output_dir: Path, new_run: bool) -> PrefixCacheCallback:
+    """Everything a user can get wrong in the config, before any weights or data are read
+    (what is missing from the machine failed before, in the entry point's pre-flight);
+    returns the run's prefix-cache callback."""
+    build_method(cfg)
+    pooling_rule(cfg.classifier.pooling)
+    check_optimizer(cfg)
+    prefix_cache: PrefixCacheCallback = build(cfg, "prefix_cache")
+    check_writable(cfg, output_dir)
+    if new_run and is_rank_zero_process():  # the others start in its folder
+        check_new_run_folder(output_dir)
+    return prefix_cache
+
+
+def class_counts(datamodule: L.LightningDataModule) -> list[int]:
+    """Training examples per class (``classifier.class_weights=auto`` weighs by them)."""
+    labels = [label for _, label in datamodule.load_splits().train]
+    return [labels.count(i) for i in range(len(datamodule.label_names))]
 
 
 def check_optimizer(cfg: DictConfig) -> None:
