@@ -130,3 +130,18 @@ def test_the_server_answers_with_the_three_label_names(sweep, tmp_path):
             process.wait(timeout=30)
         finally:
             stop_group(process)
+
+
+def test_fsdp_with_class_weights_auto_reaches_its_final_evaluation(data_file, tmp_path,
+                                                                   monkeypatch):  # fmt: skip
+    """The test stage's new module under FSDP is built with the training split's class
+    counts (it once got the parameter counts, and failed after training)."""
+    from test_distributed import CPU_FSDP
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    ok(run_entry("train.py", f"hydra.run.dir={tmp_path / 'run'}", "model=gpt2-tiny",
+                 "data=files", f"data.path={data_file}", "classifier.class_weights=auto",
+                 "freeze=all", "trainer.precision=32-true", "trainer.limit_train_batches=2",
+                 "trainer.max_epochs=1", f"paths.cache_dir={tmp_path / 'cache'}",
+                 *CPU_FSDP))  # fmt: skip
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test/examples"] > 0
