@@ -15,6 +15,7 @@ from entry_points import ok, run_entry, run_train
 from gpt_classifier import GPT, GPTConfig, SequenceClassifier
 from gpt_classifier.data.batching import Collator
 from gpt_classifier.inference import ModelLoadError, TextClassifier
+from gpt_classifier.model.weight_names import WeightLoadError
 
 REPO = Path(__file__).resolve().parents[1]
 SPAM = "WINNER!! As a valued network customer you have been selected to receive a £900 prize"
@@ -290,6 +291,12 @@ def test_a_transformers_classifier_starts_training_with_its_head(tmp_path):
     with pytest.raises(ValueError, match=r"a classifier with 3 classes .*num_classes=2: set "
                        r"classifier.num_classes=3"):  # fmt: skip
         SequenceClassifier(GPT.from_pretrained(str(tmp_path / "hf")), 2)
+
+
+def test_a_native_export_as_starting_weights_says_which_export_can(run_dir, tmp_path):
+    exported = TextClassifier.load(run_dir).export(tmp_path / "native")
+    with pytest.raises(WeightLoadError, match="exported by export.py .format=native.*format=hf"):
+        GPT.from_pretrained(exported)
 
 
 def test_transformers_export_refuses_what_it_would_compute_differently(run_dir, tmp_path):

@@ -182,6 +182,12 @@ def _hf_config(path: Path) -> GPTConfig:
         raw: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise WeightLoadError(f"{path} is not valid JSON: {err}") from err
+    if raw.get("format") == "gpt-classifier":
+        raise WeightLoadError(
+            f"{path.parent} is a classifier exported by export.py (format=native), not GPT-2 "
+            "weights: to train from it, export its run with format=hf and give that folder "
+            "(its head starts ours), or continue the run itself with ckpt_path=<run>"
+        )
     if raw.get("model_type", "gpt2") != "gpt2":
         raise WeightLoadError(
             f"{path}: model_type is {raw['model_type']!r}, but only 'gpt2' checkpoints load here"
