@@ -318,6 +318,10 @@ def test_ckpt_path_names_what_is_missing(tmp_path):
         resume_checkpoint("last", tmp_path)
     with pytest.raises(ConfigError, match=r"ckpt_path=.*nope.ckpt does not exist"):
         resume_checkpoint(str(tmp_path / "nope.ckpt"), tmp_path)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "config.json").write_text("{}")  # an export or a Hub folder
+    with pytest.raises(ConfigError, match=r"To train from its weights, give model.weights="):
+        resume_checkpoint(str(tmp_path / "weights"), tmp_path)
 
 
 @pytest.fixture

@@ -199,7 +199,9 @@ def resume_checkpoint(ckpt_path: str, output_dir: Path) -> Path:
     try:
         return find_checkpoint(output_dir if ckpt_path == "last" else Path(ckpt_path))
     except FileNotFoundError as err:
-        raise ConfigError(f"ckpt_path={ckpt_path}: {err}") from err
+        weights = (Path(ckpt_path) / "config.json").is_file()  # an export or a Hub folder
+        hint = f" To train from its weights, give model.weights={ckpt_path}." if weights else ""
+        raise ConfigError(f"ckpt_path={ckpt_path}: {err}{hint}") from err
 
 
 def requeued_run(output_dir: Path) -> str | None:
