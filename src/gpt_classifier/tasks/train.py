@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,10 @@ from gpt_classifier.training.resume import ResumeState
 from gpt_classifier.training.timing import StartupTimer
 
 log = logging.getLogger(__name__)
+# Lightning's own, with nothing for a user to do: its model summary sizes bf16-mixed
+# weights as 32-bit ones, and its pytree helper asks torch in a way torch now deprecates.
+warnings.filterwarnings("ignore", message="Precision bf16-mixed is not supported by the model")
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 SPLITS = ("train", "validation", "test")
 
