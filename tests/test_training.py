@@ -97,6 +97,7 @@ def test_short_run_learns_and_reports_consistently(tmp_path, sms_file):
     assert re.search(r"\nclass/spam/support +517 +79 +151\n", table), table
     # Lightning's warnings that ask nothing of a user are not shown.
     assert "LeafSpec" not in table and "not supported by the model summary" not in table
+    assert "litlogger" not in table  # an advertisement
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
     # Two epochs of the last block of gpt2-tiny learn something: chance is 0.5 and ln 2.

@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 # weights as 32-bit ones, and its pytree helper asks torch in a way torch now deprecates.
 warnings.filterwarnings("ignore", message="Precision bf16-mixed is not supported by the model")
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# And its advertisement for a cloud service, logged at every Trainer's start.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("💡 Tip:"))  # fmt: skip
 
 SPLITS = ("train", "validation", "test")
 
