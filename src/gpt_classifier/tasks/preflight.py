@@ -113,14 +113,15 @@ def _unread_keys(cfg: DictConfig) -> list[Missing]:
     """Keys that ``+key=value`` overrides brought in and nothing reads: Hydra's answer to
     a typo (``optimiser.lr=...``) is ``+optimiser.lr=...``. What a built object (a node
     with ``_target_``) or the Trainer is given, its constructor checks."""
-    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    hydra = HydraConfig.get() if HydraConfig.initialized() else None
+    overrides, groups = (hydra.overrides.task, hydra.runtime.choices) if hydra else ([], {})
     added = {o[1:].split("=", 1)[0]: o[1:] for o in overrides if o[:1] == "+" != o[1:2]}
     new: dict[str, list[str]] = {}  # the first key of each path that only overrides made
     for key, given in added.items():
         parts = key.split(".")
         nodes = [OmegaConf.select(cfg, ".".join(parts[:i])) for i in range(1, len(parts) + 1)]
         built = any(isinstance(node, DictConfig) and "_target_" in node for node in nodes)
-        if built or "/" in key or parts[0] in ("trainer", "accelerator", "hydra"):
+        if built or key in groups or "/" in key or parts[0] in ("trainer", "accelerator", "hydra"):
             continue  # (accelerator: _old_keys names its new keys)
         for i, node in enumerate(nodes, 1):
             plain = OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
