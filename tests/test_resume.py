@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf, open_dict
 
-from gpt_classifier.checkpoints import find_checkpoint
+from gpt_classifier.checkpoints import checkpoint_header, find_checkpoint
 from gpt_classifier.tasks.components import check_writable
 from gpt_classifier.tasks.errors import ConfigError
 from gpt_classifier.tasks.run_config import resume_checkpoint
@@ -303,14 +303,22 @@ def test_a_finished_run_is_not_trained_again(tmp_path):
 
     (tmp_path / "metrics.json").write_text(json.dumps({"val/acc": 0.9}))
 
-    def cfg(max_epochs):
-        return OmegaConf.create({"trainer": {"max_epochs": max_epochs},
+    def cfg(max_epochs, patience=None):
+        stopping = {"early_stopping": {"patience": patience}}
+        return OmegaConf.create({"trainer": {"max_epochs": max_epochs}, "callbacks": stopping,
                                  "optimize_metric": "val/acc"})  # fmt: skip
 
     assert finished_run(cfg(2), tmp_path, {"epochs_done": 2}) == 0.9
     assert finished_run(cfg(3), tmp_path, {"epochs_done": 2}) is None  # train further
     assert finished_run(cfg(-1), tmp_path, {"epochs_done": 2}) is None  # no epoch limit
     assert finished_run(cfg(2), tmp_path / "other", {"epochs_done": 2}) is None  # no metrics
+    # Ended by early stopping: finished, unless the command raises the patience or turns
+    # early stopping off (it once trained another epoch and rewrote metrics.json).
+    stopped = {"epochs_done": 2, "early_stopping_wait": 1}
+    assert finished_run(cfg(5, 1), tmp_path, stopped) == 0.9
+    assert finished_run(cfg(-1, 1), tmp_path, stopped) == 0.9
+    assert finished_run(cfg(5, 3), tmp_path, stopped) is None
+    assert finished_run(cfg(5), tmp_path, stopped) is None
 
 
 def test_ckpt_path_names_what_is_missing(tmp_path):
@@ -534,6 +542,7 @@ def test_a_resume_takes_the_early_stopping_patience_it_is_given(tmp_path):
 
     first = fit(1, "first")  # stops once one epoch brings no improvement
     last = str(tmp_path / "first" / "last.ckpt")
+    assert checkpoint_header(Path(last))["early_stopping_wait"] == 1  # finished_run reads it
     assert fit(1, "same", last) < fit(3, "more", last) < 10
     assert first < 10
     assert RunEarlyStopping(monitor="val/acc").state_key.startswith("EarlyStopping{")

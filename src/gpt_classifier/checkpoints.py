@@ -109,7 +109,12 @@ def checkpoint_header(path: Path) -> dict[str, Any]:
         for state in (stored.get("callbacks") or {}).values()
         if isinstance(state, dict) and state.get("monitor") and state.get("best_model_path")
     ]
+    stopped = [state["wait_count"] for state in (stored.get("callbacks") or {}).values()
+               if isinstance(state, dict) and "wait_count" in state
+               and (state.get("stopped_epoch") or state.get("stopping_reason"))]  # fmt: skip
     return {"global_step": int(stored.get("global_step", 0)),
+            # Early stopping ended the run: how many validations it had waited then.
+            "early_stopping_wait": stopped[0] if stopped else None,
             # The best checkpoint so far by the monitored metric (ModelCheckpoint's state).
             "best_model_path": best[0] if best else None,
             "epoch": int(stored.get("epoch", 0)),

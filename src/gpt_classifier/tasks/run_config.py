@@ -236,16 +236,18 @@ def finished_run(cfg: DictConfig, output_dir: Path, header: dict[str, Any]) -> f
     """The final metric of a run that ``header``'s checkpoint shows complete, else None."""
     metrics_file = output_dir / "metrics.json"
     done, wanted = header.get("epochs_done"), cfg.trainer.get("max_epochs")
-    if done is None or wanted is None or wanted < 0:  # no epoch limit: never finished
-        return None
-    if done < wanted or not metrics_file.is_file():
+    waited = header.get("early_stopping_wait")
+    patience = OmegaConf.select(cfg, "callbacks.early_stopping.patience", default=None)
+    stopped = waited is not None and patience is not None and waited >= patience
+    trained = done is not None and wanted is not None and 0 <= wanted <= done  # -1: no limit
+    if not (trained or stopped) or not metrics_file.is_file():
         return None
     metrics = json.loads(metrics_file.read_text())
-    log.info(
-        "Run %s already finished: %d of trainer.max_epochs=%d epochs trained and %s written. "
-        "Nothing to resume; to train further, add trainer.max_epochs=<more> to the command.",
-        output_dir, done, cfg.trainer.max_epochs, metrics_file,
-    )  # fmt: skip
+    how = (f"early stopping ended it (callbacks.early_stopping.patience={patience}); to train "
+           "further, raise the patience" if stopped else f"{done} of trainer.max_epochs={wanted}"
+           " epochs trained; to train further, add trainer.max_epochs=<more>")  # fmt: skip
+    log.info("Run %s already finished: %s. Its %s is written; nothing to resume.",
+             output_dir, how, metrics_file.name)  # fmt: skip
     return float(metrics.get(cfg.optimize_metric, float("nan")))
 
 
