@@ -39,13 +39,17 @@ def plot_curves(
 
 def confusion_figure(matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> Figure:
     """A labelled confusion matrix (rows: true label, columns: predicted), sized for the
-    number of classes; the counts are written in the cells up to 30 classes."""
+    number of classes up to 60, each class named (beyond, every k-th); the counts are
+    written in the cells up to 30 classes."""
     n = len(labels)
-    side = max(3.5, 0.4 * n + 2)
+    # Grown past 60 classes, the picture's memory and drawing time grow with its area:
+    # hundreds of classes took gigabytes and minutes at the end of a run.
+    side = min(max(3.5, 0.4 * n + 2), 0.4 * 60 + 2)
     fig, ax = plt.subplots(figsize=(side, side * 0.86))
     image = ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(n), labels, rotation=90 if n > 4 else 0)
-    ax.set_yticks(range(n), labels)
+    named = range(0, n, -(-n // 60))
+    ax.set_xticks(named, [labels[i] for i in named], rotation=90 if n > 4 else 0)
+    ax.set_yticks(named, [labels[i] for i in named])
     ax.set_xlabel("Predicted")
     ax.set_ylabel("True")
     peak = max(max(row) for row in matrix) or 1
