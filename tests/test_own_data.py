@@ -95,8 +95,8 @@ def test_labels_fix_the_order_and_num_classes_follows_them(tmp_path, sms_file):
     module = FilesDataModule(path=str(data), labels=["spam", "short", "long"])
     module.load_splits()
     assert module.label_names == ["spam", "short", "long"]
-    with pytest.raises(DataFormatError, match=r"row \d+: label 'long' is not one of "
-                                              r"data.labels's \['spam', 'short'\]"):  # fmt: skip
+    said = r"row \d+ \(data rows counted from 1\): label 'long' is not one of data.labels's"
+    with pytest.raises(DataFormatError, match=said + r" \['spam', 'short'\]"):
         FilesDataModule(path=str(data), labels=["spam", "short"]).load_splits()
 
 
@@ -170,7 +170,10 @@ def test_a_label_in_test_that_training_lacks_is_refused(tmp_path):
     test = write_csv(
         tmp_path / "test.csv", [{"text": "x", "label": "a"}, {"text": "y", "label": "c"}]
     )
-    said = r"data.files.test=.*test.csv, row 2: label 'c' is not one of the training data's"
+    said = (
+        r"data.files.test=.*test.csv, row 2 \(data rows counted from 1\): label 'c' is not "
+        r"one of the training data's"
+    )
     with pytest.raises(DataFormatError, match=said + r" \['a', 'b'\]"):
         FilesDataModule(files={"train": str(train), "test": str(test)}).load_splits()
 
@@ -314,8 +317,9 @@ def test_eval_reads_labelled_files_in_every_format_training_takes(tmp_path):
     (tmp_path / "sms.tsv").write_text("spam\thello\nshort\tthere\n", encoding="utf-8")
     assert read_labelled_file(tmp_path / "sms.tsv", LABELS, run) == (["hello", "there"], [2, 1])
     write_csv(tmp_path / "bad.csv", [*rows, {"title": "x", "body": "y", "y": "other"}])
-    with pytest.raises(DataFormatError, match=r"bad.csv, row 7: label 'other' is not one of the "
-                                              r"model's \['long', 'short', 'spam'\]"):  # fmt: skip
+    with pytest.raises(DataFormatError, match=r"bad.csv, row 7 \(data rows counted from 1\): "
+                                              r"label 'other' is not one of the model's "
+                                              r"\['long', 'short', 'spam'\]"):  # fmt: skip
         read_labelled_file(tmp_path / "bad.csv", LABELS, run)
 
 

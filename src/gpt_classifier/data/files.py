@@ -121,8 +121,8 @@ class FilesDataModule(SMSSpamDataModule):
             if row.label not in self.labels:
                 known = list(self.labels)
                 where = "data.labels" if self.fixed_labels else "the training data"
-                raise DataFormatError(f"{key}, row {i}: label {row.label!r} is not one of "
-                                      f"{where}'s {known}")  # fmt: skip
+                raise DataFormatError(f"{key}, row {i} (data rows counted from 1): label "
+                                      f"{row.label!r} is not one of {where}'s {known}")  # fmt: skip
 
     def _warn_of_leaks(self) -> None:
         seen: dict[str, str] = {}

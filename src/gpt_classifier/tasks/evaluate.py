@@ -75,8 +75,9 @@ def _read_table_file(path: Path, names: list[str], columns: dict[str, Any]) -> l
                          keys="")  # fmt: skip
     for row, message in enumerate(messages, start=1):
         if message.label not in names:
-            raise DataFormatError(f"labelled_file={path}, row {row}: label {message.label!r} "
-                                  f"is not one of the model's {names}")  # fmt: skip
+            raise DataFormatError(f"labelled_file={path}, row {row} (data rows counted from "
+                                  f"1): label {message.label!r} is not one of the model's "
+                                  f"{names}")  # fmt: skip
     return messages
 
 
