@@ -298,6 +298,29 @@ def test_unwritable_output_folders_fail_before_any_work(tmp_path):
     assert list((tmp_path / "fine").iterdir()) == []  # the probe is gone
 
 
+def test_a_run_folder_is_trained_in_by_one_process_at_a_time(tmp_path):
+    """Two runs started in the same second share one dated folder: both trained there,
+    each exited 0, and the folder held one's config with the other's metrics."""
+    import sys
+
+    from gpt_classifier.tasks import run_config
+
+    holds = ("import sys, time; from pathlib import Path; from gpt_classifier.tasks.run_config "
+             "import claim_run_folder; claim_run_folder(Path(sys.argv[1])); print('held', "
+             "flush=True); time.sleep(120)")  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", holds, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=f"another process is training in {tmp_path} now"):
+            run_config.claim_run_folder(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    run_config.claim_run_folder(tmp_path)  # the lock went with its process
+    run_config._CLAIMED.pop().release()
+
+
 def test_a_finished_run_is_not_trained_again(tmp_path):
     from gpt_classifier.tasks.run_config import finished_run
 

@@ -288,9 +288,10 @@ def _stop(missing: list[Missing], output_dir: Path) -> None:
 
 
 def _remove_empty_run_folder(output_dir: Path) -> None:
-    """The run folder Hydra made, when it holds only Hydra's files (its log, ``.hydra/``)."""
+    """The run folder Hydra made, when it holds only Hydra's files (its log, ``.hydra/``)
+    and the lock of a start that failed."""
     if not output_dir.is_dir():
         return
-    hydras = {".hydra"} | {p.name for p in output_dir.glob("*.log")}
+    hydras = {".hydra", ".train.lock"} | {p.name for p in output_dir.glob("*.log")}
     if {p.name for p in output_dir.iterdir()} <= hydras:
         shutil.rmtree(output_dir, ignore_errors=True)

@@ -232,6 +232,34 @@ def check_new_run_folder(output_dir: Path) -> None:
         )
 
 
+_CLAIMED: list[Any] = []  # the lock of the run folder this process trains in
+
+
+def claim_run_folder(output_dir: Path) -> None:
+    """Hold a lock on the run folder while this process trains in it (the operating system
+    lets go when the process ends, however): a second process there, such as a run
+    started in the same second (one dated folder) or a resume of a run still training,
+    is refused instead of mixing its checkpoints with the first one's."""
+    from filelock import FileLock, Timeout
+
+    while _CLAIMED:  # a sweep's earlier job in this process is done with its folder
+        _CLAIMED.pop().release()
+    lock = FileLock(str(output_dir / ".train.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ConfigError(
+            f"another process is training in {output_dir} now (runs started in the same second "
+            "share a dated folder): give this run its own hydra.run.dir, or resume that run "
+            "with ckpt_path=last once it has stopped"
+        ) from None
+    except (OSError, NotImplementedError) as err:  # a file system without locks (Lustre)
+        log.warning("%s cannot be locked (%s): nothing keeps a second run out of it", output_dir,
+                    err)  # fmt: skip
+        return
+    _CLAIMED.append(lock)
+
+
 def finished_run(cfg: DictConfig, output_dir: Path, header: dict[str, Any]) -> float | None:
     """The final metric of a run that ``header``'s checkpoint shows complete, else None."""
     metrics_file = output_dir / "metrics.json"

@@ -34,6 +34,7 @@ from gpt_classifier.tasks.errors import ConfigError
 from gpt_classifier.tasks.run_config import (
     absolute_paths,
     check_new_run_folder,
+    claim_run_folder,
     config_for_resume,
     finished_run,
     job_metric,
@@ -94,7 +95,8 @@ def train(cfg: DictConfig) -> float:
         return job_metric(cfg, output_dir)
     # Only the first process writes the run's files (the others are started by the
     # strategy inside fit, or by the cluster, and run this function too).
-    rank_zero = is_rank_zero_process()
+    if rank_zero := is_rank_zero_process():
+        claim_run_folder(output_dir)
     try:
         L.seed_everything(cfg.seed, workers=True)
     except (ValueError, TypeError) as err:
