@@ -244,7 +244,10 @@ def claim_run_folder(output_dir: Path) -> None:
 
     while _CLAIMED:  # a sweep's earlier job in this process is done with its folder
         _CLAIMED.pop().release()
-    lock = FileLock(str(output_dir / ".train.lock"), timeout=0)
+    # A requeued SLURM job waits: after a node failure, a network file system may hold
+    # the lost job's lock until its lock recovery ends (90 s by default on NFS).
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+    lock = FileLock(str(output_dir / ".train.lock"), timeout=180 if requeued else 0)
     try:
         lock.acquire()
     except Timeout:
