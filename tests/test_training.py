@@ -210,7 +210,7 @@ def test_config_typos_fail_fast(tmp_path, sms_file, override, message):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["freeze=lora", "freeze.rank=0"], "freeze: freeze.rank=0 must be a positive integer"),
+        (["freeze=lora", "freeze.rank=0"], "freeze.rank=0 must be a positive integer"),
         (["freeze=lora", "freeze.head=half"], "freeze.head='half'; choose one of"),
         # gpt2-small with its default (Hub) weights: the check comes before any download.
         (["model=gpt2-small", "freeze=last_n_blocks", "freeze.n=13"],

@@ -41,7 +41,8 @@ def build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
     try:
         return instantiate(OmegaConf.select(cfg, key), _convert_="all", **kwargs)
     except InstantiationException as err:
-        raise ConfigError(f"{key}: {err.__cause__ or err}") from err
+        said = str(err.__cause__ or err)  # our own messages name their key already
+        raise ConfigError(said if said.startswith(f"{key}.") else f"{key}: {said}") from err
 
 
 def build_method(cfg: DictConfig) -> FineTuningMethod:
