@@ -6,6 +6,7 @@ import difflib
 import logging
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -156,8 +157,8 @@ def check_settings(cfg: DictConfig, output_dir: Path, new_run: bool) -> PrefixCa
 
 def class_counts(datamodule: L.LightningDataModule) -> list[int]:
     """Training examples per class (``classifier.class_weights=auto`` weighs by them)."""
-    labels = [label for _, label in datamodule.load_splits().train]
-    return [labels.count(i) for i in range(len(datamodule.label_names))]
+    counts = Counter(label for _, label in datamodule.load_splits().train)
+    return [counts[i] for i in range(len(datamodule.label_names))]
 
 
 def check_optimizer(cfg: DictConfig) -> None:
