@@ -117,8 +117,11 @@ def test_multiple_text_columns_are_joined(tmp_path):
          r"its columns are \['ham', 'Go until jurong point'\]; its first row looks like data: add "
          r"a header row naming the columns"),
         ("text,label\nhi,a\n,b\n   ,a\nyo,\n", "m.csv",
-         r"an empty text: rows 3; 1 row\(s\) with an empty 'label': rows 4"),
-        ("text,label\nhi,a\n,b\nyo,a\n", "m.csv", r"1 row\(s\) with a null text \(text\): rows 2"),
+         r"2 row\(s\) with an empty text: rows 2, 3; 1 row\(s\) with an empty 'label': rows 4"),
+        ('{"text": "hi", "label": "a"}\n{"text": null, "label": "b"}\n', "m.jsonl",
+         r"1 row\(s\) with a null text \(text\): rows 2"),
+        ("text;label\nhi;a\n", "m.csv", r"its columns are \['text;label'\]; the header is "
+                                         r"separated by ';': save the file with commas"),
         ("text,label\nhi,a\n", "m.txt", r"the suffix '.txt' is not one of .csv, .tsv"),
         ("", "m.csv", r"data.path=.*m.csv is empty$"),
         ('{"text": "hi", "label": ["a", "b"]}\n{"text": "yo", "label": ["a"]}\n', "m.jsonl",
@@ -133,7 +136,7 @@ def test_multiple_text_columns_are_joined(tmp_path):
          r"1 of 2 label\(s\) have too few rows to split stratified into train/validation/test, "
          r"which needs at least 10 each: 'b' \(2\); add rows"),
         ("text,label\n" + "".join(f"t{i},{i / 7:.3f}\n" for i in range(300)), "m.csv",
-         r"300 of 300 label\(s\) have too few .*: '0.0' \(1\), '0.143' \(1\), .*'1.286' \(1\), "
+         r"300 of 300 label\(s\) have too few .*: '0.000' \(1\), '0.143' \(1\), .*'1.286' \(1\), "
          r"\.\.\.; .* with 300 distinct labels, are they numbers to predict\?"),
     ],
 )  # fmt: skip
@@ -270,6 +273,17 @@ def test_texts_in_two_splits_are_counted_and_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="gpt_classifier.data.files"):
         FilesDataModule(files={"train": str(train), "test": str(test)}).load_splits()
     assert "3 text(s) appear in more than one split" in caplog.text
+
+
+def test_csv_cells_are_read_as_written(tmp_path):
+    """Not parsed as numbers or missing values: '007' is not 7.0, and 'NA' is not empty."""
+    labels, texts = ["007", "NA", "010", "null"], ["N/A", "00042", "1e3", "None"]
+    rows = [{"text": f"{texts[i % 4]}", "label": labels[i % 4]} for i in range(80)]
+    data = FilesDataModule(path=str(write_csv(tmp_path / "codes.csv", rows)))
+    splits = data.load_splits()
+    assert data.label_names == ["007", "010", "NA", "null"]
+    read = {(text, data.label_names[label]) for _, split in splits.items() for text, label in split}
+    assert read == {(row["text"], row["label"]) for row in rows}
 
 
 def test_number_labels_are_ordered_by_value(tmp_path):

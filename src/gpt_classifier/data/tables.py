@@ -4,6 +4,7 @@ each file's format from its suffix, each bad row named. Used by ``data=files`` a
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,7 @@ def read_table(path: Path, key: str):  # -> datasets.Dataset
     if head.startswith(ZIP_MAGIC):
         raise DataFormatError(f"{key}={path} is a zip archive; unzip it and give the file")
     builder, options = READERS[suffix]
-    if builder == "csv":  # Excel and Windows editors start CSV files with a BOM
-        options = {**options, "encoding": "utf-8-sig"}
-    elif head.startswith(UTF8_BOM):
+    if builder == "json" and head.startswith(UTF8_BOM):
         raise DataFormatError(f"{key}={path} starts with a UTF-8 byte-order mark, which JSON "
                               "readers refuse; re-save it as UTF-8 without BOM")  # fmt: skip
     if suffix != ".parquet" and (bad := first_bad_utf8(path)) is not None:
@@ -52,6 +51,8 @@ def read_table(path: Path, key: str):  # -> datasets.Dataset
                               "re-save the file as UTF-8")  # fmt: skip
     if path.stat().st_size == 0:
         raise DataFormatError(f"{key}={path} is empty")
+    if builder == "csv":  # Excel and Windows editors start CSV files with a BOM
+        options = {**options, "encoding": "utf-8-sig", **_verbatim(path, options)}
     try:
         return load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as err:  # noqa: BLE001 - each reader raises its own kinds
@@ -60,6 +61,16 @@ def read_table(path: Path, key: str):  # -> datasets.Dataset
             raise DataFormatError(f"{key}={path} has no rows") from err
         said = f"{type(cause).__name__}: {cause}"[:1500]
         raise DataFormatError(f"{key}={path} could not be read as {suffix[1:]}: {said}") from err
+
+
+def _verbatim(path: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """pandas options that keep every cell the string it is: no number parsing ('007' stays
+    '007') and no missing-value words ('NA', 'null' and 'N/A' are texts and labels too)."""
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        header = next(
+            (row for row in csv.reader(f, delimiter=options.get("delimiter", ",")) if row), []
+        )
+    return {"converters": {i: str for i in range(len(header))}, "na_filter": False}
 
 
 def read_rows(table: Any, source: str, text_columns: Sequence[str], label_column: str,
@@ -75,6 +86,8 @@ def read_rows(table: Any, source: str, text_columns: Sequence[str], label_column
         headless = len(absent) == len(text_columns) + 1 and any(" " in str(c) for c in columns)
         hint = "; its first row looks like data: add a header row naming the columns"
         hint = hint if headless else ""
+        if len(columns) == 1 and ";" in str(columns[0]):  # a CSV as European Excel saves it
+            hint = "; the header is separated by ';': save the file with commas, or tabs as .tsv"
         raise DataFormatError(f"{source}: no column {absent} (set {which}); its columns "
                               f"are {columns}{hint}")  # fmt: skip
     feature = table.features[label_column]
