@@ -252,6 +252,12 @@ def test_a_hugging_face_dataset_keeps_its_class_names_and_maps_its_splits(tmp_pa
                                               r"data.split_names.train=training"):  # fmt: skip
         HubDataModule(name=str(folder), text_column="sms",
                       split_names={"train": "training"}).load_splits()  # fmt: skip
+    # A hidden test set (GLUE's): labels -1, which must not be read as the last name.
+    hidden = Dataset.from_dict({"sms": ["?"] * 9, "label": [-1] * 9}, features=features)
+    DatasetDict({"train": table(rows[:500]), "test": hidden}).save_to_disk(tmp_path / "glue")
+    said = r"split test: 9 row\(s\) with no label \('label' -1 .*split_names.test=null splits"
+    with pytest.raises(DataFormatError, match=said):
+        HubDataModule(name=str(tmp_path / "glue"), text_column="sms").load_splits()
 
 
 def test_an_unknown_dataset_name_offline_says_what_loads_offline(monkeypatch):

@@ -105,6 +105,13 @@ def read_rows(table: Any, source: str, text_columns: Sequence[str], label_column
             what = f"a list or record as {label_column!r} (multi-label data is not supported"
             problems.setdefault(f"{what}: give each row one label)", []).append(i)
             continue
+        if names and not 0 <= label < len(names):  # -1: how 🤗 datasets hide a test set's labels
+            what = (
+                f"no label ({label_column!r} -1 or past the ClassLabel's {len(names)} names; "
+                "for data=hf, data.split_names.test=null splits a test set off training)"
+            )
+            problems.setdefault(what, []).append(i)
+            continue
         if any(part is None for part in parts):
             problems.setdefault(f"a null text ({', '.join(text_columns)})", []).append(i)
             continue
