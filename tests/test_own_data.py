@@ -292,6 +292,14 @@ def test_csv_cells_are_read_as_written(tmp_path):
     assert read == {(row["text"], row["label"]) for row in rows}
 
 
+def test_json_labels_of_mixed_types_are_read_as_written(tmp_path):
+    """1 and "1" are one label, and "b" has no quotes (🤗 keeps such a column as JSON text)."""
+    rows = [{"text": f"t{i}", "label": [1, "1", "b"][i % 3]} for i in range(90)]
+    data = FilesDataModule(path=str(write_jsonl(tmp_path / "mixed.jsonl", rows)))
+    data.load_splits()
+    assert data.label_names == ["1", "b"]
+
+
 def test_number_labels_are_ordered_by_value(tmp_path):
     rows = [{"text": f"t{i}", "label": [10, 2, 1, -1][i % 4]} for i in range(80)]
     data = FilesDataModule(path=str(write_csv(tmp_path / "stars.csv", rows)))

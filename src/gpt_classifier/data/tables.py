@@ -5,6 +5,7 @@ each file's format from its suffix, each bad row named. Used by ``data=files`` a
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,15 @@ def _verbatim(path: Path, options: dict[str, Any]) -> dict[str, Any]:
     return {"converters": {i: str for i in range(len(header))}, "na_filter": False}
 
 
+def _values(table: Any, column: str) -> list[Any]:
+    """A column's values. A JSON column of mixed types (``1`` and ``"b"``) is a 🤗 ``Json``
+    column, kept as JSON text: decoded here, or ``"b"`` would be a label with quotes."""
+    values = table.data.column(column).to_pylist()
+    if type(table.features[column]).__name__ == "Json":  # a type of recent datasets versions
+        values = [None if value is None else json.loads(value) for value in values]
+    return values
+
+
 def read_rows(table: Any, source: str, text_columns: Sequence[str], label_column: str,
               separator: str = " ", keys: str = "data.") -> list[Message]:  # fmt: skip
     """The (label, text) rows of a table, every problem named by row and column (``keys``:
@@ -93,8 +103,8 @@ def read_rows(table: Any, source: str, text_columns: Sequence[str], label_column
     feature = table.features[label_column]
     names = getattr(feature, "names", None)  # a ClassLabel keeps its names
     # Whole columns at once: iterating a Dataset formats a table per row.
-    texts = [table.data.column(c).to_pylist() for c in text_columns]
-    labels = table.data.column(label_column).to_pylist()
+    texts = [_values(table, c) for c in text_columns]
+    labels = _values(table, label_column)
     problems: dict[str, list[int]] = {}
     rows = []
     for i, (label, *parts) in enumerate(zip(labels, *texts), start=1):
