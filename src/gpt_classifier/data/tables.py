@@ -60,7 +60,9 @@ def read_table(path: Path, key: str):  # -> datasets.Dataset
         cause = err.__cause__ or err
         if "corresponds to no data" in str(cause):  # a header alone, or blank lines
             raise DataFormatError(f"{key}={path} has no rows") from err
-        said = f"{type(cause).__name__}: {cause}"[:1500]
+        said = f"{type(cause).__name__}: {str(cause).strip()}"[:1500]
+        if "Expected" in said and "fields in line" in said:  # pandas' words for an extra cell
+            said += '; put a text that holds the separator in quotes ("a, b")'
         raise DataFormatError(f"{key}={path} could not be read as {suffix[1:]}: {said}") from err
 
 
