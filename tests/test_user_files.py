@@ -53,6 +53,8 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column_or_text(tmp_path):
     jsonl.write_text('{"id": 1, "text": "hello there"}\n{"id": 2, "text": "bye"}\n')
     assert read_input(jsonl)[0] == ["hello there", "bye"]
     assert read_input(jsonl) == (["hello there", "bye"], [{"id": 1}, {"id": 2}])
+    jsonl.write_text('{"text": "hello"}\n{"text": 42}\n')  # mixed types: no quotes added
+    assert read_input(jsonl)[0] == ["hello", "42"]
     with pytest.raises(ValueError, match=r"texts.jsonl has no column 'body'; its columns are "
                                          r"\['id', 'text'\]. Set column=<name>"):  # fmt: skip
         read_input(jsonl, "body")[0]

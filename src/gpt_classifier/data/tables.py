@@ -76,7 +76,7 @@ def _verbatim(path: Path, options: dict[str, Any]) -> dict[str, Any]:
     return {"converters": {i: str for i in range(len(header))}, "na_filter": False}
 
 
-def _values(table: Any, column: str) -> list[Any]:
+def column_values(table: Any, column: str) -> list[Any]:
     """A column's values. A JSON column of mixed types (``1`` and ``"b"``) is a 🤗 ``Json``
     column, kept as JSON text: decoded here, or ``"b"`` would be a label with quotes."""
     values = table.data.column(column).to_pylist()
@@ -105,8 +105,8 @@ def read_rows(table: Any, source: str, text_columns: Sequence[str], label_column
     feature = table.features[label_column]
     names = getattr(feature, "names", None)  # a ClassLabel keeps its names
     # Whole columns at once: iterating a Dataset formats a table per row.
-    texts = [_values(table, c) for c in text_columns]
-    labels = _values(table, label_column)
+    texts = [column_values(table, c) for c in text_columns]
+    labels = column_values(table, label_column)
     problems: dict[str, list[int]] = {}
     rows = []
     for i, (label, *parts) in enumerate(zip(labels, *texts), start=1):

@@ -37,11 +37,11 @@ def read_input(path: Path, column: str | Sequence[str] = "text", separator: str 
                 records, found = list(reader), list(reader.fieldnames or [])
             table = {c: [record.get(c) for record in records] for c in found}
         else:
-            from gpt_classifier.data.tables import read_table
+            from gpt_classifier.data.tables import column_values, read_table
 
             data = read_table(user_file(path, "input"), "input")
             found = data.column_names
-            table = {c: data.data.column(c).to_pylist() for c in found}
+            table = {c: column_values(data, c) for c in found}
         if absent := [c for c in columns if c not in found]:
             raise ValueError(f"{path} has no column {', '.join(map(repr, absent))}; its "
                              f"columns are {found}. Set column=<name>.")  # fmt: skip
