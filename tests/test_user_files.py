@@ -53,11 +53,11 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column_or_text(tmp_path):
     jsonl.write_text('{"id": 1, "text": "hello there"}\n{"id": 2, "text": "bye"}\n')
     assert read_input(jsonl)[0] == ["hello there", "bye"]
     assert read_input(jsonl) == (["hello there", "bye"], [{"id": 1}, {"id": 2}])
-    jsonl.write_text('{"text": "hello"}\n{"text": 42}\n')  # mixed types: no quotes added
-    assert read_input(jsonl)[0] == ["hello", "42"]
     with pytest.raises(ValueError, match=r"texts.jsonl has no column 'body'; its columns are "
                                          r"\['id', 'text'\]. Set column=<name>"):  # fmt: skip
         read_input(jsonl, "body")[0]
+    jsonl.write_text('{"text": "hello"}\n{"text": 42}\n')  # mixed types: no quotes added
+    assert read_input(jsonl)[0] == ["hello", "42"]
     two = tmp_path / "two.csv"  # several text columns, joined as training joins them
     two.write_text("title,body,id\nWin,a prize now,1\nLunch,at noon?,2\n", encoding="utf-8")
     assert read_input(two, ["title", "body"], " | ")[0] == ["Win | a prize now", "Lunch | at noon?"]
