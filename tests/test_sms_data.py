@@ -346,6 +346,34 @@ def test_splits_are_saved_as_csv(sms_file, tmp_path):
         assert [(r[1], int(r[0])) for r in rows[1:]] == split
 
 
+def test_a_run_whose_data_changed_is_not_resumed_or_evaluated_on_another_split(sms_file, tmp_path):
+    """The run's split files are written once: a resume or eval.py that would make another
+    split from an edited file fails instead (it once trained on, and overwrote, the new one)."""
+    from omegaconf import OmegaConf
+
+    from gpt_classifier.tasks.evaluate import split_token_ids
+
+    data, run = tmp_path / "sms.tsv", tmp_path / "run"
+    data.write_bytes(sms_file.read_bytes())
+    first = _datamodule(data, splits_dir=str(run / "splits"))
+    _datamodule(data, splits_dir=str(run / "splits"))  # the same data: the same files, kept
+    written = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in (run / "splits").iterdir()}
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir()
+    torch.save({"datamodule_hyper_parameters": dict(first.hparams)}, checkpoint)
+    with data.open("a", encoding="utf-8") as f:  # relabelled copies of spam
+        f.writelines(f"ham\t{text} again\n" for text, label in first.splits.train[:60] if label)
+    said = (rf"The data \({data}\) has changed since the run started: it splits differently "
+            rf"from {run / 'splits'}/\w+.csv \(line \d+\)\. Restore the data, or train on it in "
+            rf"a new run \(without ckpt_path\); eval.py labelled_file=")  # fmt: skip
+    with pytest.raises(DataFormatError, match=said):
+        _datamodule(data, splits_dir=str(run / "splits"))
+    with pytest.raises(DataFormatError, match=said):
+        split_token_ids(OmegaConf.create({}), checkpoint, "test")
+    assert written == {f.name: hashlib.md5(f.read_bytes()).hexdigest()
+                       for f in (run / "splits").iterdir()}  # fmt: skip
+
+
 def test_eval_loaders_are_length_sorted_and_complete(sms_file):
     dm = _datamodule(sms_file)
     seen = 0

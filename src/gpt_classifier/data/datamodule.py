@@ -204,7 +204,7 @@ class SMSSpamDataModule(L.LightningDataModule):
         """The split CSVs into ``splits_dir``, when set (each run folder keeps its own)."""
         if self.splits_dir and self.splits is not None:
             for name, rows in self.splits.items():
-                write_split_csv(rows, Path(self.splits_dir) / f"{name}.csv")
+                write_split_csv(rows, Path(self.splits_dir) / f"{name}.csv", str(self._file()))
 
     def _tokenize(self, splits: Splits) -> dict[str, TokenizedTexts]:
         hp = self.hparams

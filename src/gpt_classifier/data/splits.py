@@ -187,15 +187,24 @@ def undersample(rows: list[Message], seed: int) -> list[Message]:
     return out + by_label[minority]
 
 
-def write_split_csv(rows: Sequence[tuple[str, int]], path: Path) -> None:
-    """Write one split as ``Label,Text`` CSV (integer labels, split order); a file that
-    already holds exactly that (a resumed run's) is left untouched."""
+def write_split_csv(rows: Sequence[tuple[str, int]], path: Path, source: str) -> None:
+    """Write one split as ``Label,Text`` CSV (integer labels, split order), once: a later
+    start of the run (a resume, ``eval.py``) must make the same split from ``source``."""
     table = io.StringIO(newline="")
     writer = csv.writer(table)
     writer.writerow(["Label", "Text"])
     writer.writerows((label, text) for text, label in rows)
     data = table.getvalue().encode("utf-8")
-    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return
+    if path.is_file():
+        kept = path.read_bytes()
+        if kept == data:
+            return
+        line = next((i for i, (a, b) in enumerate(zip(kept.splitlines(), data.splitlines()), 1)
+                     if a != b), min(kept.count(b"\n"), data.count(b"\n")) + 1)  # fmt: skip
+        raise DataFormatError(
+            f"The data ({source}) has changed since the run started: it splits differently from "
+            f"{path} (line {line}). Restore the data, or train on it in a new run (without "
+            f"ckpt_path); eval.py labelled_file={path} evaluates the split the run made."
+        )
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -121,7 +121,11 @@ def split_token_ids(
         raise ModelLoadError(f"{checkpoint} holds no data settings; pass labelled_file=<file>")
     if (path := data_path(cfg)) is not None:
         data_hparams["path"] = path
-    data_hparams.pop("splits_dir", None)
+    # The run's split files: the split made now must be the one they hold.
+    run_splits = checkpoint.parent.parent / "splits"
+    data_hparams["splits_dir"] = (
+        str(run_splits) if (run_splits / f"{split}.csv").is_file() else None
+    )
     # The run's data module, known by the settings only it has (data=hf, data=files).
     kind = HubDataModule if "split_names" in data_hparams else (
         FilesDataModule if "files" in data_hparams else SMSSpamDataModule)  # fmt: skip
