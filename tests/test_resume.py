@@ -633,7 +633,9 @@ def test_a_run_keeps_its_local_files_by_absolute_path(tmp_path, monkeypatch):
     assert (hub.data.name, hub.model.weights) == ("ag_news", "gpt2")
 
 
-def test_a_resume_may_name_the_runs_data_file_by_a_relative_path(tmp_path, monkeypatch, composed):
+def test_a_resume_may_name_the_runs_data_file_by_a_relative_path(
+    tmp_path, monkeypatch, composed, caplog
+):
     """The run keeps data.path absolute; the resume command may repeat it as first given."""
     from gpt_classifier.tasks.run_config import (
         ResumeConfigError,
@@ -651,8 +653,12 @@ def test_a_resume_may_name_the_runs_data_file_by_a_relative_path(tmp_path, monke
     started = composed("data.path=sms.tsv")
     absolute_paths(started)
     save_run_config(started, tmp_path / "run")
-    resumed = config_for_resume(composed("ckpt_path=last", "data.path=./sms.tsv"), checkpoint)
-    assert resumed.data.path == "./sms.tsv"  # the same file
+    with caplog.at_level("INFO", logger="gpt_classifier.tasks.run_config"):
+        resumed = config_for_resume(composed("ckpt_path=last", "data.path=./sms.tsv",
+                                             "trainer.max_epochs=3"), checkpoint)  # fmt: skip
+    assert resumed.data.path == "./sms.tsv"  # the same file, not logged as a change
+    assert "changed by this command: trainer.max_epochs: 5 -> 3" in caplog.text
+    assert "data.path:" not in caplog.text
     with pytest.raises(ResumeConfigError, match="data.path=other.tsv: the run in"):
         config_for_resume(composed("ckpt_path=last", "data.path=other.tsv"), checkpoint)
 

@@ -124,14 +124,12 @@ def config_for_resume(cfg: DictConfig, checkpoint: Path) -> DictConfig:
                 f"resume continues it. Resume without {key}=, or start a new run (without "
                 "ckpt_path) to train with it."
             )
-        if before != value:
+        if not _same(key, before, value):
             changed.append(f"{key}: {before} -> {value}")
     for key in DATA_KEYS:
         before, after = (OmegaConf.select(c, key, default=None) for c in (original, resumed))
-        paths = [Path(str(v)).expanduser().resolve() for v in (before, after) if v is not None]
-        same = before == after or (key == "data.path" and len(paths) == 2 and len(set(paths)) == 1)
         moved = key == "data.path" and before is not None and not Path(before).exists()
-        if not same and not moved:
+        if not _same(key, before, after) and not moved:
             raise ResumeConfigError(
                 f"{key}={after}: the run in {checkpoint.parent.parent} was trained with "
                 f"{key}={before}, and changing it within the run would change its data split "
@@ -153,6 +151,13 @@ def config_for_resume(cfg: DictConfig, checkpoint: Path) -> DictConfig:
     if changed:
         log.info("Resuming with the run's config, changed by this command: %s", "; ".join(changed))
     return resumed
+
+
+def _same(key: str, before: Any, after: Any) -> bool:
+    """Equal values, or for ``data.path`` two names of one file (absolute and relative)."""
+    if before == after or key != "data.path" or before is None or after is None:
+        return before == after
+    return Path(str(before)).expanduser().resolve() == Path(str(after)).expanduser().resolve()
 
 
 def _check_batches_kept(original: DictConfig, resumed: DictConfig, checkpoint: Path) -> None:
