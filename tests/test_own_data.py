@@ -128,6 +128,8 @@ def test_multiple_text_columns_are_joined(tmp_path):
          r"2 row\(s\) with a list or record as 'label' \(multi-label data is not supported: "
          r"give each row one label\): rows 1, 2"),
         ("text,label\n", "m.csv", r"data.path=.*m.csv has no rows$"),
+        ('{"text": ["hi", "yo"], "label": "a"}\n', "m.jsonl",
+         r"1 row\(s\) with a list or record as text \(text\): make it one string: rows 1"),
         ("text,label\nhi,a\nhi, you,b\n", "m.csv", r"Expected 2 fields in line 3, saw 3; put a "
                                                   r"text that holds the separator in quotes"),
         ("\n\n", "m.jsonl", r"data.path=.*m.jsonl has no rows$"),

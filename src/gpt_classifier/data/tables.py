@@ -127,6 +127,10 @@ def read_rows(table: Any, source: str, text_columns: Sequence[str], label_column
         if any(part is None for part in parts):
             problems.setdefault(f"a null text ({', '.join(text_columns)})", []).append(i)
             continue
+        if any(isinstance(part, list | dict) for part in parts):  # not one text, as written
+            what = f"a list or record as text ({', '.join(text_columns)}): make it one string"
+            problems.setdefault(what, []).append(i)
+            continue
         text = separator.join(str(part) for part in parts)
         if not text.strip():
             problems.setdefault("an empty text", []).append(i)
