@@ -106,6 +106,9 @@ def read_rows(table: Any, source: str, text_columns: Sequence[str], label_column
     names = getattr(feature, "names", None)  # a ClassLabel keeps its names
     # Whole columns at once: iterating a Dataset formats a table per row.
     texts = [column_values(table, c) for c in text_columns]
+    # Text columns of strings (the usual case): no row can hold a list or a record.
+    strings = all(getattr(table.features[c], "dtype", None) in ("string", "large_string")
+                  for c in text_columns)  # fmt: skip
     labels = column_values(table, label_column)
     problems: dict[str, list[int]] = {}
     rows = []
@@ -124,10 +127,10 @@ def read_rows(table: Any, source: str, text_columns: Sequence[str], label_column
             )
             problems.setdefault(what, []).append(i)
             continue
-        if any(part is None for part in parts):
+        if None in parts:
             problems.setdefault(f"a null text ({', '.join(text_columns)})", []).append(i)
             continue
-        if any(isinstance(part, list | dict) for part in parts):  # not one text, as written
+        if not strings and any(isinstance(part, list | dict) for part in parts):
             what = f"a list or record as text ({', '.join(text_columns)}): make it one string"
             problems.setdefault(what, []).append(i)
             continue
