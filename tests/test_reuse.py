@@ -73,3 +73,23 @@ def test_sweep_jobs_reuse_what_is_unchanged_and_match_separate_runs(tmp_path, sm
     for key in ("train/acc", "val/acc", "test/acc", "train/loss", "val/loss", "test/loss"):
         assert in_sweep[key] == alone[key], key
     assert in_sweep["time/prefix_s"] == 0.0 < alone["time/prefix_s"]
+
+
+def test_a_data_file_edited_between_jobs_is_read_again(tmp_path):
+    """Every file of data.files keys the data a job hands on, the test file too."""
+    from gpt_classifier.data.files import FilesDataModule
+
+    sweep_reuse.forget()
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    train.write_text("text,label\n" + "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(40)))
+    test.write_text("text,label\nfirst,a\n")
+
+    def test_texts():
+        module = FilesDataModule(files={"train": str(train), "test": str(test)})
+        module.setup("fit")
+        return [text for text, _ in module.splits.test]
+
+    assert test_texts() == ["first"]
+    test.write_text("text,label\nsecond one,b\n")
+    assert test_texts() == ["second one"]
+    sweep_reuse.forget()

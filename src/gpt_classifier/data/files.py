@@ -64,6 +64,12 @@ class FilesDataModule(SMSSpamDataModule):
     def prepare_data(self) -> None:
         self._file()
 
+    def _identity(self) -> tuple[Any, ...]:
+        """Every given file and its version, for a sweep's reuse (not the training file's only)."""
+        given = [self.path] if self.path is not None else [f for f in self.files.values() if f]
+        stats = [(f, f.stat()) for f in (Path(g).expanduser().resolve() for g in given)]
+        return tuple((str(f), stat.st_size, stat.st_mtime_ns) for f, stat in stats)
+
     def _tables(self) -> dict[str, tuple[Any, str]]:
         """Each split that is given: its table, and how messages name it."""
         if self.path is not None:
