@@ -128,6 +128,10 @@ def test_multiple_text_columns_are_joined(tmp_path):
          r"2 row\(s\) with a list or record as 'label' \(multi-label data is not supported: "
          r"give each row one label\): rows 1, 2"),
         ("text,label\n", "m.csv", r"data.path=.*m.csv has no rows$"),
+        ('{"text": {"0": "hi", "1": "yo"}, "label": {"0": "a", "1": "b"}}', "m.json",
+         r"m.json is one JSON object \(text, label\), not a row per record: write a list of "
+         r"records, or JSON lines \(pandas: df.to_json\(path, orient='records', lines=True\)"),
+        ('{"data": [{"text": "hi", "label": "a"}]}', "m.json", r"is one JSON object \(data\)"),
         ('{"text": ["hi", "yo"], "label": "a"}\n', "m.jsonl",
          r"1 row\(s\) with a list or record as text \(text\): make it one string: rows 1"),
         ("text,label\nhi,a\nhi, you,b\n", "m.csv", r"Expected 2 fields in line 3, saw 3; put a "

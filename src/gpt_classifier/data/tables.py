@@ -55,7 +55,7 @@ def read_table(path: Path, key: str):  # -> datasets.Dataset
     if builder == "csv":  # Excel and Windows editors start CSV files with a BOM
         options = {**options, "encoding": "utf-8-sig", **_verbatim(path, options)}
     try:
-        return load_dataset(builder, data_files=str(path), split="train", **options)
+        table = load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as err:  # noqa: BLE001 - each reader raises its own kinds
         cause = err.__cause__ or err
         if "corresponds to no data" in str(cause):  # a header alone, or blank lines
@@ -64,6 +64,18 @@ def read_table(path: Path, key: str):  # -> datasets.Dataset
         if "Expected" in said and "fields in line" in said:  # pandas' words for an extra cell
             said += '; put a text that holds the separator in quotes ("a, b")'
         raise DataFormatError(f"{key}={path} could not be read as {suffix[1:]}: {said}") from err
+    # One JSON object holding the rows (pandas' to_json writes its columns so by default).
+    if builder == "json" and table.num_rows == 1 and _lists_only(table[0]):
+        raise DataFormatError(
+            f"{key}={path} is one JSON object ({', '.join(table.column_names)}), not a row "
+            "per record: write a list of records, or JSON lines (pandas: "
+            "df.to_json(path, orient='records', lines=True) into a .jsonl file)"
+        )
+    return table
+
+
+def _lists_only(row: dict[str, Any]) -> bool:
+    return all(isinstance(value, list | dict) for value in row.values())
 
 
 def _verbatim(path: Path, options: dict[str, Any]) -> dict[str, Any]:
