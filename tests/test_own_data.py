@@ -138,6 +138,8 @@ def test_multiple_text_columns_are_joined(tmp_path):
                                                   r"text that holds the separator in quotes"),
         ("\n\n", "m.jsonl", r"data.path=.*m.jsonl has no rows$"),
         ('{"text": "hi", "label": "a"\n', "m.jsonl", r"could not be read as jsonl"),
+        ('{"text": "hi", "label": "a"}\n' * 3 + '{"text": "yo", "label": "b",}\n', "m.jsonl",
+         r"m.jsonl could not be read as jsonl: line 4: not JSON \(Expecting property name"),
         ('\ufeff{"text": "hi", "label": "a"}\n', "m.jsonl",
          r"m.jsonl starts with a UTF-8 byte-order mark, which JSON readers refuse; re-save"),
         ("text,label\n" + "".join(f"t{i},a\n" for i in range(30)) + "x,b\ny,b\n", "m.csv",

@@ -63,6 +63,8 @@ def read_table(path: Path, key: str):  # -> datasets.Dataset
         said = f"{type(cause).__name__}: {str(cause).strip()}"[:1500]
         if "Expected" in said and "fields in line" in said:  # pandas' words for an extra cell
             said += '; put a text that holds the separator in quotes ("a, b")'
+        if suffix == ".jsonl" and (bad := _first_bad_json_line(path)):  # arrow counts by block
+            said = f"line {bad[0]}: {bad[1]}"
         raise DataFormatError(f"{key}={path} could not be read as {suffix[1:]}: {said}") from err
     # One JSON object holding the rows (pandas' to_json writes its columns so by default).
     if builder == "json" and table.num_rows == 1 and _lists_only(table[0]):
@@ -72,6 +74,18 @@ def read_table(path: Path, key: str):  # -> datasets.Dataset
             "df.to_json(path, orient='records', lines=True) into a .jsonl file)"
         )
     return table
+
+
+def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
+    """The first line of a JSON-lines file that is not JSON, and why."""
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                if line.strip():
+                    json.loads(line)
+            except ValueError as err:
+                return number, f"not JSON ({err})"
+    return None
 
 
 def _lists_only(row: dict[str, Any]) -> bool:
