@@ -1,5 +1,7 @@
 """A classical baseline on the same split: ``python baseline.py [data.path=...]``."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -15,4 +17,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    from gpt_classifier.tasks.command_line import check_overrides
+
+    check_overrides(sys.argv[1:])
     main()

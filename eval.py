@@ -1,5 +1,7 @@
 """Evaluate a trained classifier: ``python eval.py ckpt_path=... [split=test]``."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -15,4 +17,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from gpt_classifier.tasks.command_line import check_overrides
+
+    check_overrides(sys.argv[1:])
     main()

@@ -1,5 +1,6 @@
 """Fine-tune GPT-2 as an SMS spam classifier: ``python train.py [overrides]``."""
 
+import sys
 import warnings
 
 import hydra
@@ -24,4 +25,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    from gpt_classifier.tasks.command_line import check_overrides
+
+    check_overrides(sys.argv[1:])
     main()

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from entry_points import REPO, run_entry
 
 # Imported first by the Python of the entry point: a machine with no network at all,
@@ -201,3 +205,38 @@ def test_lightnings_trainer_keys_reach_the_trainer():
     assert (settings["accelerator"], settings["precision"], settings["devices"]) == (
         "cpu", "16-mixed", 1)  # fmt: skip
     assert chosen.trainer.accelerator == "gpu"  # the group still picks the device
+
+
+@pytest.mark.parametrize(("typed", "hydra_says", "key"), [
+    ("data.path=my data (v2).csv", "mismatched input ' ('", "data"),
+    ("text=Sorry, I'll call later!", "it cannot read \"'\" there", "text"),
+    ('text=say "hi" and don\'t', "mismatched input", "text"),
+])  # fmt: skip
+def test_an_override_hydra_cannot_read_is_named_with_its_quoted_form_which_works(
+    tmp_path, typed, hydra_says, key
+):
+    """A path with parentheses or a text with ' or ! (Hydra names neither the override
+    nor the fix): the entry point names it and prints a quoted form that, pasted into a
+    shell, gives the value as typed."""
+    entry = "train.py" if key == "data" else "predict.py"
+    refused = run_entry(entry, "ckpt_path=x", typed)
+    assert refused.returncode == 2
+    said, fix = refused.stderr.strip().splitlines()[0], refused.stderr.strip().splitlines()[-1]
+    assert said.startswith("Cannot read ") and typed.split("=")[0] in said and hydra_says in said
+    pasted = subprocess.run(f"{shlex.quote(sys.executable)} {entry} --cfg job {fix.strip()}",
+                            shell=True, cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    composed = yaml.safe_load(pasted.stdout)
+    value = composed["data"]["path"] if key == "data" else composed["text"]
+    assert value == typed.split("=", 1)[1]
+
+
+def test_an_override_without_a_quoted_form_says_what_an_override_is():
+    refused = run_entry("train.py", "data.labels=[ham,spam")
+    assert refused.returncode == 2
+    assert "Cannot read 'data.labels=[ham,spam'" in refused.stderr
+    assert "An override is key=value" in refused.stderr
+
+
+def test_hydras_flags_and_their_values_are_not_taken_for_overrides(tmp_path):
+    ran = run_entry("train.py", "-cn", "train", "--cfg", "job", "--package", "_global_", "seed=7")
+    assert ran.returncode == 0 and yaml.safe_load(ran.stdout)["seed"] == 7

@@ -1,0 +1,74 @@
+"""The entry points' command line, checked before Hydra reads it."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Sequence
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
+
+# Hydra's flags whose value is the next argument (``python train.py --help``).
+_VALUE_FLAGS = frozenset({"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn",
+                          "--config-name", "-cd", "--config-dir", "-i", "--info",
+                          "--experimental-rerun"})  # fmt: skip
+
+
+def check_overrides(args: Sequence[str]) -> None:
+    """Exit with status 2 and the quoted form of an override Hydra cannot read, before
+    Hydra does: its message names neither the override (for most syntax errors) nor the
+    fix, and paths with parentheses and texts with ``!`` or ``'`` are common."""
+    parser = OverridesParser.create()
+    after_flag = False
+    for arg in args:
+        if after_flag or arg.startswith("-"):
+            after_flag = arg in _VALUE_FLAGS and not after_flag
+            continue
+        try:
+            parser.parse_overrides([arg])
+        except OverrideParseException as err:
+            print(_unreadable(arg, err.message, parser), file=sys.stderr)
+            raise SystemExit(2) from None
+
+
+def _unreadable(arg: str, hydra_says: str, parser: OverridesParser) -> str:
+    said = hydra_says.splitlines()
+    lexer = "LexerNoViableAltException: "
+    if said[0].startswith(lexer) and len(said) > 1:  # a caret under the character
+        at = len(said[1]) - 1 - len(lexer)
+        said[0] = f"it cannot read {arg[at : at + 1]!r} there" if 0 <= at < len(arg) else said[0]
+    detail = said[1] if said[0].startswith("Error parsing") else said[0]
+    lines = [f"Cannot read {_shell_quoted(arg)} on the command line (Hydra: {detail})"]
+    key, _, value = arg.partition("=")
+    if key and value and not value.startswith(("[", "{")):
+        quoted = _hydra_quoted(key, value)
+        try:
+            [override] = parser.parse_overrides([quoted])
+            same = override.value() == value and not override.is_sweep_override()
+        except OverrideParseException:
+            same = False
+        if same:
+            lines.append("Hydra reads characters such as ( ) [ ] { } = , ! ' \" in a value as "
+                         f"syntax: quote the value, as in\n  {_shell_quoted(quoted)}")  # fmt: skip
+            return "\n".join(lines)
+    lines.append("An override is key=value (model=gpt2-medium, 'data.path=\"my file (1).csv\"'): "
+                 "https://hydra.cc/docs/advanced/override_grammar/basic/")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _hydra_quoted(key: str, value: str) -> str:
+    if '"' not in value:
+        return f'{key}="{value}"'
+    if "'" not in value:
+        return f"{key}='{value}'"
+    return key + '="' + value.replace('"', '\\"') + '"'
+
+
+def _shell_quoted(arg: str) -> str:
+    """``arg`` for a POSIX shell, in double quotes where it holds a single quote."""
+    if "'" not in arg:
+        return f"'{arg}'"
+    if not any(char in arg for char in "$`\\!"):
+        return '"' + arg.replace('"', '\\"') + '"'
+    return shlex.quote(arg)
