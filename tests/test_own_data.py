@@ -282,6 +282,25 @@ def test_an_unknown_dataset_name_offline_says_what_loads_offline(monkeypatch):
         HubDataModule(name="nobody/no-such-dataset").load_splits()
 
 
+def test_a_dataset_that_does_not_load_online_says_what_to_check(monkeypatch):
+    import datasets
+    from huggingface_hub import constants
+
+    from gpt_classifier.data.files import HubDataModule
+
+    def unreachable(*args, **kwargs):  # what the Hub's client raises after its retries
+        raise ConnectionError("Couldn't reach 'nobody/no-such-dataset' on the Hub")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    said = (
+        r"could not be loaded \(ConnectionError: .*\)\. Check the name "
+        r"\(https://huggingface.co/datasets/nobody/no-such-dataset\), the network"
+    )
+    with pytest.raises(DataFormatError, match=said):
+        HubDataModule(name="nobody/no-such-dataset").load_splits()
+
+
 def test_texts_in_two_splits_are_counted_and_warned_about(tmp_path, caplog):
     rows = [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(40)]
     train = write_csv(tmp_path / "train.csv", rows)

@@ -212,7 +212,10 @@ class HubDataModule(FilesDataModule):
             cause = f"{type(err).__name__}: {err}"[:800]
             offline = constants.HF_HUB_OFFLINE
             hint = (" With HF_HUB_OFFLINE=1 only cached datasets load: run once online, or "
-                    "give a folder written by save_to_disk." if offline else "")  # fmt: skip
+                    "give a folder written by save_to_disk." if offline else
+                    f" Check the name (https://huggingface.co/datasets/{self.name}), the "
+                    "network and, for a gated dataset, a token (HF_TOKEN or `hf auth login`); "
+                    "or give a folder written by save_to_disk.")  # fmt: skip
             raise DataFormatError(
                 f"data.name={self.name} could not be loaded ({cause}).{hint}"
             ) from err
