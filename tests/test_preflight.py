@@ -197,13 +197,17 @@ def test_lightnings_trainer_keys_reach_the_trainer():
 
     with initialize_config_dir(str(Path(__file__).parents[1] / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=["trainer.accelerator=cpu", "trainer.precision=16-mixed",
-                                          "trainer.devices=1", "paths.cache_dir=null"])  # fmt: skip
+                                          "trainer.devices=1", "paths.cache_dir=null",
+                                          "trainer.val_check_interval=0.25"])  # fmt: skip
         chosen = compose("train", overrides=["accelerator=cuda"])
     from gpt_classifier.tasks.components import trainer_settings
 
     settings = trainer_settings(cfg)
     assert (settings["accelerator"], settings["precision"], settings["devices"]) == (
         "cpu", "16-mixed", 1)  # fmt: skip
+    from lightning.pytorch import Trainer  # every key of configs/trainer is Lightning's
+
+    assert Trainer(**settings, logger=False).val_check_interval == 0.25
     assert chosen.trainer.accelerator == "gpu"  # the group still picks the device
 
 

@@ -238,6 +238,20 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(reference, sms_file, tm
     assert final_metrics(run_dir)["params/trainable"] < 50_000  # LoRA's adapters and head
 
 
+def test_validating_twice_an_epoch_resumes_exactly_after_a_kill_9(sms_file, tmp_path):
+    """``trainer.val_check_interval=0.5`` (large data): killed in the second epoch after
+    its mid-epoch validation, the resume ends as the uninterrupted run does."""
+    twice = (*LORA, "trainer.val_check_interval=0.5")
+    ok(run_entry(*command(sms_file, tmp_path / "reference", *twice)))
+    run_dir = tmp_path / "run"
+    process = interrupt_at(command(sms_file, run_dir, *twice), run_dir,
+                           STEPS_PER_EPOCH + STEPS_PER_EPOCH // 2 + 20, signal.SIGKILL)  # fmt: skip
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    ok(run_entry("train.py", "ckpt_path=last", f"hydra.run.dir={run_dir}"))
+    assert final_metrics(run_dir) == final_metrics(tmp_path / "reference")
+    assert curves(run_dir) == curves(tmp_path / "reference")
+
+
 def test_two_runs_sharing_a_cold_prefix_cache_get_their_results_alone(sms_file, tmp_path):
     """Started together on one empty cache folder (both compute the prefix, both save
     it), each ends with what it gets alone: three processes, one seed, the same numbers.
