@@ -93,6 +93,18 @@ def test_data_files_that_do_not_exist_are_listed_with_the_rest(tmp_path, offline
     assert "Traceback" not in unnamed.stderr
 
 
+def test_own_data_without_the_data_extra_says_what_to_install(tmp_path, offline, sms_file):
+    site = Path(offline["PYTHONPATH"]) / "sitecustomize.py"
+    site.write_text(site.read_text() + "\nimport sys\nsys.modules['datasets'] = None\n")
+    result = run_entry("train.py", "model.pretrained=false", "data=files",
+                       f"data.path={sms_file}", f"hydra.run.dir={tmp_path / 'run'}",
+                       env=offline, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and "Cannot start: 2 thing(s) missing" in result.stderr
+    assert "🤗 datasets, which reads data=files and data=hf, is not installed" in result.stderr
+    assert 'fix: pip install -e ".[data]"' in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_resuming_a_folder_without_checkpoints_names_the_latest_run_that_has_some(tmp_path):
     runs = tmp_path / "runs"
     for name, age in (("older", 60), ("latest", 0)):

@@ -4,6 +4,7 @@ data), found at once before any work, each with its fix."""
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import logging
 import os
 import shutil
@@ -210,8 +211,7 @@ def _tokenizer(folder: str | None) -> list[Missing]:
 
 
 def _data_files(data: DictConfig) -> list[Missing]:
-    """The data files given by path (``data.path``, ``data.files.*``) that do not exist,
-    and a dataset not named at all."""
+    """Given data files that do not exist, a dataset not named, 🤗 datasets not installed."""
     given = {"data.path": data.get("path")}
     given |= {f"data.files.{split}": file for split, file in (data.get("files") or {}).items()}
     missing = []
@@ -221,6 +221,9 @@ def _data_files(data: DictConfig) -> list[Missing]:
     if OmegaConf.is_missing(data, "name"):
         missing.append(Missing("data=hf names no dataset", ("data.name=<a 🤗 Hub id (owner/name), "
                                "or a folder written by save_to_disk>",)))  # fmt: skip
+    if ("files" in data or "name" in data) and importlib.util.find_spec("datasets") is None:
+        missing.append(Missing("🤗 datasets, which reads data=files and data=hf, is not installed",
+                               ('pip install -e ".[data]"',)))  # fmt: skip
     for key, file in given.items():
         if file is None or (path := Path(str(file)).expanduser()).exists():
             continue
