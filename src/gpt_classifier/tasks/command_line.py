@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shlex
 import sys
 from collections.abc import Sequence
@@ -13,18 +14,29 @@ from hydra.errors import OverrideParseException
 _VALUE_FLAGS = frozenset({"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn",
                           "--config-name", "-cd", "--config-dir", "-i", "--info",
                           "--experimental-rerun"})  # fmt: skip
+# Options whose Hydra plugin comes with an extra: without it, Hydra says only that the
+# option does not exist (or fails in a traceback).
+_PLUGINS = (("hparams_search=", "hydra_optuna_sweeper", "hparams"),
+            ("hydra/sweeper=optuna", "hydra_optuna_sweeper", "hparams"),
+            ("hydra/launcher=submitit", "hydra_submitit_launcher", "slurm"))  # fmt: skip
 
 
 def check_overrides(args: Sequence[str]) -> None:
-    """Exit with status 2 and the quoted form of an override Hydra cannot read, before
-    Hydra does: its message names neither the override (for most syntax errors) nor the
-    fix, and paths with parentheses and texts with ``!`` or ``'`` are common."""
+    """Exit with status 2 and the fix where an override picks a plugin that is not
+    installed, or Hydra cannot read it: its message names neither the override (for most
+    syntax errors) nor the fix, and paths with parentheses and texts with ``!`` or ``'``
+    are common."""
     parser = OverridesParser.create()
     after_flag = False
     for arg in args:
         if after_flag or arg.startswith("-"):
             after_flag = arg in _VALUE_FLAGS and not after_flag
             continue
+        for option, plugin, extra in _PLUGINS:
+            if arg.startswith(option) and not importlib.util.find_spec(f"hydra_plugins.{plugin}"):
+                print(f"{arg} needs Hydra's {plugin} plugin: pip install -e \".[{extra}]\"",
+                      file=sys.stderr)  # fmt: skip
+                raise SystemExit(2)
         try:
             parser.parse_overrides([arg])
         except OverrideParseException as err:
