@@ -106,15 +106,18 @@ def test_own_data_without_the_data_extra_says_what_to_install(tmp_path, offline,
 
 
 @pytest.mark.parametrize(("option", "extra"), [("hparams_search=optuna", "hparams"),
-                                                ("hydra/launcher=submitit_slurm", "slurm")])
-def test_a_sweeper_or_launcher_whose_plugin_is_missing_names_its_extra(tmp_path, option, extra):
+                                                ("hydra/launcher=submitit_slurm", "slurm"),
+                                                ("logger=mlflow", "mlflow")])  # fmt: skip
+def test_an_option_whose_extra_is_missing_names_it(tmp_path, option, extra):
     """Hydra's own answer is that the option does not exist, or a traceback."""
-    plugins = ("hydra_plugins.hydra_optuna_sweeper", "hydra_plugins.hydra_submitit_launcher")
-    (tmp_path / "sitecustomize.py").write_text(f"import sys\nfor p in {plugins}:\n"
-                                               "    sys.modules[p] = None\n")  # fmt: skip
+    modules = ("hydra_plugins.hydra_optuna_sweeper", "hydra_plugins.hydra_submitit_launcher",
+               "mlflow")  # fmt: skip
+    (tmp_path / "sitecustomize.py").write_text(f"import sys\nfor m in {modules}:\n"
+                                               "    sys.modules[m] = None\n")  # fmt: skip
     result = run_entry("train.py", "-m", option, env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 2
-    assert result.stderr.endswith(f'plugin: pip install -e ".[{extra}]"\n'), result.stderr[-2000:]
+    said = f'is not installed: pip install -e ".[{extra}]"\n'
+    assert result.stderr.endswith(said), result.stderr[-2000:]
 
 
 def test_resuming_a_folder_without_checkpoints_names_the_latest_run_that_has_some(tmp_path):

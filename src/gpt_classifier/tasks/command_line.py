@@ -14,15 +14,16 @@ from hydra.errors import OverrideParseException
 _VALUE_FLAGS = frozenset({"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn",
                           "--config-name", "-cd", "--config-dir", "-i", "--info",
                           "--experimental-rerun"})  # fmt: skip
-# Options whose Hydra plugin comes with an extra: without it, Hydra says only that the
-# option does not exist (or fails in a traceback).
-_PLUGINS = (("hparams_search=", "hydra_optuna_sweeper", "hparams"),
-            ("hydra/sweeper=optuna", "hydra_optuna_sweeper", "hparams"),
-            ("hydra/launcher=submitit", "hydra_submitit_launcher", "slurm"))  # fmt: skip
+# Options that need an extra: without it, Hydra says only that a sweeper or launcher
+# option does not exist (or fails in a traceback), and a logger fails after the start.
+_EXTRAS = (("hparams_search=", "hydra_plugins.hydra_optuna_sweeper", "hparams"),
+           ("hydra/sweeper=optuna", "hydra_plugins.hydra_optuna_sweeper", "hparams"),
+           ("hydra/launcher=submitit", "hydra_plugins.hydra_submitit_launcher", "slurm"),
+           ("logger=mlflow", "mlflow", "mlflow"), ("logger=wandb", "wandb", "wandb"))  # fmt: skip
 
 
 def check_overrides(args: Sequence[str]) -> None:
-    """Exit with status 2 and the fix where an override picks a plugin that is not
+    """Exit with status 2 and the fix where an override needs an extra that is not
     installed, or Hydra cannot read it: its message names neither the override (for most
     syntax errors) nor the fix, and paths with parentheses and texts with ``!`` or ``'``
     are common."""
@@ -32,10 +33,10 @@ def check_overrides(args: Sequence[str]) -> None:
         if after_flag or arg.startswith("-"):
             after_flag = arg in _VALUE_FLAGS and not after_flag
             continue
-        for option, plugin, extra in _PLUGINS:
-            if arg.startswith(option) and not importlib.util.find_spec(f"hydra_plugins.{plugin}"):
-                print(f"{arg} needs Hydra's {plugin} plugin: pip install -e \".[{extra}]\"",
-                      file=sys.stderr)  # fmt: skip
+        for option, module, extra in _EXTRAS:
+            if arg.startswith(option) and not importlib.util.find_spec(module):
+                print(f"{arg} needs {module}, which is not installed: pip install -e "
+                      f'".[{extra}]"', file=sys.stderr)  # fmt: skip
                 raise SystemExit(2)
         try:
             parser.parse_overrides([arg])
