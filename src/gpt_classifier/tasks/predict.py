@@ -58,6 +58,8 @@ def read_input(path: Path, column: str | Sequence[str] = "text", separator: str 
     texts = read_user_text(path, "input").split("\n")
     if texts and texts[-1] == "":
         texts.pop()  # the newline that ends the last line
+    if not texts:
+        raise ValueError(f"{path} is empty: nothing to classify")
     for line, text in enumerate(texts, start=1):
         if not text.strip():
             raise ValueError(f"{path}, line {line}: empty line; remove it or give it a text")
