@@ -50,9 +50,11 @@ class FilesDataModule(SMSSpamDataModule):
 
     @staticmethod
     def _check_sources(path: str | None, files: Mapping[str, str | None]) -> None:
-        if path is not None and files["train"] is not None:
-            raise ValueError("give data.path (one file, split here) or data.files.train (and "
-                             "optionally validation/test), not both")  # fmt: skip
+        if path is not None and (given := [f"data.files.{k}={v}" for k, v in files.items() if v]):
+            fix = given if files["train"] else [f"data.files.train={path}", *given]
+            raise ValueError(f"data.path={path} and {' '.join(given)} are both given: data.path "
+                             "is one file split three ways; for files of your own splits, give "
+                             f"{' '.join(fix)} (a missing split is taken from train)")  # fmt: skip
         if path is None and files["train"] is None:
             raise ValueError("give data.path=<one file to split> or data.files.train=<file> "
                              "(CSV/TSV with a header row, JSONL/JSON or Parquet)")  # fmt: skip
