@@ -252,6 +252,18 @@ def test_download_extracts_and_verifies(tmp_path, server, sms_file):
     assert ensure_sms_file(data_dir=tmp_path, urls=["http://127.0.0.1:9/unreachable"]) == path
 
 
+def test_a_table_given_to_the_sms_data_says_to_add_data_files(tmp_path, sms_file):
+    """The first thing a user with a CSV of their own may type: ``data.path=reviews.csv``
+    without ``data=files`` (it failed as "line 1: no tab between label and text")."""
+    table = tmp_path / "reviews.csv"
+    table.write_text("text,label\ngreat film,pos\n", encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"reviews.csv is a .csv table, .* add data=files"):
+        ensure_sms_file(table, data_dir=tmp_path)
+    named_csv = tmp_path / "sms.csv"  # the SMS format under another name is still read
+    named_csv.write_bytes(sms_file.read_bytes())
+    assert ensure_sms_file(named_csv, data_dir=tmp_path) == named_csv
+
+
 def test_download_falls_back_to_the_mirror(tmp_path, server):
     path = ensure_sms_file(data_dir=tmp_path, urls=[f"{server}/gone.zip", f"{server}/good.zip"])
     assert path.is_file()

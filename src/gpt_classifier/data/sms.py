@@ -70,6 +70,15 @@ def ensure_sms_file(
                     "(truncated or damaged): download it again, or pass the extracted "
                     f"{FILE_NAME} file."
                 )
+        with path.open("rb") as f:
+            tabbed = b"\t" in f.readline(65536)
+        if path.suffix.lower() in (".csv", ".json", ".jsonl", ".parquet") and not tabbed:
+            raise DataFormatError(
+                f"data.path={path} is a {path.suffix} table, and the SMS data (data=sms_spam, "
+                "the default) reads UCI's label<TAB>text lines: for a table of your own, add "
+                "data=files (with data.text_column= and data.label_column= if they are not "
+                "text and label)"
+            )
         _warn_if_not_release(path, size, sha256)
         return path
     if target.is_file():
