@@ -359,6 +359,16 @@ def test_labels_written_two_ways_stay_apart_and_are_warned_about(tmp_path, caplo
         assert said in caplog.text
 
 
+def test_a_fixed_label_no_training_row_has_is_warned_about(tmp_path, caplog):
+    path = write_csv(tmp_path / "m.csv", [{"text": f"t{i}", "label": "ab"[i % 2]}
+                                          for i in range(40)])  # fmt: skip
+    with caplog.at_level("WARNING", logger="gpt_classifier.data.files"):
+        data = FilesDataModule(path=str(path), labels=["a", "b", "c"])
+        data.load_splits()
+    assert data.label_names == ["a", "b", "c"]  # kept: the head has a class for it
+    assert "no training row has the label(s) ['c'], so the model cannot learn them" in caplog.text
+
+
 def test_eval_reads_labelled_files_in_every_format_training_takes(tmp_path):
     from gpt_classifier.tasks.evaluate import read_labelled_file, table_columns
 

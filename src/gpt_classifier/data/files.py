@@ -95,6 +95,10 @@ class FilesDataModule(SMSSpamDataModule):
         self.labels = {name: index for index, name in enumerate(names)}
         self._check_labels(train_rows, key)
         _warn_of_near_duplicates(names, key)
+        seen = {row.label for row in train_rows}
+        if unseen := [name for name in names if name not in seen]:  # data.labels', a ClassLabel's
+            log.warning("%s: no training row has the label(s) %s, so the model cannot learn "
+                        "them", key, unseen)  # fmt: skip
         rows = {"train": train_rows}
         for name, (table, source) in tables.items():
             if name != "train":
