@@ -311,6 +311,19 @@ def test_data_path_and_a_file_of_a_split_are_not_both_taken(tmp_path):
         FilesDataModule(path=str(data), files={"train": None, "test": "test.csv"})
 
 
+def test_own_data_keys_without_data_files_say_to_add_it():
+    """``data.text_column=review`` without ``data=files``: Hydra's fix is ``+data.text_column``,
+    which the SMS data module does not take."""
+    from gpt_classifier.tasks.components import build
+    from gpt_classifier.tasks.errors import ConfigError
+
+    cfg = OmegaConf.create({"data": {"_target_": "gpt_classifier.data.datamodule.SMSSpamDataModule",
+                                     "path": "reviews.csv", "text_column": "review"}})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^data: .*'text_column' \(the keys of your own data "
+                                          r"need data=files or data=hf\)"):  # fmt: skip
+        build(cfg, "data")
+
+
 def test_texts_in_two_splits_are_counted_and_warned_about(tmp_path, caplog):
     rows = [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(40)]
     train = write_csv(tmp_path / "train.csv", rows)

@@ -42,6 +42,8 @@ def build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         return instantiate(OmegaConf.select(cfg, key), _convert_="all", **kwargs)
     except InstantiationException as err:
         said = str(err.__cause__ or err)  # our own messages name their key already
+        if "SMSSpamDataModule.__init__() got an unexpected keyword" in said:
+            said += " (the keys of your own data need data=files or data=hf)"
         raise ConfigError(said if said.startswith(f"{key}.") else f"{key}: {said}") from err
 
 
