@@ -34,7 +34,7 @@ def check_overrides(args: Sequence[str]) -> None:
             after_flag = arg in _VALUE_FLAGS and not after_flag
             continue
         for option, module, extra in _EXTRAS:
-            if arg.startswith(option) and not importlib.util.find_spec(module):
+            if arg.startswith(option) and not _installed(module):
                 print(f"{arg} needs {module}, which is not installed: pip install -e "
                       f'".[{extra}]"', file=sys.stderr)  # fmt: skip
                 raise SystemExit(2)
@@ -43,6 +43,13 @@ def check_overrides(args: Sequence[str]) -> None:
         except OverrideParseException as err:
             print(_unreadable(arg, err.message, parser), file=sys.stderr)
             raise SystemExit(2) from None
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent (hydra_plugins: no plugin at all) is not there
+        return False
 
 
 def _unreadable(arg: str, hydra_says: str, parser: OverridesParser) -> str:
