@@ -302,10 +302,19 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="also into docs/benchmarks.md")
     parser.add_argument("override", nargs="*", help="extra train.py overrides for every run")
     args = parser.parse_args()
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        measure(args, args.out)
+    else:  # the runs' checkpoints and caches: gigabytes a sweep, of no use once timed
+        with tempfile.TemporaryDirectory(prefix="gpt-classifier-bench-") as folder:
+            measure(args, Path(folder))
 
-    out = args.out or Path(tempfile.mkdtemp(prefix="gpt-classifier-bench-"))
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; runs in {out}")
+
+def measure(args: argparse.Namespace, out: Path) -> None:
+    """Run what ``args`` ask for in ``out`` and print (and write) the tables."""
+    kept = "" if args.out else " (removed at the end; --out keeps them)"
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"runs in {out}{kept}")  # fmt: skip
     checkouts = [(REPO, "this")]
     if args.compare_repo:
         checkouts.append((args.compare_repo.resolve(), args.compare_label))
