@@ -23,6 +23,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from gpt_classifier.tasks.command_line import check_overrides
+
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # Commands that reach the network or never return; what the test does instead.
@@ -208,7 +210,9 @@ def test_documented_command_runs(where, command, request, tmp_path):
     if not (runs or smoke):  # composed only: the placeholders need not exist
         config = {"train.py": "train", "baseline.py": "baseline", "serve.py": "serve",
                   "export.py": "export"}[entry]  # fmt: skip
-        return hydra_compose(config, [fill(w, tmp_path / "run", tmp_path) for w in words[2:]])
+        filled = [fill(w, tmp_path / "run", tmp_path) for w in words[2:]]
+        check_overrides(filled)  # what the entry point checks first
+        return hydra_compose(config, filled)
     workdir = request.getfixturevalue("workdir")
     run = request.getfixturevalue("lora_run" if "ckpt_path=<lora-run>" in words else "trained_run")
     filled = [fill(w, run, tmp_path) for w in words[2:]]

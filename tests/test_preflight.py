@@ -260,6 +260,21 @@ def test_an_override_hydra_cannot_read_is_named_with_its_quoted_form_which_works
     assert value == typed.split("=", 1)[1]
 
 
+def test_several_values_without_m_name_both_fixes():
+    """``text=Hi, call me`` is a sweep to Hydra, whose advice prints ``key=\\'a,b\\'``."""
+    from gpt_classifier.tasks.command_line import check_overrides
+
+    refused = run_entry("predict.py", "ckpt_path=x", "text=Hi, call me")
+    assert refused.returncode == 2
+    assert "'text=Hi, call me' is several values: add -m to run a job for each" in refused.stderr
+    fix = refused.stderr.strip().rsplit(": ", 1)[1]
+    pasted = subprocess.run(f"{shlex.quote(sys.executable)} predict.py --cfg job {fix}",
+                            shell=True, cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert yaml.safe_load(pasted.stdout)["text"] == "Hi, call me"
+    check_overrides(["-m", "optimizer.lr=1e-5,1e-4"])  # a sweep: let through
+    check_overrides(["hparams_search=optuna", "optimizer.lr=interval(1e-5,1e-3)"])
+
+
 def test_an_override_without_a_quoted_form_says_what_an_override_is():
     refused = run_entry("train.py", "data.labels=[ham,spam")
     assert refused.returncode == 2

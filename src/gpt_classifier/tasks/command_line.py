@@ -28,6 +28,8 @@ def check_overrides(args: Sequence[str]) -> None:
     syntax errors) nor the fix, and paths with parentheses and texts with ``!`` or ``'``
     are common."""
     parser = OverridesParser.create()
+    sweep = any(arg in ("-m", "--multirun") or arg.startswith(("hparams_search=", "hydra.mode="))
+                for arg in args)  # fmt: skip
     after_flag = False
     for arg in args:
         if after_flag or arg.startswith("-"):
@@ -39,10 +41,16 @@ def check_overrides(args: Sequence[str]) -> None:
                       f'".[{extra}]"', file=sys.stderr)  # fmt: skip
                 raise SystemExit(2)
         try:
-            parser.parse_overrides([arg])
+            [override] = parser.parse_overrides([arg])
         except OverrideParseException as err:
             print(_unreadable(arg, err.message, parser), file=sys.stderr)
             raise SystemExit(2) from None
+        if override.is_sweep_override() and not sweep:  # Hydra's fix shows \' for '
+            quoted = _quoted(arg, parser)
+            one = f", or quote a value that has commas: {quoted}" if quoted else ""
+            print(f"{_shell_quoted(arg)} is several values: add -m to run a job for each{one}",
+                  file=sys.stderr)  # fmt: skip
+            raise SystemExit(2)
 
 
 def _installed(module: str) -> bool:
@@ -60,21 +68,29 @@ def _unreadable(arg: str, hydra_says: str, parser: OverridesParser) -> str:
         said[0] = f"it cannot read {arg[at : at + 1]!r} there" if 0 <= at < len(arg) else said[0]
     detail = said[1] if said[0].startswith("Error parsing") else said[0]
     lines = [f"Cannot read {_shell_quoted(arg)} on the command line (Hydra: {detail})"]
-    key, _, value = arg.partition("=")
-    if key and value and not value.startswith(("[", "{")):
-        quoted = _hydra_quoted(key, value)
-        try:
-            [override] = parser.parse_overrides([quoted])
-            same = override.value() == value and not override.is_sweep_override()
-        except OverrideParseException:
-            same = False
-        if same:
-            lines.append("Hydra reads characters such as ( ) [ ] { } = , ! ' \" in a value as "
-                         f"syntax: quote the value, as in\n  {_shell_quoted(quoted)}")  # fmt: skip
-            return "\n".join(lines)
-    lines.append("An override is key=value (model=gpt2-medium, 'data.path=\"my file (1).csv\"'): "
-                 "https://hydra.cc/docs/advanced/override_grammar/basic/")  # fmt: skip
+    if quoted := _quoted(arg, parser):
+        lines.append("Hydra reads characters such as ( ) [ ] { } = , ! ' \" in a value as "
+                     f"syntax: quote the value, as in\n  {quoted}")  # fmt: skip
+    else:
+        lines.append("An override is key=value (model=gpt2-medium, "
+                     "'data.path=\"my file (1).csv\"'): "
+                     "https://hydra.cc/docs/advanced/override_grammar/basic/")  # fmt: skip
     return "\n".join(lines)
+
+
+def _quoted(arg: str, parser: OverridesParser) -> str | None:
+    """``arg`` with its value quoted for Hydra and the shell, where Hydra then reads the
+    value exactly as typed."""
+    key, _, value = arg.partition("=")
+    if not key or not value or value.startswith(("[", "{")):
+        return None
+    quoted = _hydra_quoted(key, value)
+    try:
+        [override] = parser.parse_overrides([quoted])
+    except OverrideParseException:
+        return None
+    same = override.value() == value and not override.is_sweep_override()
+    return _shell_quoted(quoted) if same else None
 
 
 def _hydra_quoted(key: str, value: str) -> str:
