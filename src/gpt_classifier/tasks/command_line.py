@@ -24,9 +24,9 @@ _EXTRAS = (("hparams_search=", "hydra_plugins.hydra_optuna_sweeper", "hparams"),
 
 def check_overrides(args: Sequence[str]) -> None:
     """Exit with status 2 and the fix where an override needs an extra that is not
-    installed, or Hydra cannot read it: its message names neither the override (for most
-    syntax errors) nor the fix, and paths with parentheses and texts with ``!`` or ``'``
-    are common."""
+    installed, Hydra cannot read it, or it is several values without ``-m``: Hydra's
+    message names neither the override (for most syntax errors) nor a fix that works, and
+    paths with parentheses and texts with ``!``, ``'`` or commas are common."""
     parser = OverridesParser.create()
     sweep = any(arg in ("-m", "--multirun") or arg.startswith(("hparams_search=", "hydra.mode="))
                 for arg in args)  # fmt: skip
