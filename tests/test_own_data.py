@@ -305,8 +305,10 @@ def test_data_path_and_a_file_of_a_split_are_not_both_taken(tmp_path):
     """data.path with data.files.test: the test file was ignored without a word."""
     data = write_csv(tmp_path / "all.csv", [{"text": f"t{i}", "label": "ab"[i % 2]}
                                            for i in range(40)])  # fmt: skip
-    said = (rf"data.path={data} and data.files.test=test.csv are both given: .* give "
-            rf"data.files.train={data} data.files.test=test.csv \(a missing split")
+    said = (
+        rf"data.path={data} and data.files.test=test.csv are both given: .* give "
+        rf"data.files.train={data} data.files.test=test.csv \(a missing split"
+    )
     with pytest.raises(ValueError, match=said):
         FilesDataModule(path=str(data), files={"train": None, "test": "test.csv"})
 
