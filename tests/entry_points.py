@@ -38,7 +38,8 @@ def run_entry(
     captured; ``input`` is its standard input (empty: predict.py reads texts from a pipe)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     args = tuple(map(str, args))
-    if (result := PRELOADED.run(args, cwd, env, timeout, input)) is not None:
+    fresh = os.environ.get("GPT_CLASSIFIER_TEST_FRESH") == "1"
+    if not fresh and (result := PRELOADED.run(args, cwd, env, timeout, input)) is not None:
         return result
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, input=input,
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
@@ -83,8 +84,7 @@ class PreloadedPython:
             stdin: str) -> subprocess.CompletedProcess | None:  # fmt: skip
         """The run's result, or None where it needs a new interpreter."""
         script = Path(cwd, args[0]) if args else Path()
-        if (script.name not in ENTRY_POINTS or script.resolve().parent != REPO
-                or os.environ.get("GPT_CLASSIFIER_TEST_FRESH") == "1"):  # fmt: skip
+        if script.name not in ENTRY_POINTS or script.resolve().parent != REPO:
             return None
         if not self.lock.acquire(blocking=False):  # another thread's run is in it
             return None
