@@ -70,9 +70,10 @@ def run_train(tmp_path: Path, sms_file: Path, *overrides: str, multirun: bool = 
 
 
 class PreloadedPython:
-    """This test process's ``tests/preloaded_python.py``, started at its first use: it runs
-    an entry point in a forked child when the run's environment is its own, which spares
-    the seconds a new interpreter spends importing (``GPT_CLASSIFIER_TEST_FRESH=1``: never)."""
+    """This test process's ``tests/preloaded_python.py``, started at its first use (and
+    again once a test has changed a variable read at import): it runs an entry point in a
+    forked child, which spares the seconds a new interpreter spends importing, unless the
+    run has variables of its own read at import (``GPT_CLASSIFIER_TEST_FRESH=1``: never)."""
 
     def __init__(self) -> None:
         self.process: subprocess.Popen | None = None
@@ -89,20 +90,32 @@ class PreloadedPython:
         if not self.lock.acquire(blocking=False):  # another thread's run is in it
             return None
         try:
-            if self.process is None:
-                self._start({**os.environ, "PYTHONUNBUFFERED": "1"})
-            differ = {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)}
-            if self.process.poll() is not None or any(
-                    not k.startswith(CALL_TIME_VARIABLES) for k in differ):  # fmt: skip
+            base = {**os.environ, "PYTHONUNBUFFERED": "1"}  # this test process's, as it is now
+            stale = self.process is None or self.process.poll() is not None
+            if stale or _read_at_import(base, self.env):  # a test changed it (PYTHONPATH)
+                self._stop()
+                self._start(base)
+            if _read_at_import(env, self.env):  # this run's own PYTHONPATH, say
                 return None
             return self._run(args, cwd, env, timeout, stdin)
         finally:
             self.lock.release()
 
+    def _stop(self) -> None:
+        if self.process is not None:
+            os.close(self.request_fd)  # it ends at the end of its requests
+            os.close(self.reply_fd)
+            self.process.kill()
+            self.process.wait()
+            self.log.unlink(missing_ok=True)
+        self.process, self.pending = None, b""
+
     def _start(self, env: dict[str, str]) -> None:
         request_read, self.request_fd = os.pipe()
         self.reply_fd, reply_write = os.pipe()
-        self.log = Path(tempfile.mkstemp(prefix="preloaded-python-", suffix=".log")[1])
+        handle, log_name = tempfile.mkstemp(prefix="preloaded-python-", suffix=".log")
+        os.close(handle)
+        self.log = Path(log_name)
         with self.log.open("w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, str(Path(__file__).with_name("preloaded_python.py")),
@@ -113,8 +126,6 @@ class PreloadedPython:
         os.close(request_read)
         os.close(reply_write)
         self.env = env
-        atexit.register(self.process.kill)
-        atexit.register(self.log.unlink, missing_ok=True)
 
     def _reply(self, deadline: float | None) -> dict[str, Any] | None:
         """The next reply, or None at the deadline."""
@@ -150,4 +161,11 @@ class PreloadedPython:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def _read_at_import(env: dict[str, str], other: dict[str, str]) -> list[str]:
+    """The variables that differ between two environments, but for those read at call time."""
+    return [k for k in env.keys() | other.keys()
+            if env.get(k) != other.get(k) and not k.startswith(CALL_TIME_VARIABLES)]  # fmt: skip
+
+
 PRELOADED = PreloadedPython()
+atexit.register(PRELOADED._stop)
