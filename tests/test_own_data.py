@@ -113,6 +113,8 @@ def test_multiple_text_columns_are_joined(tmp_path):
     [
         ("message,label\nhi,a\n", "m.csv", r"no column \['text'\] \(set data.text_column\); "
                                            r"its columns are \['message', 'label'\]"),
+        ("sentence,sentiment\nhi,a\n", "m.csv", r"no column \['text', 'label'\] \(set "
+                                                  r"data.text_column and data.label_column\)"),
         ("ham\tGo until jurong point\nspam\tFree entry\n", "m.tsv",
          r"its columns are \['ham', 'Go until jurong point'\]; its first row looks like data: add "
          r"a header row naming the columns"),

@@ -93,3 +93,18 @@ def test_a_data_file_edited_between_jobs_is_read_again(tmp_path):
     test.write_text("text,label\nsecond one,b\n")
     assert test_texts() == ["second one"]
     sweep_reuse.forget()
+
+
+def test_a_job_reusing_own_data_has_its_labels(tmp_path):
+    """Own data's labels are read from the file: a job handed the data has them too."""
+    from gpt_classifier.data.files import FilesDataModule
+
+    sweep_reuse.forget()
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\n" + "".join(f"t{i},{'xyz'[i % 3]}\n" for i in range(60)))
+    first, second = (FilesDataModule(path=str(data)) for _ in range(2))
+    first.setup("fit")
+    second.setup("fit")
+    assert second.datasets is first.datasets  # reused, not read again
+    assert second.label_names == first.label_names == ["x", "y", "z"]
+    sweep_reuse.forget()

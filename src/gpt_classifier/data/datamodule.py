@@ -145,13 +145,13 @@ class SMSSpamDataModule(L.LightningDataModule):
         key = (*self._identity(), repr(sorted(settings.items())), self.max_length,
                self.tokenizer_dir)  # fmt: skip
 
-        def read() -> tuple[Splits, dict[str, TokenizedTexts]]:
+        def read() -> tuple[Splits, dict[str, TokenizedTexts], dict[str, int]]:
             splits = self.load_splits()
-            return splits, self._tokenize(splits)
+            return splits, self._tokenize(splits), self.labels
 
-        splits, self.datasets = reuse("data", key, read)
+        splits, self.datasets, labels = reuse("data", key, read)
         if self.splits is None:  # reused: this job's checks and split files all the same
-            self.splits = splits
+            self.splits, self.labels = splits, dict(labels)  # own data: labels read from it
             self._check_sizes(splits, self._file())
             self._write_splits()
 

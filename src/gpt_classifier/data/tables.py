@@ -118,7 +118,9 @@ def read_rows(table: Any, source: str, text_columns: Sequence[str], label_column
     columns = list(table.column_names)
     absent = [c for c in [*text_columns, label_column] if c not in columns]
     if absent:
-        which = f"{keys}text_column" if label_column not in absent else f"{keys}label_column"
+        which = " and ".join(f"{keys}{key}_column" for key, names in
+                             (("text", text_columns), ("label", [label_column]))
+                             if any(n in absent for n in names))  # fmt: skip
         # No column found, and names with spaces: a file without a header row, whose first
         # row was taken for column names.
         headless = len(absent) == len(text_columns) + 1 and any(" " in str(c) for c in columns)
