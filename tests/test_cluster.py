@@ -63,7 +63,7 @@ def test_a_requeued_slurm_job_resumes_from_its_checkpoints(tmp_path, monkeypatch
     """SLURM restarts a requeued job with the same command (SLURM_RESTART_COUNT > 0):
     with checkpoints in its folder it continues as `ckpt_path=last` would (whose
     resume is tested end to end in test_resume.py); without, it starts afresh."""
-    from gpt_classifier.tasks.run_config import requeued_run
+    from gpt_classifier.tasks.run_folder import requeued_run
 
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     (tmp_path / "checkpoints").mkdir()

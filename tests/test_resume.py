@@ -23,7 +23,7 @@ from omegaconf import OmegaConf, open_dict
 from gpt_classifier.checkpoints import checkpoint_header, find_checkpoint
 from gpt_classifier.tasks.components import check_writable
 from gpt_classifier.tasks.errors import ConfigError
-from gpt_classifier.tasks.run_config import resume_checkpoint
+from gpt_classifier.tasks.run_folder import resume_checkpoint
 from gpt_classifier.training.resume import (
     AtomicCheckpointIO,
     CheckpointSaveError,
@@ -317,9 +317,9 @@ def test_a_run_folder_is_trained_in_by_one_process_at_a_time(tmp_path):
     each exited 0, and the folder held one's config with the other's metrics."""
     import sys
 
-    from gpt_classifier.tasks import run_config
+    from gpt_classifier.tasks import run_folder
 
-    holds = ("import sys, time; from pathlib import Path; from gpt_classifier.tasks.run_config "
+    holds = ("import sys, time; from pathlib import Path; from gpt_classifier.tasks.run_folder "
              "import claim_run_folder; claim_run_folder(Path(sys.argv[1])); print('held', "
              "flush=True); time.sleep(120)")  # fmt: skip
     holder = subprocess.Popen([sys.executable, "-c", holds, str(tmp_path)],
@@ -327,16 +327,16 @@ def test_a_run_folder_is_trained_in_by_one_process_at_a_time(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(ConfigError, match=f"another process is training in {tmp_path} now"):
-            run_config.claim_run_folder(tmp_path)
+            run_folder.claim_run_folder(tmp_path)
     finally:
         holder.kill()
         holder.wait()
-    run_config.claim_run_folder(tmp_path)  # the lock went with its process
-    run_config._CLAIMED.pop().release()
+    run_folder.claim_run_folder(tmp_path)  # the lock went with its process
+    run_folder._CLAIMED.pop().release()
 
 
 def test_a_finished_run_is_not_trained_again(tmp_path):
-    from gpt_classifier.tasks.run_config import finished_run
+    from gpt_classifier.tasks.run_folder import finished_run
 
     (tmp_path / "metrics.json").write_text(json.dumps({"val/acc": 0.9}))
 
@@ -719,7 +719,7 @@ def test_a_start_that_fails_its_checks_leaves_its_folder_free_for_the_fixed_comm
 def test_a_folder_whose_run_saved_no_checkpoint_is_not_offered_for_resuming(tmp_path):
     """Refusing a new run in a folder whose run never saved a checkpoint (killed in the
     prefix pass) says to delete it or use another, not ``ckpt_path=last``, which fails."""
-    from gpt_classifier.tasks.run_config import check_new_run_folder
+    from gpt_classifier.tasks.run_folder import check_new_run_folder
 
     (tmp_path / "run_config.yaml").write_text("config: {}\n")
     with pytest.raises(ConfigError, match="it saved no checkpoint to resume from: delete") as err:
@@ -739,3 +739,33 @@ def test_run_checkpoints_keep_lightnings_state_key():
     for kwargs in ({"monitor": "val/acc", "mode": "max"}, {"monitor": None}):
         assert RunCheckpoint(**kwargs).state_key == ModelCheckpoint(**kwargs).state_key
     assert StepCheckpoint(dirpath="c").state_key.startswith("StepCheckpoint{")  # its own, as ever
+
+
+def test_a_resume_that_changes_keys_records_them_for_later_resumes(tmp_path, composed):
+    """A run extended with trainer.max_epochs=2 and stopped again goes on to epoch 2 with
+    a plain ckpt_path=last, and its model card's command says trainer.max_epochs=2."""
+    from gpt_classifier.tasks.run_config import config_for_resume, save_run_config
+
+    run_dir, precision = tmp_path / "run", {"trainer.precision": "bf16-mixed"}
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    save_run_config(composed("model=gpt2-tiny", "trainer.max_epochs=1", "optimizer.lr=1e-4"),
+                    run_dir, precision)  # fmt: skip
+    record = run_dir / "run_config.yaml"
+    first = record.read_text()
+    # A resume that changes nothing leaves the record as it was.
+    save_run_config(config_for_resume(composed("ckpt_path=last"), checkpoint), run_dir, precision)
+    assert record.read_text() == first
+    extended = config_for_resume(composed("ckpt_path=last", "trainer.max_epochs=2"), checkpoint)
+    save_run_config(extended, run_dir, precision)
+    saved = OmegaConf.load(record)
+    assert saved.overrides == ["model=gpt2-tiny", "optimizer.lr=1e-4", "trainer.max_epochs=2"]
+    assert saved.config.trainer.max_epochs == 2 and saved.config.ckpt_path is None
+    later = config_for_resume(composed("ckpt_path=last"), checkpoint)
+    assert later.trainer.max_epochs == 2 and later.trainer.precision == "bf16-mixed"
+    # A precision the resume sets replaces the one precision=auto chose, for later resumes too.
+    chosen = config_for_resume(composed("ckpt_path=last", "trainer.precision=32-true"),
+                               checkpoint)  # fmt: skip
+    save_run_config(chosen, run_dir, {"trainer.precision": "32-true"})
+    assert config_for_resume(composed("ckpt_path=last"), checkpoint).trainer.precision == "32-true"
+    assert OmegaConf.load(record).config.optimizer.lr == 1e-4

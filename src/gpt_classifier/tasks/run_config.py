@@ -1,17 +1,12 @@
-"""A run's folder: its own config, the checkpoint to continue from, whether it finished.
+"""A run's own config, ``run_config.yaml``, and the config a resume continues with.
 
-Hydra rewrites ``.hydra/`` on every start, so ``python train.py ckpt_path=last
-hydra.run.dir=<run>`` would otherwise train with the defaults instead of the run's
-settings. Each run writes ``run_config.yaml`` once; a resume starts from it and
-applies only the plain ``key=value`` overrides of the resume command (e.g.
-``trainer.max_epochs=10`` to train further).
+Hydra rewrites ``.hydra/`` on every start, so a resume starts from ``run_config.yaml``
+instead, with the plain ``key=value`` overrides of its command (``trainer.max_epochs=10``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,10 +15,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from gpt_classifier.checkpoints import checkpoint_header, find_checkpoint
+from gpt_classifier.checkpoints import checkpoint_header
 from gpt_classifier.files import atomic_path
 from gpt_classifier.reporting.reports import RUN_CONFIG_FILE
-from gpt_classifier.tasks.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -55,28 +49,55 @@ def _hydra_state() -> tuple[list[str], dict[str, Any]]:
 def save_run_config(
     cfg: DictConfig, output_dir: Path, resolved: Mapping[str, Any] | None = None
 ) -> None:
-    """Write ``run_config.yaml`` (the composed config, unresolved, how it was composed,
-    and what its ``auto`` settings ``resolved`` to on this start, by key) unless the
-    folder has one: a resumed run keeps its first."""
+    """Write ``run_config.yaml``: the config (unresolved), how it was composed, and what its
+    ``auto`` settings ``resolved`` to. A resume adds the keys its command changed."""
     path = output_dir / RUN_CONFIG_FILE
-    if path.exists():
-        return
     overrides, choices = _hydra_state()
-    config = OmegaConf.to_container(cfg, resolve=False)
-    config["ckpt_path"] = None  # a later resume names its own checkpoint
-    record = OmegaConf.create({
-        "config": config,
-        "choices": {k: v for k, v in choices.items() if not k.startswith("hydra")},
-        "overrides": overrides,
-        "resolved": dict(resolved or {}),
-    })  # fmt: skip
+    if path.exists():
+        record = OmegaConf.load(path)
+        if not _record_changes(record, cfg, overrides, resolved or {}):
+            return
+    else:
+        config = OmegaConf.to_container(cfg, resolve=False)
+        config["ckpt_path"] = None  # a later resume names its own checkpoint
+        record = OmegaConf.create({
+            "config": config,
+            "choices": {k: v for k, v in choices.items() if not k.startswith("hydra")},
+            "overrides": overrides,
+            "resolved": dict(resolved or {}),
+        })  # fmt: skip
     with atomic_path(path) as tmp:
         OmegaConf.save(record, tmp)
 
 
+def _record_changes(record: DictConfig, cfg: DictConfig, overrides: list[str],
+                    resolved: Mapping[str, Any]) -> bool:  # fmt: skip
+    """Put into ``record`` what a resume's overrides changed in ``cfg``; whether any did."""
+    config = OmegaConf.create(OmegaConf.to_container(record.config, resolve=False))
+    changed = {}
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if key in RESUME_KEYS or key.startswith("hydra") or key in record.choices:
+            continue
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        if OmegaConf.select(config, key, throw_on_missing=False) != value:
+            with open_dict(config):
+                OmegaConf.update(config, key, value, force_add=True)
+            changed[key] = override.input_line
+    if not changed:
+        return False
+    parser = OverridesParser.create()
+    kept = [o for o in record.overrides
+            if parser.parse_override(o).key_or_group not in changed]  # fmt: skip
+    with open_dict(record):
+        record.config, record.overrides = config, [*kept, *changed.values()]
+        for key in set(changed) & set(record.get("resolved") or {}):
+            record.resolved[key] = resolved.get(key, OmegaConf.select(config, key))
+    return True
+
+
 def absolute_paths(cfg: DictConfig) -> None:
-    """The run's local files and folders (``data.path``, ``data.files.*``, a ``data.name`` or
-    ``model.weights`` folder) named by absolute path in its config and checkpoints, so that
+    """The run's local files (``data.*``, ``model.weights``) by absolute path, so that
     ``eval.py`` and a resume find them from any working directory."""
     files = [f"data.files.{split}" for split in cfg.data.get("files") or {}]
     for key in ("data.path", "data.name", *files, "model.weights"):
@@ -162,7 +183,7 @@ def _same(key: str, before: Any, after: Any) -> bool:
 
 def _check_batches_kept(original: DictConfig, resumed: DictConfig, checkpoint: Path) -> None:
     """A checkpoint saved mid-epoch resumes with the batches that epoch had left, counted
-    in batches as they were drawn: another batching there would skip other messages."""
+    as they were drawn: another batching would skip other messages."""
     for key in BATCH_KEYS:
         before, after = (OmegaConf.select(c, key, default=None) for c in (original, resumed))
         header = checkpoint_header(checkpoint) if before != after else {}
@@ -190,109 +211,8 @@ def _moved_accelerator_keys(record: DictConfig) -> DictConfig:
 
 
 def run_choices(output_dir: Path) -> dict[str, Any]:
-    """The config groups' choices the run in ``output_dir`` was composed with (its first
-    start's, which a resume keeps), or this process's when it kept none."""
+    """The config groups' choices of the run in ``output_dir``, else this process's."""
     path = output_dir / RUN_CONFIG_FILE
     if path.is_file() and (choices := OmegaConf.load(path).get("choices")):
         return dict(OmegaConf.to_container(choices))
     return {k: v for k, v in _hydra_state()[1].items() if not k.startswith("hydra")}
-
-
-def resume_checkpoint(ckpt_path: str, output_dir: Path) -> Path:
-    """The checkpoint ``ckpt_path`` names: ``last`` (this run folder's furthest), a run
-    folder, or a ``.ckpt`` file."""
-    try:
-        return find_checkpoint(output_dir if ckpt_path == "last" else Path(ckpt_path))
-    except FileNotFoundError as err:
-        weights = (Path(ckpt_path) / "config.json").is_file()  # an export or a Hub folder
-        hint = f" To train from its weights, give model.weights={ckpt_path}." if weights else ""
-        raise ConfigError(f"ckpt_path={ckpt_path}: {err}{hint}") from err
-
-
-def requeued_run(output_dir: Path) -> str | None:
-    """``last`` when SLURM has requeued this job (preempted or timed out, then started
-    again with the same command) and its folder holds checkpoints: it continues from
-    them, as ``ckpt_path=last`` would."""
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    if restarts == 0 or not any((output_dir / "checkpoints").glob("*.ckpt")):
-        return None
-    log.info("SLURM requeued this job (restart %d): resuming from its last checkpoint in %s",
-             restarts, output_dir)  # fmt: skip
-    return "last"
-
-
-def check_new_run_folder(output_dir: Path) -> None:
-    """A new run (no ``ckpt_path``) starts in a folder that holds no run yet: in an earlier
-    run's folder it would mix its checkpoints with that run's, under that run's config."""
-    checkpoints = [f"checkpoints/{p.name}" for p in sorted(output_dir.glob("checkpoints/*.ckpt"))]
-    found = [name for name in (RUN_CONFIG_FILE, "metrics.json") if (output_dir / name).exists()]
-    if found or checkpoints:
-        earlier = (f"resume it with ckpt_path=last hydra.run.dir={output_dir}" if checkpoints
-                   else f"it saved no checkpoint to resume from: delete {output_dir} to start "
-                   "over there")  # fmt: skip
-        raise ConfigError(
-            f"the output folder {output_dir} holds a run already "
-            f"({', '.join([*found, *checkpoints][:4])}): {earlier}, or start this run in "
-            "a new folder (another hydra.run.dir or hydra.sweep.dir, or none: a new dated one)"
-        )
-
-
-_CLAIMED: list[Any] = []  # the lock of the run folder this process trains in
-
-
-def claim_run_folder(output_dir: Path) -> None:
-    """Hold a lock on the run folder while this process trains in it (the operating system
-    lets go when the process ends, however): a second process there, such as a run
-    started in the same second (one dated folder) or a resume of a run still training,
-    is refused instead of mixing its checkpoints with the first one's."""
-    from filelock import FileLock, Timeout
-
-    while _CLAIMED:  # a sweep's earlier job in this process is done with its folder
-        _CLAIMED.pop().release()
-    # A requeued SLURM job waits: after a node failure, a network file system may hold
-    # the lost job's lock until its lock recovery ends (90 s by default on NFS).
-    requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
-    lock = FileLock(str(output_dir / ".train.lock"), timeout=180 if requeued else 0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise ConfigError(
-            f"another process is training in {output_dir} now (runs started in the same second "
-            "share a dated folder): give this run its own hydra.run.dir, or resume that run "
-            "with ckpt_path=last once it has stopped"
-        ) from None
-    except (OSError, NotImplementedError) as err:  # a file system without locks (Lustre)
-        log.warning("%s cannot be locked (%s): nothing keeps a second run out of it", output_dir,
-                    err)  # fmt: skip
-        return
-    _CLAIMED.append(lock)
-
-
-def finished_run(cfg: DictConfig, output_dir: Path, header: dict[str, Any]) -> float | None:
-    """The final metric of a run that ``header``'s checkpoint shows complete, else None."""
-    metrics_file = output_dir / "metrics.json"
-    done, wanted = header.get("epochs_done"), cfg.trainer.get("max_epochs")
-    waited = header.get("early_stopping_wait")
-    patience = OmegaConf.select(cfg, "callbacks.early_stopping.patience", default=None)
-    stopped = waited is not None and patience is not None and waited >= patience
-    trained = done is not None and wanted is not None and 0 <= wanted <= done  # -1: no limit
-    if not (trained or stopped) or not metrics_file.is_file():
-        return None
-    metrics = json.loads(metrics_file.read_text())
-    how = (f"early stopping ended it (callbacks.early_stopping.patience={patience}); to train "
-           "further, raise the patience" if stopped else f"{done} of trainer.max_epochs={wanted}"
-           " epochs trained; to train further, add trainer.max_epochs=<more>")  # fmt: skip
-    log.info("Run %s already finished: %s. Its %s is written; nothing to resume.",
-             output_dir, how, metrics_file.name)  # fmt: skip
-    return float(metrics.get(cfg.optimize_metric, float("nan")))
-
-
-def job_metric(cfg: DictConfig, output_dir: Path) -> float:
-    """``optimize_metric`` from the ``metrics.json`` a finished run wrote."""
-    metrics = json.loads((output_dir / "metrics.json").read_text())
-    if cfg.optimize_metric not in metrics:
-        raise ConfigError(
-            f"optimize_metric={cfg.optimize_metric!r} is not among the final metrics "
-            f"{sorted(k for k in metrics if '/' in k)}"
-        )
-    return float(metrics[cfg.optimize_metric])

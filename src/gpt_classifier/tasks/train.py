@@ -34,15 +34,17 @@ from gpt_classifier.tasks.components import (
 from gpt_classifier.tasks.errors import ConfigError
 from gpt_classifier.tasks.run_config import (
     absolute_paths,
+    config_for_resume,
+    run_choices,
+    save_run_config,
+)
+from gpt_classifier.tasks.run_folder import (
     check_new_run_folder,
     claim_run_folder,
-    config_for_resume,
     finished_run,
     job_metric,
     requeued_run,
     resume_checkpoint,
-    run_choices,
-    save_run_config,
 )
 from gpt_classifier.tasks.sweep_job import run_in_own_process
 from gpt_classifier.training import signals
