@@ -410,6 +410,10 @@ def test_eval_reads_labelled_files_in_every_format_training_takes(tmp_path):
     assert read_labelled_file(tmp_path / "test.csv", LABELS, run) == (["hello", "there"], [2, 0])
     (tmp_path / "sms.tsv").write_text("spam\thello\nshort\tthere\n", encoding="utf-8")
     assert read_labelled_file(tmp_path / "sms.tsv", LABELS, run) == (["hello", "there"], [2, 1])
+    (tmp_path / "sms.txt").write_text("spam\thello\nham\tthere\n", encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"sms.txt, line 2: label 'ham' is not one of the "
+                                              r"model's \['long', 'short', 'spam'\]$"):  # fmt: skip
+        read_labelled_file(tmp_path / "sms.txt", LABELS, run)
     write_csv(tmp_path / "bad.csv", [*rows, {"title": "x", "body": "y", "y": "other"}])
     with pytest.raises(DataFormatError, match=r"bad.csv, row 7 \(data rows counted from 1\): "
                                               r"label 'other' is not one of the model's "

@@ -184,14 +184,15 @@ def test_eval_and_predict_take_data_path_like_train(run_dir, sms_file, tmp_path)
         evaluate(cfg)
 
     few = tmp_path / "few.tsv"
-    few.write_text(f"ham\t{HAM}\nspam\t{SPAM}\n")
+    few.write_text(f"ham\t{HAM}\nspam\t{SPAM}\nunsure\t{HAM}\n")  # any label is kept
     cfg = OmegaConf.load(REPO / "configs" / "predict.yaml")
     del cfg["defaults"]
     cfg.merge_with({"ckpt_path": str(run_dir), "data": {"path": str(few)}, "device": "cpu",
                     "output": str(tmp_path / "p" / "predictions.csv")})  # fmt: skip
     predict(cfg)
     rows = list(csv.DictReader((tmp_path / "p" / "predictions.csv").open(encoding="utf-8")))
-    assert [(r["text"], r["file_label"]) for r in rows] == [(HAM, "ham"), (SPAM, "spam")]
+    assert [(r["text"], r["file_label"]) for r in rows] == [(HAM, "ham"), (SPAM, "spam"),
+                                                            (HAM, "unsure")]  # fmt: skip
 
 
 def test_data_path_keeps_its_old_name_and_inputs_are_exclusive(tmp_path):

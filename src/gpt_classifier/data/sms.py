@@ -121,8 +121,10 @@ def _warn_if_not_release(path: Path, size: int | None, sha256: str | None) -> No
 # ----------------------------------------------------------------------------- parsing
 
 
-def parse_messages(path: str | Path, labels: Mapping[str, int] = DEFAULT_LABELS) -> list[Message]:
-    """Every ``label<TAB>text`` line of the file, verbatim; bad input names file and line."""
+def parse_messages(path: str | Path, labels: Mapping[str, int] | None = DEFAULT_LABELS
+                   ) -> list[Message]:  # fmt: skip
+    """Every ``label<TAB>text`` line of the file, verbatim (one message a line; ``labels``
+    None: any label); bad input names file and line."""
     path = Path(path)
     raw = path.read_bytes()
     # What Windows editors write at the start of a UTF-8 file; not part of any label.
@@ -146,7 +148,7 @@ def parse_messages(path: str | Path, labels: Mapping[str, int] = DEFAULT_LABELS)
         if "\t" not in line:
             raise DataFormatError(f"{where}: no tab between label and text: {line[:60]!r}")
         label, text = line.split("\t", 1)
-        if label not in labels:
+        if labels is not None and label not in labels:
             raise DataFormatError(
                 f"{where}: unknown label {label!r}; expected one of {sorted(labels)} "
                 "(set data.labels to map other labels)"

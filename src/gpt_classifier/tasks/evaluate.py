@@ -61,7 +61,12 @@ def read_labelled_file(path: Path, names: list[str], columns: dict[str, Any] | N
     if suffix in (".csv", ".jsonl", ".json", ".parquet") or label_column in header:
         messages = _read_table_file(path, names, columns)
     else:  # a .tsv without a header row naming the label column, or any other suffix
-        messages = parse_messages(path, mapping)
+        messages = parse_messages(path, None)
+        for line, message in enumerate(messages, start=1):
+            if message.label not in mapping:
+                raise DataFormatError(f"labelled_file={path}, line {line}: label "
+                                      f"{message.label!r} is not one of the model's "
+                                      f"{names}")  # fmt: skip
     return [m.text for m in messages], [mapping[m.label] for m in messages]
 
 

@@ -131,9 +131,7 @@ def predict(cfg: DictConfig) -> list[Prediction]:
         column = cfg.column or run.get("text_column") or "text"
         texts, given = read_input(Path(cfg.input), column, run.get("text_separator", " "))
     else:
-        names = classifier.settings.label_names
-        file = user_file(sms_path, "data.path")
-        messages = parse_messages(file, {name: i for i, name in enumerate(names)})
+        messages = parse_messages(user_file(sms_path, "data.path"), None)  # labels kept as given
         texts, given = [m.text for m in messages], [{"label": m.label} for m in messages]
     predictions = classifier.classify(texts, batch_size=cfg.batch_size, progress=True)
     if cfg.text is not None or piped:
