@@ -93,6 +93,25 @@ def test_data_files_that_do_not_exist_are_listed_with_the_rest(tmp_path, offline
     assert "Traceback" not in unnamed.stderr
 
 
+def test_a_hub_dataset_neither_cached_nor_reachable_is_listed_with_the_rest(tmp_path, offline):
+    def missing(name):
+        result = run_entry("train.py", "data=hf", f"data.name={name}", "model.pretrained=false",
+                           f"hydra.run.dir={tmp_path / 'run'}", env=offline)  # fmt: skip
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        return result.stderr
+
+    said = missing("someone/SmsNews")
+    assert "Cannot start: 2 thing(s) missing" in said and "tokenizer files" in said
+    assert ("the 🤗 dataset data.name=someone/SmsNews: not in the datasets cache and the Hub "
+            "cannot be reached (HF_HUB_OFFLINE=1)") in said  # fmt: skip
+    assert "fix: data.name=<a folder written by save_to_disk>" in said
+    # What load_dataset built, or the Hub's files, in the caches under HF_HOME: it may load.
+    (tmp_path / "hf" / "datasets" / "someone___sms_news").mkdir(parents=True)
+    (tmp_path / "hf" / "hub" / "datasets--ag_news").mkdir(parents=True)
+    for cached in ("someone/SmsNews", "ag_news"):
+        assert "Cannot start: 1 thing(s) missing" in missing(cached)
+
+
 def test_own_data_without_the_data_extra_says_what_to_install(tmp_path, offline, sms_file):
     site = Path(offline["PYTHONPATH"]) / "sitecustomize.py"
     site.write_text(site.read_text() + "\nimport sys\nsys.modules['datasets'] = None\n")

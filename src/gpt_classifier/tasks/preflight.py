@@ -1,5 +1,5 @@
-"""The pre-flight: every missing piece a task needs (a device, weights, tokenizer files,
-data), found at once before any work, each with its fix."""
+"""The pre-flight: every missing piece a task needs, found at once before any work, each with
+its fix."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import difflib
 import importlib.util
 import logging
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +24,13 @@ from gpt_classifier.model.weights import HUB_MODELS, HUB_PREFIX
 from gpt_classifier.tasks.errors import ConfigError, ShownAsMessage
 from gpt_classifier.tasks.reachability import (
     hub_cached,
+    hub_dataset_cached,
     hub_offline,
     probe,
     reachable,
     tiktoken_cached,
 )
+from gpt_classifier.tasks.run_folder import remove_unused_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,7 @@ class Missing:
 
 
 def check_training(cfg: DictConfig) -> None:
-    """``train.py``'s pre-flight, before Lightning's import (a resume takes the run's own
-    config, checked as it loads)."""
+    """``train.py``'s pre-flight, before Lightning's import (a resume's config is the run's)."""
     honour_weights(cfg)
     output_dir = Path(cfg.paths.output_dir)
     unread = _unread_keys(cfg)
@@ -66,6 +66,7 @@ def check_training(cfg: DictConfig) -> None:
         *_weights(cfg.model),
         *_tokenizer(cfg.model.weights if cfg.model.pretrained else None),
         *_data_files(cfg.data),
+        *_hub_dataset(cfg.data),
         *_sms_data(cfg.data),
     ]
     if missing:
@@ -73,8 +74,7 @@ def check_training(cfg: DictConfig) -> None:
 
 
 def honour_weights(cfg: DictConfig) -> None:
-    """``model.weights`` given on the command line is loaded, even with a preset that trains
-    from random weights (gpt2-tiny), unless ``model.pretrained=false`` contradicts it."""
+    """``model.weights`` given on the command line is loaded, even with gpt2-tiny's preset."""
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
     given = {override.split("=", 1)[0].lstrip("+~") for override in overrides}
     if cfg.model.pretrained or "model.weights" not in given or not cfg.model.weights:
@@ -107,13 +107,9 @@ def check_inference(cfg: DictConfig) -> None:
         _stop(missing, Path(cfg.paths.output_dir))
 
 
-# ----------------------------------------------------------------------------- the checks
-
-
 def _unread_keys(cfg: DictConfig) -> list[Missing]:
-    """Keys that ``+key=value`` overrides brought in and nothing reads: Hydra's answer to
-    a typo (``optimiser.lr=...``) is ``+optimiser.lr=...``. What a built object (a node
-    with ``_target_``) or the Trainer is given, its constructor checks."""
+    """Keys that ``+key=value`` overrides brought in and nothing reads (a typo); what a built
+    object (a node with ``_target_``) or the Trainer is given, its constructor checks."""
     hydra = HydraConfig.get() if HydraConfig.initialized() else None
     overrides, groups = (hydra.overrides.task, hydra.runtime.choices) if hydra else ([], {})
     added = {o[1:].split("=", 1)[0]: o[1:] for o in overrides if o[:1] == "+" != o[1:2]}
@@ -256,6 +252,19 @@ def _no_run_to_resume(output_dir: Path) -> Missing:
                    "no checkpoint", tuple(fixes))  # fmt: skip
 
 
+def _hub_dataset(data: DictConfig) -> list[Missing]:
+    """A 🤗 Hub dataset neither cached nor downloadable (a missing folder: _data_files)."""
+    name = None if OmegaConf.is_missing(data, "name") else data.get("name")
+    if name is None or Path(str(name)).expanduser().exists() or hub_dataset_cached(str(name)):
+        return []
+    if reachable("https://huggingface.co"):
+        return []
+    where = f"the Hub cannot be reached{' (HF_HUB_OFFLINE=1)' if hub_offline() else ''}"
+    return [Missing(f"the 🤗 dataset data.name={name}: not in the datasets cache and {where}",
+                    ("run once online: the download is cached under HF_HOME",
+                     "data.name=<a folder written by save_to_disk>"))]  # fmt: skip
+
+
 def _sms_data(data: DictConfig) -> list[Missing]:
     if data.get("path") is not None or "urls" not in data:
         return []  # a given file: _data_files checks it is there, the data module the rest
@@ -270,9 +279,6 @@ def _sms_data(data: DictConfig) -> list[Missing]:
     )]  # fmt: skip
 
 
-# ----------------------------------------------------------------------------- the report
-
-
 def _stop(missing: list[Missing], output_dir: Path) -> None:
     lines = [f"Cannot start: {len(missing)} thing(s) missing. Nothing was run."]
     for number, item in enumerate(missing, 1):
@@ -283,18 +289,8 @@ def _stop(missing: list[Missing], output_dir: Path) -> None:
         # A failed job, as Hydra records it: the sweep's other jobs still run, and its
         # summary lists this one (its folder kept, with the overrides in .hydra/).
         raise ShownAsMessage(message)
-    _remove_empty_run_folder(output_dir)
+    remove_unused_run_folder(output_dir)
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise RuntimeError(message)
     print(message, file=sys.stderr)
     raise SystemExit(EXIT_STATUS)
-
-
-def _remove_empty_run_folder(output_dir: Path) -> None:
-    """The run folder Hydra made, when it holds only Hydra's files (its log, ``.hydra/``)
-    and the lock of a start that failed."""
-    if not output_dir.is_dir():
-        return
-    hydras = {".hydra", ".train.lock"} | {p.name for p in output_dir.glob("*.log")}
-    if {p.name for p in output_dir.iterdir()} <= hydras:
-        shutil.rmtree(output_dir, ignore_errors=True)

@@ -35,6 +35,27 @@ def tiktoken_cached() -> bool:
     return all((folder / hashlib.sha1((BPE_URL + f).encode()).hexdigest()).is_file() for f in files)
 
 
+def hub_dataset_cached(name: str) -> bool:
+    """Whether the datasets cache or the Hub's holds the 🤗 dataset ``name`` (True where
+    🤗 datasets is not installed: the pre-flight names that instead)."""
+    try:
+        from datasets import config
+        from datasets.naming import camelcase_to_snakecase
+    except ImportError:
+        return True
+    from huggingface_hub import constants
+
+    # Where load_dataset keeps what it built, and where the Hub's client keeps the files.
+    *namespace, dataset = name.split("/")
+    built = Path(config.HF_DATASETS_CACHE) / "___".join(
+        [*namespace, camelcase_to_snakecase(dataset)]
+    )
+    return (
+        built.is_dir()
+        or (Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}").is_dir()
+    )
+
+
 _REACHED: dict[str, bool] = {}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +111,12 @@ def job_metric(cfg: DictConfig, output_dir: Path) -> float:
             f"{sorted(k for k in metrics if '/' in k)}"
         )
     return float(metrics[cfg.optimize_metric])
+
+
+def remove_unused_run_folder(output_dir: Path) -> None:
+    """The run folder Hydra made, when it holds only Hydra's files and a failed start's lock."""
+    if not output_dir.is_dir():
+        return
+    hydras = {".hydra", ".train.lock"} | {p.name for p in output_dir.glob("*.log")}
+    if {p.name for p in output_dir.iterdir()} <= hydras:
+        shutil.rmtree(output_dir, ignore_errors=True)
