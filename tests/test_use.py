@@ -292,6 +292,11 @@ def test_a_transformers_classifier_starts_training_with_its_head(tmp_path):
     with pytest.raises(ValueError, match=r"a classifier with 3 classes .*num_classes=2: set "
                        r"classifier.num_classes=3"):  # fmt: skip
         SequenceClassifier(GPT.from_pretrained(str(tmp_path / "hf")), 2)
+    # Given where a trained model is expected, the folder's error says what reads it.
+    with pytest.raises(ModelLoadError, match=r"hf/config.json: a 🤗 transformers gpt2 model, "
+                       r"which predict, .*; use it with transformers' pipeline, or fine-tune "
+                       r"from its weights: python train.py model.weights=.*hf$"):  # fmt: skip
+        TextClassifier.load(tmp_path / "hf")
 
 
 def test_a_native_export_as_starting_weights_says_which_export_can(run_dir, tmp_path):

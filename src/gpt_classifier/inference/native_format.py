@@ -62,7 +62,13 @@ def load(folder: Path, config: dict[str, Any]) -> tuple[SequenceClassifier, Infe
     if not weights_path.is_file():
         raise ModelLoadError(f"export folder {folder} lacks {weights_path.name}; export it again")
     if config.get("format") != EXPORT_FORMAT:
-        raise ModelLoadError(f"{config_path} is not a {EXPORT_FORMAT} export (format key)")
+        kind = config.get("model_type")
+        fix = ("use it with transformers' pipeline, or fine-tune from its weights: python "
+               f"train.py model.weights={folder}" if kind == "gpt2" else "pass a training "
+               "run, a .ckpt file or a folder written by export.py")  # fmt: skip
+        what = f"a 🤗 transformers {kind} model" if kind else f"not a {EXPORT_FORMAT} export"
+        raise ModelLoadError(f"{config_path}: {what}, which predict, eval, export and serve do "
+                             f"not read (no format: {EXPORT_FORMAT} key); {fix}")  # fmt: skip
     if int(config.get("format_version", 1)) > EXPORT_VERSION:
         raise ModelLoadError(
             f"{config_path} is format version {config['format_version']}, newer "
