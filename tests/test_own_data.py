@@ -96,8 +96,14 @@ def test_labels_fix_the_order_and_num_classes_follows_them(tmp_path, sms_file):
     module.load_splits()
     assert module.label_names == ["spam", "short", "long"]
     said = r"row \d+ \(data rows counted from 1\): label 'long' is not one of data.labels's"
-    with pytest.raises(DataFormatError, match=said + r" \['spam', 'short'\]"):
+    with pytest.raises(DataFormatError, match=said + r" \['spam', 'short'\]; the file's other "
+                       r"labels: \['long'\] \(data.labels names labels as the file"):  # fmt: skip
         FilesDataModule(path=str(data), labels=["spam", "short"]).load_splits()
+    # Numbers in the file, names in data.labels: the error shows the file's labels.
+    numbers = write_csv(tmp_path / "n.csv", [{"text": f"t{i}", "label": i % 2} for i in range(40)])
+    with pytest.raises(DataFormatError, match=r"label '0' is not one of data.labels's \['neg', "
+                       r"'pos'\]; the file's other labels: \['0', '1'\]"):  # fmt: skip
+        FilesDataModule(path=str(numbers), labels=["neg", "pos"]).load_splits()
 
 
 def test_multiple_text_columns_are_joined(tmp_path):

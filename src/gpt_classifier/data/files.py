@@ -133,8 +133,12 @@ class FilesDataModule(SMSSpamDataModule):
             if row.label not in self.labels:
                 known = list(self.labels)
                 where = "data.labels" if self.fixed_labels else "the training data"
+                others = sorted({r.label for r in rows} - set(known), key=_label_order)
+                hint = (f"; the file's other labels: {others[:10]} (data.labels names labels as "
+                        "the file writes them)" if self.fixed_labels else "")  # fmt: skip
                 raise DataFormatError(f"{key}, row {i} (data rows counted from 1): label "
-                                      f"{row.label!r} is not one of {where}'s {known}")  # fmt: skip
+                                      f"{row.label!r} is not one of {where}'s "
+                                      f"{known}{hint}")  # fmt: skip
 
     def _warn_of_leaks(self) -> None:
         seen: dict[str, str] = {}
