@@ -119,6 +119,8 @@ def test_multiple_text_columns_are_joined(tmp_path):
     [
         ("message,label\nhi,a\n", "m.csv", r"no column \['text'\] \(set data.text_column\); "
                                            r"its columns are \['message', 'label'\]"),
+        ("text,text,label,,\nhi,yo,a,,\n", "m.csv", r"the header names 'text' more than once; "
+                                                  r"give each column its own name"),
         ("sentence,sentiment\nhi,a\n", "m.csv", r"no column \['text', 'label'\] \(set "
                                                   r"data.text_column and data.label_column\)"),
         ("ham\tGo until jurong point\nspam\tFree entry\n", "m.tsv",

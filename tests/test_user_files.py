@@ -68,6 +68,9 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column_or_text(tmp_path):
     two.write_text("title,body\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"two.csv has no rows: nothing to classify"):
         read_input(two, "body")[0]
+    two.write_text("text,id,text\nhello,1,there\n", encoding="utf-8")  # which text?
+    with pytest.raises(ValueError, match=r"two.csv: the header names 'text' more than once"):
+        read_input(two)[0]
     (empty := tmp_path / "texts.txt").write_text("")
     with pytest.raises(ValueError, match=r"texts.txt is empty: nothing to classify"):
         read_input(empty)  # 0 predictions were written without a word

@@ -53,7 +53,7 @@ def read_table(path: Path, key: str):  # -> datasets.Dataset
     if path.stat().st_size == 0:
         raise DataFormatError(f"{key}={path} is empty")
     if builder == "csv":  # Excel and Windows editors start CSV files with a BOM
-        options = {**options, "encoding": "utf-8-sig", **_verbatim(path, options)}
+        options = {**options, "encoding": "utf-8-sig", **_verbatim(path, options, key)}
     try:
         table = load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as err:  # noqa: BLE001 - each reader raises its own kinds
@@ -92,14 +92,23 @@ def _lists_only(row: dict[str, Any]) -> bool:
     return all(isinstance(value, list | dict) for value in row.values())
 
 
-def _verbatim(path: Path, options: dict[str, Any]) -> dict[str, Any]:
+def _verbatim(path: Path, options: dict[str, Any], key: str) -> dict[str, Any]:
     """pandas options that keep every cell the string it is: no number parsing ('007' stays
     '007') and no missing-value words ('NA', 'null' and 'N/A' are texts and labels too)."""
     with path.open(encoding="utf-8-sig", newline="") as f:
         header = next(
             (row for row in csv.reader(f, delimiter=options.get("delimiter", ",")) if row), []
         )
+    check_header(header, f"{key}={path}")
     return {"converters": {i: str for i in range(len(header))}, "na_filter": False}
+
+
+def check_header(header: Sequence[str], where: str) -> None:
+    """A header naming a column twice is ambiguous: pandas would read a second 'text' as
+    'text.1' (and Python's csv module keep only the last), and text_column=text one of them."""
+    if twice := sorted({name for name in header if name and header.count(name) > 1}):
+        raise DataFormatError(f"{where}: the header names {', '.join(map(repr, twice))} more "
+                              "than once; give each column its own name")  # fmt: skip
 
 
 def column_values(table: Any, column: str) -> list[Any]:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig
 
 from gpt_classifier.checkpoints import data_settings
 from gpt_classifier.data.sms import parse_messages
+from gpt_classifier.data.tables import check_header
 from gpt_classifier.files import read_user_text, user_file
 from gpt_classifier.inference import Prediction, TextClassifier
 from gpt_classifier.tasks.preflight import check_inference
@@ -35,6 +36,7 @@ def read_input(path: Path, column: str | Sequence[str] = "text", separator: str 
             with io.StringIO(read_user_text(path, "input"), newline="") as f:
                 reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
                 records, found = list(reader), list(reader.fieldnames or [])
+            check_header(found, str(path))
             table = {c: [record.get(c) for record in records] for c in found}
         else:
             from gpt_classifier.data.tables import column_values, read_table
