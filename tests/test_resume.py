@@ -677,6 +677,44 @@ def test_a_resume_may_name_the_runs_data_file_by_a_relative_path(
         config_for_resume(composed("ckpt_path=last", "data.path=other.tsv"), checkpoint)
 
 
+def test_a_resume_keeps_what_own_data_is_read_by(tmp_path, monkeypatch, composed):
+    """Columns, files and dataset of data=files and data=hf are the run's, as data.path is:
+    another would train on other texts than the run's split holds."""
+    from gpt_classifier.tasks.run_config import (
+        ResumeConfigError,
+        absolute_paths,
+        config_for_resume,
+        save_run_config,
+    )
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("train.csv", "test.csv", "other.csv"):
+        (tmp_path / name).write_text("text,label\nhi,a\n")
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    started = composed("data=files", "data.files.train=train.csv", "data.files.test=test.csv")
+    absolute_paths(started)
+    save_run_config(started, tmp_path / "run")
+    resumed = config_for_resume(composed("ckpt_path=last", "data=files",
+                                         "data.files.train=./train.csv"), checkpoint)  # fmt: skip
+    assert resumed.data.files.train == "./train.csv"  # the same file
+    changes = [
+        ("data.text_column=body", "data.text_column=text"),
+        ("data.label_column=y", "data.label_column=label"),
+        ("data.files.test=other.csv", f"data.files.test={tmp_path}/test.csv"),
+        ("data.files.validation=b.csv", "data.files.validation=None"),
+    ]
+    for change, before in changes:
+        with pytest.raises(ResumeConfigError, match=f"{change}: the run in .* was trained with "
+                           f"{before}, and changing it"):  # fmt: skip
+            config_for_resume(composed("ckpt_path=last", "data=files", change), checkpoint)
+    # A file moved since: the run goes on with it where it is now.
+    (tmp_path / "test.csv").rename(tmp_path / "moved.csv")
+    moved = config_for_resume(composed("ckpt_path=last", "data=files",
+                                       "data.files.test=moved.csv"), checkpoint)  # fmt: skip
+    assert moved.data.files.test == "moved.csv"
+
+
 def test_a_new_run_in_an_earlier_runs_folder_is_refused_before_any_work(
     trained_run, sms_file, tmp_path
 ):

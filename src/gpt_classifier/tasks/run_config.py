@@ -27,7 +27,14 @@ RESUME_KEYS = ("ckpt_path",)
 # splits/ and the messages each split holds stay those its first start made).
 DATA_KEYS = ("seed", "data.seed", "data.path", "data.train_frac", "data.validation_frac",
              "data.balance", "data.book_compat", "data.labels", "data.padding",
-             "data.max_length", "data.truncation_side")  # fmt: skip
+             "data.max_length", "data.truncation_side", "data.files.train",
+             "data.files.validation", "data.files.test", "data.text_column",
+             "data.text_separator", "data.label_column", "data.name", "data.config_name",
+             "data.split_names")  # fmt: skip
+# Those that name local files, kept by absolute path (absolute_paths): a resume may name
+# them as first given, or name a file that has moved.
+PATH_KEYS = ("data.path", "data.files.train", "data.files.validation", "data.files.test",
+             "data.name")  # fmt: skip
 
 
 # How the training batches are drawn: kept within an epoch that a resume finishes.
@@ -149,7 +156,8 @@ def config_for_resume(cfg: DictConfig, checkpoint: Path) -> DictConfig:
             changed.append(f"{key}: {before} -> {value}")
     for key in DATA_KEYS:
         before, after = (OmegaConf.select(c, key, default=None) for c in (original, resumed))
-        moved = key == "data.path" and before is not None and not Path(before).exists()
+        moved = key in PATH_KEYS and before is not None and not Path(before).exists() and (
+            key == "data.path" or Path(before).is_absolute())  # fmt: skip
         if not _same(key, before, after) and not moved:
             raise ResumeConfigError(
                 f"{key}={after}: the run in {checkpoint.parent.parent} was trained with "
@@ -175,8 +183,8 @@ def config_for_resume(cfg: DictConfig, checkpoint: Path) -> DictConfig:
 
 
 def _same(key: str, before: Any, after: Any) -> bool:
-    """Equal values, or for ``data.path`` two names of one file (absolute and relative)."""
-    if before == after or key != "data.path" or before is None or after is None:
+    """Equal values, or for a file's key two names of one file (absolute and relative)."""
+    if before == after or key not in PATH_KEYS or before is None or after is None:
         return before == after
     return Path(str(before)).expanduser().resolve() == Path(str(after)).expanduser().resolve()
 
