@@ -792,6 +792,8 @@ def test_a_lora_run_exports_a_peft_adapter_that_gives_our_probabilities(
     with torch.no_grad(), model.disable_adapter():
         bare = model(input_ids=torch.tensor(ours.encode([SPAM])[0])).logits.softmax(-1)
     assert not torch.allclose(bare, theirs[:1], atol=1e-4)
+    with pytest.raises(ModelLoadError, match=r"It holds a peft adapter .*PeftModel loads"):
+        TextClassifier.load(out)  # where a run or an export is asked for, what reads it
     # A run without LoRA has no adapter to export.
     refused = run_entry("export.py", f"ckpt_path={run_dir}", f"out={tmp_path / 'x'}",
                         "format=peft", f"hydra.run.dir={tmp_path / 'export2'}")  # fmt: skip

@@ -93,6 +93,10 @@ class TextClassifier:
             within = (f" It holds runs ({'..., ' if len(runs) > 5 else ''}{', '.join(runs[-5:])}): "
                       f"pass one, e.g. the latest: ckpt_path={path / runs[-1]} (a sweep's "
                       "summary.md ranks its jobs)." if runs else "")  # fmt: skip
+            if (path / peft_format.CONFIG_FILE).is_file():
+                within = (" It holds a peft adapter (export.py format=peft), which peft's "
+                          "PeftModel loads (docs/using-the-model.md); here, pass the LoRA run "
+                          "or an export of another format.")  # fmt: skip
             raise ModelLoadError(
                 f"{path} is neither an export folder (config.json + model.safetensors) nor a "
                 "training run with checkpoints/; pass ckpt_path=<file.ckpt> or a run folder."
