@@ -798,3 +798,7 @@ def test_a_lora_run_exports_a_peft_adapter_that_gives_our_probabilities(
     refused = run_entry("export.py", f"ckpt_path={run_dir}", f"out={tmp_path / 'x'}",
                         "format=peft", f"hydra.run.dir={tmp_path / 'export2'}")  # fmt: skip
     assert refused.returncode != 0 and "format=peft needs a LoRA run" in refused.stderr
+    merged = ours.export(tmp_path / "native")  # nor has an export of a LoRA run: merged
+    refused = run_entry("export.py", f"ckpt_path={merged}", f"out={tmp_path / 'y'}",
+                        "format=peft", f"hydra.run.dir={tmp_path / 'export3'}")  # fmt: skip
+    assert refused.returncode != 0 and "an export has them merged" in refused.stderr

@@ -45,8 +45,9 @@ def export(
     layers = lora_layers(model)
     blocks = _adapted_blocks(layers)
     if not blocks:
-        raise ValueError("format=peft needs a LoRA run (freeze=lora); export this one with "
-                         "format=hf or format=native")  # fmt: skip
+        raise ValueError("format=peft needs a LoRA run (freeze=lora) or its checkpoint, "
+                         "whose adapters are still apart (an export has them merged); export "
+                         "this one with format=hf or format=native")  # fmt: skip
     arch = model.cfg.to_dict()
     hf_format.check_exportable(settings.pooling, arch.get("causal_mask", True))
     first = blocks[min(blocks)]
