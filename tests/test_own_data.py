@@ -132,7 +132,9 @@ def test_multiple_text_columns_are_joined(tmp_path):
          r"1 row\(s\) with a null text \(text\): rows 2"),
         ("text;label\nhi;a\n", "m.csv", r"its columns are \['text;label'\]; the header is "
                                          r"separated by ';': save the file with commas"),
-        ("text,label\nhi,a\n", "m.txt", r"the suffix '.txt' is not one of .csv, .tsv"),
+        ("text,label\nhi,a\n", "m.txt", r"the suffix '.txt' is not one of .csv, .tsv.*; rename"),
+        ("PK\x03\x04", "m.xlsx", r"not one of .*; a spreadsheet: save it as CSV UTF-8"),
+        ("PK\x03\x04", "m.csv", r"is a zip archive; unzip it .*, or, if it is a spreadsheet"),
         ("", "m.csv", r"data.path=.*m.csv is empty$"),
         ('{"text": "hi", "label": ["a", "b"]}\n{"text": "yo", "label": ["a"]}\n', "m.jsonl",
          r"2 row\(s\) with a list or record as 'label' \(multi-label data is not supported: "

@@ -21,6 +21,7 @@ READERS: dict[str, tuple[str, dict[str, Any]]] = {
     ".json": ("json", {}),
     ".parquet": ("parquet", {}),
 }
+SPREADSHEETS = (".xlsx", ".xls", ".xlsm", ".ods", ".numbers")
 SHOWN = 10  # rows named in an error, at most
 
 
@@ -33,15 +34,16 @@ def read_table(path: Path, key: str):  # -> datasets.Dataset
             'CSV, JSONL and Parquet files are read with 🤗 datasets: pip install -e ".[data]"'
         ) from err
     suffix = path.suffix.lower()
+    spreadsheet = "a spreadsheet: save it as CSV UTF-8, or pd.read_excel(path).to_csv(...)"
     if suffix not in READERS:
-        raise DataFormatError(
-            f"{key}={path}: the suffix {suffix or '(none)'!r} is not one of "
-            f"{', '.join(READERS)}; rename the file to say its format"
-        )
+        fix = spreadsheet if suffix in SPREADSHEETS else "rename the file to say its format"
+        raise DataFormatError(f"{key}={path}: the suffix {suffix or '(none)'!r} is not one of "
+                              f"{', '.join(READERS)}; {fix}")  # fmt: skip
     with path.open("rb") as f:
         head = f.read(4)
-    if head.startswith(ZIP_MAGIC):
-        raise DataFormatError(f"{key}={path} is a zip archive; unzip it and give the file")
+    if head.startswith(ZIP_MAGIC):  # .xlsx and .ods files are zip archives too
+        raise DataFormatError(f"{key}={path} is a zip archive; unzip it and give the file, "
+                              f"or, if it is {spreadsheet}")  # fmt: skip
     builder, options = READERS[suffix]
     if builder == "json" and head.startswith(UTF8_BOM):
         raise DataFormatError(f"{key}={path} starts with a UTF-8 byte-order mark, which JSON "
