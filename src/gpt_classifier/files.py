@@ -83,8 +83,8 @@ def read_user_text(path: str | Path, key: str) -> str:
     path = user_file(path, key)
     raw = path.read_bytes()
     if raw.startswith(ZIP_MAGIC):
-        raise ValueError(f"{key}={path} is a zip archive, not text; unzip it and give the file "
-                         "(a spreadsheet, .xlsx or .ods, is one too: save it as CSV UTF-8)")  # fmt: skip
+        raise ValueError(f"{key}={path} is a zip archive, not text; unzip it and give the "
+                         "file (a spreadsheet, .xlsx or .ods, is one: save it as CSV)")  # fmt: skip
     raw = raw.removeprefix(UTF8_BOM)
     try:
         return raw.decode("utf-8")
