@@ -180,7 +180,8 @@ def test_eval_and_predict_take_data_path_like_train(run_dir, sms_file, tmp_path)
     trained = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["acc"] == pytest.approx(trained["test/acc"], abs=1e-6)
     cfg.data.path = str(tmp_path / "gone.tsv")
-    with pytest.raises(Exception, match="gone.tsv"):
+    said = r"gone.tsv does not exist; give eval.py data.path=<where the file is now> or "
+    with pytest.raises(FileNotFoundError, match=said + r"labelled_file=.*splits/test.csv \(the"):
         evaluate(cfg)
 
     few = tmp_path / "few.tsv"

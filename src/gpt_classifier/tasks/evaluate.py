@@ -135,8 +135,15 @@ def split_token_ids(
     kind = HubDataModule if "split_names" in data_hparams else (
         FilesDataModule if "files" in data_hparams else SMSSpamDataModule)  # fmt: skip
     dm = kind(**data_hparams)
-    dm.prepare_data()
-    dm.setup("test")
+    try:
+        dm.prepare_data()
+        dm.setup("test")
+    except FileNotFoundError as err:  # the run's data file has moved, or is gone
+        given = any((data_hparams.get("files") or {}).values())  # data.files.*: no data.path
+        fixes = [] if given else ["data.path=<where the file is now>"]
+        if (made := run_splits / f"{split}.csv").is_file():
+            fixes.append(f"labelled_file={made} (the split the run made)")
+        raise FileNotFoundError(f"{err}; give eval.py {' or '.join(fixes)}") from err
     dataset = dm.datasets[split]
     return [ids.tolist() for ids in dataset.token_ids], dataset.labels.tolist()
 
