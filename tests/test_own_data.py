@@ -152,6 +152,8 @@ def test_multiple_text_columns_are_joined(tmp_path):
         ('{"text": "hi", "label": "a"\n', "m.jsonl", r"could not be read as jsonl"),
         ('{"text": "hi", "label": "a"}\n' * 3 + '{"text": "yo", "label": "b",}\n', "m.jsonl",
          r"m.jsonl could not be read as jsonl: line 4: not JSON \(Expecting property name"),
+        ('"hi"\n"yo"\n', "m.jsonl", r"m.jsonl could not be read as jsonl: line 1: a JSON string, "
+                                   r"not a record: write one object a line"),
         ('\ufeff{"text": "hi", "label": "a"}\n', "m.jsonl",
          r"m.jsonl starts with a UTF-8 byte-order mark, which JSON readers refuse; re-save"),
         ("text,label\n" + "".join(f"t{i},a\n" for i in range(30)) + "x,b\ny,b\n", "m.csv",

@@ -79,14 +79,17 @@ def read_table(path: Path, key: str):  # -> datasets.Dataset
 
 
 def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
-    """The first line of a JSON-lines file that is not JSON, and why."""
+    """The first line of a JSON-lines file that is not a JSON record, and why."""
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             try:
-                if line.strip():
-                    json.loads(line)
+                value = json.loads(line) if line.strip() else {}
             except ValueError as err:
                 return number, f"not JSON ({err})"
+            if not isinstance(value, dict):
+                kind = {str: "string", list: "array", bool: "boolean"}.get(type(value), "value")
+                return number, (f"a JSON {kind}, not a record: write one object a line, such "
+                                'as {"text": "...", "label": "..."}')  # fmt: skip
     return None
 
 
