@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import errno
 import functools
 import json
@@ -15,7 +16,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from entry_points import ok, run_entry, start_entry
+from entry_points import ok, run_entry, run_train, start_entry
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf, open_dict
@@ -807,3 +808,25 @@ def test_a_resume_that_changes_keys_records_them_for_later_resumes(tmp_path, com
     save_run_config(chosen, run_dir, {"trainer.precision": "32-true"})
     assert config_for_resume(composed("ckpt_path=last"), checkpoint).trainer.precision == "32-true"
     assert OmegaConf.load(record).config.optimizer.lr == 1e-4
+
+
+def test_a_sweep_resumed_keeps_its_finished_jobs_and_runs_the_others(tmp_path, sms_file):
+    """A sweep stopped by Ctrl-C has jobs that never ran: its command with ckpt_path=last
+    keeps what finished, resumes what was interrupted, and starts the rest."""
+    from gpt_classifier.training.signals import _resume_hint
+
+    short = ("trainer.max_epochs=1", "trainer.limit_train_batches=5")
+    ok(run_train(tmp_path, sms_file, *short, "seed=5", multirun=True))
+    sweep = tmp_path / "sweep"
+    first = (sweep / "0" / "metrics.json").read_bytes()
+    assert f"hydra.sweep.dir={sweep}" in _resume_hint(sweep / "0")  # what a stopped job says
+    assert "hydra.sweep.dir" not in _resume_hint(tmp_path / "run")
+    ok(run_train(tmp_path, sms_file, *short, "seed=5,6", "ckpt_path=last", multirun=True))
+    assert "already finished" in (sweep / "0" / "train.log").read_text()
+    assert (sweep / "0" / "metrics.json").read_bytes() == first
+    with (sweep / "summary.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["overrides"] for r in rows) == ["seed=5", "seed=6"]
+    # The job that started records the overrides that made it, not ckpt_path=last.
+    recorded = OmegaConf.load(sweep / "1" / "run_config.yaml").overrides
+    assert "seed=6" in recorded and not any(o.startswith("ckpt_path") for o in recorded)

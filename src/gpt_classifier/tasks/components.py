@@ -15,7 +15,6 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import FSDPStrategy
@@ -272,11 +271,6 @@ def _one_console_line_each() -> None:
 def run_choices_now() -> dict[str, str]:
     """This process's config group choices (empty outside a Hydra app)."""
     return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
-
-
-def in_multirun() -> bool:
-    """Whether this is a job of a Hydra sweep (``-m``)."""
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def check_writable(cfg: DictConfig, output_dir: Path) -> None:

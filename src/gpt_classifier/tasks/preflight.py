@@ -14,7 +14,6 @@ from urllib.parse import urlparse
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gpt_classifier.data.sms import FILE_NAME
@@ -30,7 +29,7 @@ from gpt_classifier.tasks.reachability import (
     reachable,
     tiktoken_cached,
 )
-from gpt_classifier.tasks.run_folder import remove_unused_run_folder
+from gpt_classifier.tasks.run_folder import in_multirun, remove_unused_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +51,12 @@ def check_training(cfg: DictConfig) -> None:
     honour_weights(cfg)
     output_dir = Path(cfg.paths.output_dir)
     unread = _unread_keys(cfg)
+    last = str(cfg.get("ckpt_path")) == "last" and not _checkpoints(output_dir)
+    if last and in_multirun():  # a sweep resumed: its jobs that saved nothing start
+        with open_dict(cfg):
+            cfg.ckpt_path = None
     if cfg.get("ckpt_path"):
-        if str(cfg.ckpt_path) == "last" and not _checkpoints(output_dir):
+        if last:
             unread.append(_no_run_to_resume(output_dir))
         if unread:
             _stop(unread, output_dir)
@@ -285,7 +288,7 @@ def _stop(missing: list[Missing], output_dir: Path) -> None:
         lines.append(f"  {number}. {item.what}")
         lines.extend(f"     fix: {fix}" for fix in item.fixes)
     message = "\n".join(lines)
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if in_multirun():
         # A failed job, as Hydra records it: the sweep's other jobs still run, and its
         # summary lists this one (its folder kept, with the overrides in .hydra/).
         raise ShownAsMessage(message)

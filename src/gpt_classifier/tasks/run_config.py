@@ -70,7 +70,8 @@ def save_run_config(
         record = OmegaConf.create({
             "config": config,
             "choices": {k: v for k, v in choices.items() if not k.startswith("hydra")},
-            "overrides": overrides,
+            "overrides": [o.input_line for o in OverridesParser.create().parse_overrides(
+                overrides) if o.key_or_group not in RESUME_KEYS],  # what made it, not whence
             "resolved": dict(resolved or {}),
         })  # fmt: skip
     with atomic_path(path) as tmp:

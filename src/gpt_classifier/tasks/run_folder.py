@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from gpt_classifier.checkpoints import find_checkpoint
@@ -16,6 +18,11 @@ from gpt_classifier.reporting.reports import RUN_CONFIG_FILE
 from gpt_classifier.tasks.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def in_multirun() -> bool:
+    """Whether this is a job of a Hydra sweep (``-m``)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def resume_checkpoint(ckpt_path: str, output_dir: Path) -> Path:

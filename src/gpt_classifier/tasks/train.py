@@ -29,7 +29,6 @@ from gpt_classifier.tasks.components import (
     build_module,
     build_trainer,
     check_writable,
-    in_multirun,
 )
 from gpt_classifier.tasks.errors import ConfigError
 from gpt_classifier.tasks.run_config import (
@@ -42,6 +41,7 @@ from gpt_classifier.tasks.run_folder import (
     check_new_run_folder,
     claim_run_folder,
     finished_run,
+    in_multirun,
     job_metric,
     requeued_run,
     resume_checkpoint,

@@ -174,7 +174,11 @@ class GracefulStop(L.Callback):
 
 
 def _resume_hint(output_dir: Path) -> str:
-    return f"  python train.py ckpt_path=last hydra.run.dir={output_dir}"
+    hint = f"  python train.py ckpt_path=last hydra.run.dir={output_dir}"
+    if (sweep := output_dir.parent / "multirun.yaml").is_file():  # a job of a sweep
+        hint += (f"\nor the whole sweep (finished jobs kept, the others resumed or started): "
+                 f"its command with ckpt_path=last hydra.sweep.dir={sweep.parent}")  # fmt: skip
+    return hint
 
 
 def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule,
