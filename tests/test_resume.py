@@ -816,6 +816,11 @@ def test_a_sweep_resumed_keeps_its_finished_jobs_and_runs_the_others(tmp_path, s
     from gpt_classifier.training.signals import _resume_hint
 
     short = ("trainer.max_epochs=1", "trainer.limit_train_batches=5")
+    # In a new folder (hydra.sweep.dir forgotten) there is no sweep to resume: said, not run.
+    new = run_train(tmp_path / "new", sms_file, *short, "seed=5", "ckpt_path=last",
+                    multirun=True)  # fmt: skip
+    assert new.returncode != 0 and not (tmp_path / "new" / "sweep" / "0" / "metrics.json").exists()
+    assert "fix: hydra.sweep.dir=<the folder of the sweep to resume>" in new.stderr
     ok(run_train(tmp_path, sms_file, *short, "seed=5", multirun=True))
     sweep = tmp_path / "sweep"
     first = (sweep / "0" / "metrics.json").read_bytes()

@@ -29,7 +29,7 @@ from gpt_classifier.tasks.reachability import (
     reachable,
     tiktoken_cached,
 )
-from gpt_classifier.tasks.run_folder import in_multirun, remove_unused_run_folder
+from gpt_classifier.tasks.run_folder import in_multirun, remove_unused_run_folder, sweep_started
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ def check_training(cfg: DictConfig) -> None:
     output_dir = Path(cfg.paths.output_dir)
     unread = _unread_keys(cfg)
     last = str(cfg.get("ckpt_path")) == "last" and not _checkpoints(output_dir)
-    if last and in_multirun():  # a sweep resumed: its jobs that saved nothing start
-        with open_dict(cfg):
+    if last and in_multirun() and sweep_started(output_dir):
+        with open_dict(cfg):  # a sweep resumed: its jobs that saved nothing start
             cfg.ckpt_path = None
     if cfg.get("ckpt_path"):
         if last:
@@ -248,8 +248,9 @@ def _latest_run(folder: Path) -> Path | None:
 
 def _no_run_to_resume(output_dir: Path) -> Missing:
     """``ckpt_path=last`` where no checkpoint is: the fix names the latest run with some."""
-    fixes = ["hydra.run.dir=<the folder of the run to resume>"]
-    if latest := _latest_run(output_dir.parent):
+    run = "sweep" if in_multirun() else "run"  # a sweep's: a new folder, where no job ran
+    fixes = [f"hydra.{run}.dir=<the folder of the {run} to resume>"]
+    if run == "run" and (latest := _latest_run(output_dir.parent)):
         fixes.insert(0, f"hydra.run.dir={latest} (the latest run there with checkpoints)")
     return Missing(f"ckpt_path=last resumes the run in hydra.run.dir, but {output_dir} holds "
                    "no checkpoint", tuple(fixes))  # fmt: skip

@@ -25,6 +25,11 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def sweep_started(output_dir: Path) -> bool:
+    """Whether a job of the sweep that ``output_dir`` (a job's folder) belongs to has run."""
+    return any(output_dir.parent.glob(f"*/{RUN_CONFIG_FILE}"))
+
+
 def resume_checkpoint(ckpt_path: str, output_dir: Path) -> Path:
     """The checkpoint ``ckpt_path`` names: ``last`` (this run folder's furthest), a run
     folder, or a ``.ckpt`` file."""
