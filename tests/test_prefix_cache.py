@@ -9,6 +9,7 @@ import re
 import threading
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -19,7 +20,7 @@ from gpt_classifier.training import prefix_callback, prefix_store
 from gpt_classifier.training.module import ClassifierModule
 from gpt_classifier.training.prefix_cache import PrefixCache
 from gpt_classifier.training.prefix_callback import PrefixCacheCallback
-from gpt_classifier.training.prefix_store import evict_oldest
+from gpt_classifier.training.prefix_store import evict_oldest, load, save
 
 METHODS = {
     "last_block": lambda: TrainLastBlocks(1),
@@ -227,14 +228,14 @@ def test_unreadable_cache_file_is_recomputed(tmp_path):
     model, cache = tiny_cache()
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"garbage")
-    assert cache.load(bad, "fp") == 0
+    assert load(cache, bad, "fp") == 0
     todo, asked = cache.plan([(IDS, LENGTHS)])
     assert len(todo) == asked == 2
     cache.warm(todo, torch.device("cpu"), batch_tokens=512)
-    cache.save(bad, "fp")
+    save(cache, bad, "fp")
     _, again = tiny_cache()
     again.model = model
-    assert again.load(bad, "fp") == 2
+    assert load(again, bad, "fp") == 2
     hidden = again.lookup(IDS, LENGTHS)
     assert again.computed == 0
     with torch.no_grad():
@@ -247,14 +248,14 @@ def test_a_foreign_or_inconsistent_cache_file_is_ignored(tmp_path, caplog):
     model, cache = tiny_cache()
     warmed(cache)
     file = tmp_path / "prefix-a.safetensors"
-    cache.save(file, "a")
+    save(cache, file, "a")
     other = PrefixCache(model, depth=1)
     with caplog.at_level(logging.WARNING):
-        assert other.load(file, "b") == 0  # copied or renamed from another fingerprint
+        assert load(other, file, "b") == 0  # copied or renamed from another fingerprint
     assert "holds fingerprint 'a', not 'b'" in caplog.text and str(file) in caplog.text
     wider = PrefixCache(SequenceClassifier(GPT.from_preset("gpt2-tiny", emb_dim=32), 2), 1)
-    assert wider.load(file, "a") == 0  # another model's hidden size
-    assert other.load(file, "a") == 2
+    assert load(wider, file, "a") == 0  # another model's hidden size
+    assert load(other, file, "a") == 2
 
 
 def test_writers_merge_what_each_computed(tmp_path):
@@ -264,10 +265,10 @@ def test_writers_merge_what_each_computed(tmp_path):
     warmed(one, IDS[:1], LENGTHS[:1])
     warmed(two, IDS[1:], LENGTHS[1:])
     file = tmp_path / "prefix-x.safetensors"
-    one.save(file, "x")
-    two.save(file, "x")
+    save(one, file, "x")
+    save(two, file, "x")
     merged = PrefixCache(model, depth=1)
-    assert merged.load(file, "x") == 2
+    assert load(merged, file, "x") == 2
     merged.lookup(IDS, LENGTHS)
     assert merged.computed == 0
     assert not list(tmp_path.glob("*.tmp"))
@@ -283,16 +284,16 @@ def test_concurrent_writers_lose_nothing(tmp_path):
         caches.append(cache)
     start = threading.Barrier(len(caches))
 
-    def save(cache: PrefixCache) -> None:
+    def write(cache: PrefixCache) -> None:
         start.wait()
-        cache.save(file, "x")
+        save(cache, file, "x")
 
-    threads = [threading.Thread(target=save, args=(c,)) for c in caches]
+    threads = [threading.Thread(target=write, args=(c,)) for c in caches]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert PrefixCache(model, depth=1).load(file, "x") == 4
+    assert load(PrefixCache(model, depth=1), file, "x") == 4
 
 
 def test_the_least_recently_used_files_are_evicted(tmp_path):
@@ -362,13 +363,13 @@ def test_a_cache_file_damaged_in_place_is_not_trusted(tmp_path, caplog):
     _, cache = tiny_cache()
     warmed(cache)
     file = tmp_path / "prefix-x.safetensors"
-    cache.save(file, "x")
+    save(cache, file, "x")
     data = bytearray(file.read_bytes())
     data[-64:] = b"\xff" * 64
     file.write_bytes(bytes(data))
     _, again = tiny_cache()
     with caplog.at_level(logging.WARNING):
-        assert again.load(file, "x") == 0
+        assert load(again, file, "x") == 0
     assert "do not match their checksum" in caplog.text and "recomputing" in caplog.text
 
 
@@ -392,8 +393,32 @@ def test_a_persisted_file_gives_only_the_entries_a_run_needs(tmp_path):
     model, cache = tiny_cache()
     stored = PrefixCache(model, depth=1)
     stored.entries = {bytes([i]) * 8: torch.ones(2, 64) * i for i in range(5)}
-    stored.save(tmp_path / "prefix.safetensors", "fingerprint")
+    save(stored, tmp_path / "prefix.safetensors", "fingerprint")
     wanted = {bytes([1]) * 8, bytes([3]) * 8}
-    assert cache.load(tmp_path / "prefix.safetensors", "fingerprint", wanted) == 2
+    assert load(cache, tmp_path / "prefix.safetensors", "fingerprint", wanted) == 2
     assert set(cache.entries) == wanted and cache.nbytes == 2 * 2 * 64 * 4
     torch.testing.assert_close(cache.entries[bytes([3]) * 8], torch.ones(2, 64) * 3)
+
+
+def test_a_file_gives_back_entries_of_several_passes_exactly(tmp_path):
+    """Entries of two passes, one outgrown by a wider use of its key and one received
+    from another process: the file gives each back to the bit, all of them or those
+    wanted."""
+    model = SequenceClassifier(GPT.from_preset("gpt2-tiny"), 2, "final_position").eval()
+    cache = PrefixCache(model, depth=1)
+    warmed(cache, torch.tensor([[7, 8, 50256], [9, 50256, 50256]]), torch.tensor([2, 1]))
+    wide = torch.tensor([[7, 8, 50256, 50256, 50256], [5, 6, 4, 3, 2]])
+    warmed(cache, wide, torch.tensor([2, 5]))  # [7, 8] now needs 5 positions
+    cache.entries[b"received"] = torch.randn(3, 64)
+    seven_eight = np.array([7, 8], dtype=np.int64).tobytes()
+    assert len(cache.entries[seven_eight]) == 5
+    want = {key: h.clone() for key, h in cache.entries.items()}
+    file = tmp_path / "prefix.safetensors"
+    save(cache, file, "x")
+    whole, part = PrefixCache(model, depth=1), PrefixCache(model, depth=1)
+    assert load(whole, file, "x") == len(want) == 4
+    assert load(part, file, "x", wanted={seven_eight, b"received"}) == 2
+    for got in (whole, part):
+        for key, hidden in got.entries.items():
+            torch.testing.assert_close(hidden, want[key], rtol=0, atol=0)
+    assert set(part.entries) == {seven_eight, b"received"}

@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from gpt_classifier.data.tokenizer import PAD_TOKEN_ID
-from gpt_classifier.files import atomic_path
 from gpt_classifier.model.classifier import SequenceClassifier
 from gpt_classifier.model.pooling import positions_read
 
 log = logging.getLogger(__name__)
 
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FILE_FORMAT = 4  # tokens, lengths, extents, hidden; fingerprint and checksum in the metadata
+FILE_FORMAT = 5  # the index and hidden.<n>; fingerprint and checksum in the metadata
 
 
 class PrefixCache:
@@ -52,7 +53,8 @@ class PrefixCache:
         self.depth = depth
         self.dtype = dtype
         self.pad_id = pad_id
-        self.entries: dict[bytes, torch.Tensor] = {}  # key -> (extent, D)
+        # key -> (extent, D), a view of the block of host memory its pass filled
+        self.entries: dict[bytes, torch.Tensor] = {}
         self.computed = 0  # rows whose prefix this process ran
 
     def row_keys(
@@ -73,85 +75,80 @@ class PrefixCache:
         """Host memory held by the cached hidden states."""
         return sum(t.numel() * t.element_size() for t in self.entries.values())
 
-    def bytes_for(self, todo: dict[bytes, torch.Tensor]) -> int:
+    def bytes_for(self, todo: dict[bytes, int]) -> int:
         """Host memory that computing ``todo`` (a :meth:`plan`) would add."""
         size = torch.empty((), dtype=self.dtype).element_size() * self.model.cfg.emb_dim
-        return size * sum(len(row) - len(self.entries.get(key, ())) for key, row in todo.items())
+        return size * sum(todo.values())
 
-    def _missing(
-        self, input_ids: torch.Tensor, keys: Sequence[bytes], needed: Sequence[int]
-    ) -> dict[bytes, torch.Tensor]:
-        """Rows to compute, by key: absent, or stored with fewer positions than needed."""
-        todo: dict[bytes, torch.Tensor] = {}
-        for row, (key, n) in enumerate(zip(keys, needed)):
+    def missing(self, keys: Sequence[bytes], needed: Sequence[int]) -> dict[bytes, int]:
+        """Rows to compute, as key -> positions: absent, or stored with fewer."""
+        todo: dict[bytes, int] = {}
+        for key, n in zip(keys, needed):
             have = self.entries.get(key)
-            if (have is None or len(have) < n) and (key not in todo or len(todo[key]) < n):
-                todo[key] = input_ids[row, :n]
+            if (have is None or len(have) < n) and todo.get(key, 0) < n:
+                todo[key] = n
         return todo
-
-    @torch.no_grad()
-    def _compute(self, todo: dict[bytes, torch.Tensor], device: torch.device) -> None:
-        """Run the frozen prefix on the rows in ``todo`` and store them.
-
-        Rows are padded on the right to the longest; causal attention keeps that
-        padding from reaching their own positions, so each stored row is exact.
-        Without the causal mask it would reach them: rows run in groups of one length.
-        """
-        groups = [todo]
-        if not self.model.cfg.causal_mask:
-            by_length: dict[int, dict[bytes, torch.Tensor]] = {}
-            for key, seq in todo.items():
-                by_length.setdefault(len(seq), {})[key] = seq
-            groups = list(by_length.values())
-        for group in groups:
-            seqs = list(group.values())
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-            for row, seq in enumerate(seqs):
-                ids[row, : len(seq)] = seq
-            hidden = self.model(ids.to(device), hidden_after=self.depth).to("cpu", self.dtype)
-            for key, seq, h in zip(group, seqs, hidden):
-                self.entries[key] = h[: len(seq)].clone()
-            self.computed += len(seqs)
 
     def plan(
         self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-    ) -> tuple[dict[bytes, torch.Tensor], int]:
-        """The rows of ``batches`` (host ``input_ids``, ``lengths``) still to compute, by
-        key, each as long as the longest use of its key needs; and how many distinct
-        keys the batches hold."""
-        todo: dict[bytes, torch.Tensor] = {}
+    ) -> tuple[dict[bytes, int], int]:
+        """The rows of ``batches`` (host ``input_ids``, ``lengths``) still to compute, as key
+        -> the most positions any use of the key needs; and how many distinct keys the
+        batches hold."""
+        todo: dict[bytes, int] = {}
         asked: set[bytes] = set()
         for input_ids, lengths in batches:
             keys, needed = self.row_keys(input_ids, lengths)
             asked.update(keys)
-            for key, row in self._missing(input_ids, keys, needed).items():
-                if key not in todo or len(todo[key]) < len(row):
-                    todo[key] = row
+            for key, n in self.missing(keys, needed).items():
+                todo[key] = max(n, todo.get(key, 0))
         return todo, len(asked)
 
+    @torch.no_grad()
     def warm(
         self,
-        todo: dict[bytes, torch.Tensor],
+        todo: dict[bytes, int],
         device: torch.device,
         batch_tokens: int,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
         """Compute the rows of a :meth:`plan`, longest first, in dense batches of about
-        ``batch_tokens`` tokens; ``progress(rows, tokens)`` is called after each batch."""
+        ``batch_tokens`` tokens; ``progress(rows, tokens)`` is called after each batch.
+
+        The rows go into one new block of host memory that the entries view: a file is
+        written from the blocks as they are, without a copy. A row's ids are its key's
+        real tokens, then padding; causal attention keeps the padding from reaching the
+        real positions, so each stored row is exact. Without the causal mask it would
+        reach them, so batches then hold rows of one length (their keys hold every id).
+        """
         # Neighbours in length order are nearly equally long: little padding.
-        ordered = sorted(todo.items(), key=lambda kv: len(kv[1]), reverse=True)
+        ordered = sorted(todo.items(), key=lambda kv: kv[1], reverse=True)
+        block = torch.empty(sum(todo.values()), self.model.cfg.emb_dim, dtype=self.dtype)
         was_training = self.model.training
         self.model.eval()
         try:
-            start = 0
+            start = row = 0
             while start < len(ordered):
-                count = max(1, batch_tokens // len(ordered[start][1]))
-                chunk = dict(ordered[start : start + count])
-                self._compute(chunk, device)
+                width = ordered[start][1]
+                chunk = ordered[start : start + max(1, batch_tokens // width)]
+                if not self.model.cfg.causal_mask:
+                    chunk = [kv for kv in chunk if kv[1] == width]
+                # Row-major masks: the keys' tokens in, the rows' positions out, in order.
+                ids = np.full((len(chunk), width), self.pad_id, dtype=np.int64)
+                counts = np.array([len(key) // 8 for key, _ in chunk])
+                ids[np.arange(width) < counts[:, None]] = np.frombuffer(
+                    b"".join(key for key, _ in chunk), dtype=np.int64)  # fmt: skip
+                hidden = self.model(torch.from_numpy(ids).to(device), hidden_after=self.depth)
+                needed = torch.tensor([n for _, n in chunk], device=hidden.device)
+                rows = hidden[torch.arange(width, device=hidden.device) < needed[:, None]]
+                block[row : row + len(rows)] = rows.to("cpu", self.dtype)
+                for key, n in chunk:
+                    self.entries[key] = block[row : row + n]
+                    row += n
+                self.computed += len(chunk)
                 if progress is not None:
-                    progress(len(chunk), sum(len(s) for s in chunk.values()))
-                start += count
+                    progress(len(chunk), sum(n for _, n in chunk))
+                start += len(chunk)
         finally:
             self.model.train(was_training)
 
@@ -163,14 +160,9 @@ class PrefixCache:
         """
         b, t = input_ids.shape
         keys, needed = self.row_keys(input_ids, lengths)
-        todo = self._missing(input_ids, keys, needed)
-        if todo:
-            was_training = self.model.training
-            self.model.eval()
-            try:
-                self._compute(todo, self.model.backbone.tok_emb.weight.device)
-            finally:
-                self.model.train(was_training)
+        if todo := self.missing(keys, needed):
+            device = self.model.backbone.tok_emb.weight.device
+            self.warm(todo, device, batch_tokens=sum(todo.values()))
         out = torch.zeros(b, t, self.model.cfg.emb_dim, dtype=self.dtype)
         for row, (key, n) in enumerate(zip(keys, needed)):
             out[row, :n] = self.entries[key][:n]
@@ -198,86 +190,26 @@ class PrefixCache:
         return [(f"{prefix}.{name}", p) for prefix, module in modules.items()
                 for name, p in module.named_parameters()]  # fmt: skip
 
-    def load(self, path: Path, fingerprint: str, wanted: set[bytes] | None = None) -> int:
-        """Add the entries stored at ``path`` (those with a ``wanted`` key, if given) if it
-        holds ``fingerprint``'s values; returns how many were read. A damaged or foreign
-        file is ignored (logged), never trusted."""
-        from safetensors import SafetensorError, safe_open
 
-        if not path.is_file():
-            return 0
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                stored_for = metadata.get("fingerprint")
-                if stored_for != fingerprint:
-                    raise ValueError(f"it holds fingerprint {stored_for!r}, not {fingerprint!r}")
-                stored = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-            if checksum(stored) != metadata.get("sha256"):
-                raise ValueError("its contents do not match their checksum (damaged)")
-            tokens = stored["tokens"].split(stored["lengths"].tolist())
-            extents = stored["extents"].tolist()
-            hidden = stored["hidden"]
-            if hidden.ndim != 2 or hidden.shape[1] != self.model.cfg.emb_dim:
-                raise ValueError(f"hidden states of shape {tuple(hidden.shape)}")
-            if len(extents) != len(tokens) or sum(extents) != len(hidden):
-                raise ValueError("its index does not match its hidden states")
-            parts = hidden.to(self.dtype).split(extents)
-        except (SafetensorError, OSError, KeyError, RuntimeError, ValueError) as err:
-            log.warning("Ignoring prefix cache file %s (%s); recomputing", path, err)
-            return 0
-        read = 0
-        for ids, h in zip(tokens, parts):
-            key = ids.numpy().tobytes()
-            if wanted is not None and key not in wanted:
-                continue
-            if key not in self.entries or len(self.entries[key]) < len(h):
-                # A copy: a view would keep the file's whole tensor in memory.
-                self.entries[key] = h.clone() if wanted is not None else h
-            read += 1
-        return read
-
-    def save(self, path: Path, fingerprint: str) -> None:
-        """Merge the entries into the file at ``path`` under a lock and replace it
-        atomically: concurrent jobs never see half a file, and none loses another's rows."""
-        from filelock import FileLock
-        from safetensors.torch import save_file
-
-        if not self.entries:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        own = self.entries
-        with FileLock(str(path.with_name(path.name + ".lock"))):
-            # What other jobs added since this one read it goes into the file, not into
-            # this run's memory.
-            self.entries = dict(own)
-            try:
-                self.load(path, fingerprint)
-                keys = list(self.entries)
-                tensors = _as_tensors(self.entries, keys)
-            finally:
-                self.entries = own
-            metadata = {"fingerprint": fingerprint, "format": str(FILE_FORMAT),
-                        "sha256": checksum(tensors)}  # fmt: skip
-            with atomic_path(path) as tmp:
-                save_file(tensors, str(tmp), metadata=metadata)
+def _collated(loader: DataLoader, size: int = 4096) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every example of a loader's dataset, collated ``size`` at a time (ids, lengths),
+    without iterating the loader: that would draw from the random generators and
+    change the training order."""
+    dataset = loader.dataset
+    for start in range(0, len(dataset), size):  # type: ignore[arg-type]
+        end = min(start + size, len(dataset))  # type: ignore[arg-type]
+        batch = loader.collate_fn([dataset[i] for i in range(start, end)])
+        yield batch["input_ids"], batch["lengths"]
 
 
-def _as_tensors(entries: dict[bytes, torch.Tensor], keys: list[bytes]) -> dict[str, torch.Tensor]:
-    """The entries as the file's four tensors."""
-    tokens = [torch.frombuffer(bytearray(k), dtype=torch.int64) for k in keys]
-    return {
-        "tokens": torch.cat(tokens),
-        "lengths": torch.tensor([len(t) for t in tokens], dtype=torch.int64),
-        "extents": torch.tensor([len(entries[k]) for k in keys], dtype=torch.int64),
-        "hidden": torch.cat([entries[k] for k in keys]),
-    }
+def widest_batch(loader: DataLoader) -> int:
+    """The widest any of a loader's batches can be."""
+    return max((ids.shape[1] for ids, _ in _collated(loader)), default=0)
 
 
-def checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of the tensors' bytes, by name: what a cache file stores of its contents."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
+def loader_batches(loader: DataLoader, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`_collated`, each padded to :func:`widest_batch`: where pooling reads padding, a
+    message needs the positions of the widest batch it can be in."""
+    width = widest_batch(loader)
+    for ids, lengths in _collated(loader):
+        yield F.pad(ids, (0, width - ids.shape[1]), value=pad_id), lengths

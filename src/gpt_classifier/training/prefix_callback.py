@@ -21,7 +21,12 @@ from torch.utils.data import DataLoader
 
 from gpt_classifier.model.classifier import CachedPrefix, SequenceClassifier
 from gpt_classifier.training.distributed import all_gather_objects
-from gpt_classifier.training.prefix_cache import CACHE_DTYPES, PrefixCache
+from gpt_classifier.training.prefix_cache import (
+    CACHE_DTYPES,
+    PrefixCache,
+    loader_batches,
+    widest_batch,
+)
 from gpt_classifier.training.prefix_store import open_store, save_within_budget
 from gpt_classifier.training.signals import GracefulStop
 
@@ -144,8 +149,9 @@ class PrefixCacheCallback(L.Callback):
             )
             self.cache = None
             return
-        batches = [_whole_dataset(dl) for dl in loaders]
-        todo, asked = self.cache.plan(batches)
+        todo, asked = self.cache.plan(
+            batch for dl in loaders for batch in loader_batches(dl, self.cache.pad_id)
+        )
         need = self.cache.nbytes + self.cache.bytes_for(todo)
         if need > self.max_memory_bytes:
             log.info("Prefix cache off: it would hold %.2f GB of hidden states for %d "
@@ -155,7 +161,7 @@ class PrefixCacheCallback(L.Callback):
             self.cache = None
             return
         if (cache_file := self._load_persisted(trainer, wanted=todo)) is not None:
-            todo, asked = self.cache.plan(batches)
+            todo = self.cache.missing(list(todo), list(todo.values()))
         if self._reused_from:
             log.info(
                 "Prefix cache: reused %d of %d messages from %s",
@@ -167,7 +173,7 @@ class PrefixCacheCallback(L.Callback):
         # process needs them all); the work of all processes adds up to one pass.
         rank, world_size = trainer.global_rank, trainer.world_size
         if world_size > 1:
-            ordered = sorted(todo.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+            ordered = sorted(todo.items(), key=lambda kv: (-kv[1], kv[0]))
             todo = dict(ordered[rank::world_size])
         elif not todo:
             return
@@ -216,14 +222,16 @@ class PrefixCacheCallback(L.Callback):
         theirs; returns how many entries arrived."""
         assert self.cache is not None
         entries = self.cache.entries
-        shares = all_gather_objects(trainer, {key: entries[key] for key in computed})
+        parts = [entries[key] for key in computed]
+        # One block: pickled, each entry (a view) would carry the whole block it views.
+        share = (computed, [len(p) for p in parts], torch.cat(parts) if parts else None)
         received = 0
-        for rank, share in enumerate(shares):
-            if rank == trainer.global_rank:
+        for rank, (keys, extents, block) in enumerate(all_gather_objects(trainer, share)):
+            if rank == trainer.global_rank or block is None:
                 continue
-            for key, hidden in share.items():
+            for key, hidden in zip(keys, block.to(self.cache.dtype).split(extents)):
                 if key not in entries or len(entries[key]) < len(hidden):
-                    entries[key] = hidden.to(self.cache.dtype)
+                    entries[key] = hidden
                     received += 1
         return received
 
@@ -273,20 +281,10 @@ def _as_list(loaders: Any) -> list[Any]:
     return list(loaders) if isinstance(loaders, list | tuple) else [loaders]
 
 
-def _whole_dataset(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every example of a loader's dataset collated into one batch, without iterating
-    the loader (that would draw from the random generators and change the training
-    order). One batch pads to the widest any of its batches can be."""
-    dataset = loader.dataset
-    batch = loader.collate_fn([dataset[i] for i in range(len(dataset))])  # type: ignore[arg-type]
-    return batch["input_ids"], batch["lengths"]
-
-
 def _fixed_width(loader: DataLoader) -> bool:
     """Whether every batch of a loader pads to one width (one example alone included)."""
-    dataset = loader.dataset
-    one = loader.collate_fn([dataset[0]])["input_ids"].shape[1]  # type: ignore[index]
-    return one == _whole_dataset(loader)[0].shape[1]
+    one = loader.collate_fn([loader.dataset[0]])["input_ids"].shape[1]  # type: ignore[index]
+    return one == widest_batch(loader)
 
 
 def _progress_bar(trainer: L.Trainer, total: int) -> Any:
