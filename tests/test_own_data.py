@@ -148,6 +148,12 @@ def test_multiple_text_columns_are_joined(tmp_path):
          r"1 row\(s\) with a list or record as text \(text\): make it one string: rows 1"),
         ("text,label\nhi,a\nhi, you,b\n", "m.csv", r"Expected 2 fields in line 3, saw 3; put a "
                                                   r"text that holds the separator in quotes"),
+        ('text,label\nfine,a\nsecond,b\n"third,a\nlast,b\n', "m.csv",
+         r"m.csv, line 4: a quote \(\"\) opens a text that none closes: the rows after it would "
+         r"become part of it; put the whole text in quotes and double every quote in it"),
+        ('text\tlabel\n"hi there\ta\nsecond "row\tb\nthird\ta\n', "m.tsv",  # pandas: 2 rows
+         r"m.tsv, line 3: a text goes on after its closing quote \(\"\): it would lose its "
+         r'quotes; .* \("He said ""hi"""\), as CSV writers do'),
         ("\n\n", "m.jsonl", r"data.path=.*m.jsonl has no rows$"),
         ('{"text": "hi", "label": "a"\n', "m.jsonl", r"could not be read as jsonl"),
         ('{"text": "hi", "label": "a"}\n' * 3 + '{"text": "yo", "label": "b",}\n', "m.jsonl",

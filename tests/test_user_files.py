@@ -94,3 +94,19 @@ def test_what_a_run_and_an_export_write_others_can_read(trained_run, tmp_path):
     for folder in (trained_run / "checkpoints", *exported):
         for file in folder.iterdir():
             assert file.stat().st_mode & 0o777 == want, (file, oct(file.stat().st_mode))
+
+
+def test_a_quote_that_would_merge_rows_or_drop_quotes_names_its_line(tmp_path):
+    fine = tmp_path / "fine.tsv"  # quotes as CSV writers write them, and inside a text
+    fine.write_text('text\tid\n"He said ""hi"""\t1\nsays "so\t2\n', encoding="utf-8")
+    assert read_input(fine)[0] == ['He said "hi"', 'says "so']
+    merging = tmp_path / "merging.tsv"  # read leniently: one text of lines 2 and 3
+    merging.write_text('text\tid\n"hi there\t1\nsecond "row\t2\nthird\t3\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"merging.tsv, line 3: a text goes on after its "
+                                         r"closing quote"):  # fmt: skip
+        read_input(merging)
+    unclosed = tmp_path / "unclosed.csv"
+    unclosed.write_text('text\nfine\n"hi there\nsecond\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"unclosed.csv, line 3: a quote \(\"\) opens a text "
+                                         r"that none closes"):  # fmt: skip
+        read_input(unclosed)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +104,32 @@ def _verbatim(path: Path, options: dict[str, Any], key: str) -> dict[str, Any]:
         header = next(
             (row for row in csv.reader(f, delimiter=options.get("delimiter", ",")) if row), []
         )
+        f.seek(0)
+        check_quoting(f, options.get("delimiter", ","), f"{key}={path}")
     check_header(header, f"{key}={path}")
     return {"converters": {i: str for i in range(len(header))}, "na_filter": False}
+
+
+def check_quoting(lines: Iterable[str], delimiter: str, where: str) -> None:
+    """A quote that opens a cell must close it: pandas reads a text that goes on after its
+    closing quote without the quotes, and one never closed as the start of one text that
+    takes in the following rows (Python's csv module too, unless strict), silently."""
+    reader = csv.reader(lines, delimiter=delimiter, strict=True)
+    start = 1  # the line the row being read starts on
+    try:
+        for _ in reader:
+            start = reader.line_num + 1
+    except csv.Error as err:
+        if "end of data" in str(err):
+            line, what = start, 'a quote (") opens a text that none closes: the rows after it'
+            what += " would become part of it"
+        else:
+            line, what = reader.line_num, 'a text goes on after its closing quote ("): it would'
+            what += " lose its quotes"
+        raise DataFormatError(
+            f"{where}, line {line}: {what}; put the whole text in quotes and double every quote"
+            ' in it ("He said ""hi"""), as CSV writers do'
+        ) from None
 
 
 def check_header(header: Sequence[str], where: str) -> None:

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, ListConfig
 
 from gpt_classifier.checkpoints import data_settings
 from gpt_classifier.data.sms import parse_messages
-from gpt_classifier.data.tables import check_header
+from gpt_classifier.data.tables import check_header, check_quoting
 from gpt_classifier.files import read_user_text, user_file
 from gpt_classifier.inference import Prediction, TextClassifier
 from gpt_classifier.tasks.preflight import check_inference
@@ -33,8 +33,10 @@ def read_input(path: Path, column: str | Sequence[str] = "text", separator: str 
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv", ".jsonl", ".json", ".parquet"):
         if suffix in (".csv", ".tsv"):  # read here, without 🤗 datasets
-            with io.StringIO(read_user_text(path, "input"), newline="") as f:
-                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            text, delimiter = read_user_text(path, "input"), "\t" if suffix == ".tsv" else ","
+            check_quoting(io.StringIO(text, newline=""), delimiter, str(path))
+            with io.StringIO(text, newline="") as f:
+                reader = csv.DictReader(f, delimiter=delimiter)
                 records, found = list(reader), list(reader.fieldnames or [])
             check_header(found, str(path))
             table = {c: [record.get(c) for record in records] for c in found}
