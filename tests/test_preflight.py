@@ -119,8 +119,49 @@ def test_own_data_without_the_data_extra_says_what_to_install(tmp_path, offline,
                        f"data.path={sms_file}", f"hydra.run.dir={tmp_path / 'run'}",
                        env=offline, timeout=120)  # fmt: skip
     assert result.returncode == 2 and "Cannot start: 2 thing(s) missing" in result.stderr
-    assert "🤗 datasets, which reads data=files and data=hf, is not installed" in result.stderr
+    assert "data=files needs datasets, which is not installed" in result.stderr
     assert 'fix: pip install -e ".[data]"' in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_extra_installed_but_broken_says_why_instead_of_to_install_it(tmp_path, monkeypatch):
+    """A library built for another NumPy, say: installing the extra again changes nothing."""
+    from gpt_classifier.data.tables import read_table
+    from gpt_classifier.extras import import_extra
+
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "__init__.py").write_text(
+        "raise ImportError('pyarrow requires NumPy 2.0 or newer, found 1.24.0')\n"
+    )
+    (tmp_path / "half_extra.py").write_text("import absent_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "datasets", raising=False)
+    data = tmp_path / "reviews.csv"
+    data.write_text("text,label\nfine,a\n")
+    with pytest.raises(ImportError, match=rf"^data.path={data} needs datasets, which is "
+                       r"installed but fails to import \(ImportError: pyarrow requires NumPy "
+                       r"2.0 or newer, found 1.24.0\): repair that installation$"):  # fmt: skip
+        read_table(data, "data.path")
+    with pytest.raises(
+        ImportError,
+        match=r"^x needs half_extra, which is installed but fails to "
+        r"import \(ModuleNotFoundError: No module named 'absent_dependency'\)",
+    ):
+        import_extra("half_extra", "data", "x")
+    with pytest.raises(ImportError, match=r'^x needs surely_absent_extra, which is not installed: '
+                                          r'pip install -e "\.\[data\]"$'):  # fmt: skip
+        import_extra("surely_absent_extra.sub", "data", "x")
+
+
+def test_own_data_with_a_broken_datasets_install_is_named_by_the_preflight(tmp_path, sms_file):
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "__init__.py").write_text("raise ImportError('pyarrow breaks')\n")
+    result = run_entry("train.py", "model.pretrained=false", "model=gpt2-tiny", "data=files",
+                       f"data.path={sms_file}", f"hydra.run.dir={tmp_path / 'run'}",
+                       env={"PYTHONPATH": str(tmp_path)}, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and "Cannot start: 1 thing(s) missing" in result.stderr
+    assert ("data=files needs datasets, which is installed but fails to import (ImportError: "
+            "pyarrow breaks)\n     fix: repair that installation") in result.stderr  # fmt: skip
     assert not (tmp_path / "run").exists()
 
 

@@ -15,6 +15,7 @@ from gpt_classifier.data.datamodule import SMSSpamDataModule
 from gpt_classifier.data.sms import DataFormatError, Message
 from gpt_classifier.data.splits import Splits, stratified_split, undersample
 from gpt_classifier.data.tables import read_rows, read_table
+from gpt_classifier.extras import import_extra
 from gpt_classifier.files import user_file
 
 log = logging.getLogger(__name__)
@@ -206,16 +207,13 @@ class HubDataModule(FilesDataModule):
         return None  # read (and downloaded, where online) in load_splits
 
     def _tables(self) -> dict[str, tuple[Any, str]]:
-        try:
-            from datasets import DatasetDict, load_dataset, load_from_disk
-        except ImportError as err:
-            raise ImportError('data=hf reads 🤗 datasets: pip install -e ".[data]"') from err
+        datasets = import_extra("datasets", "data", "data=hf")
         folder = self._file()
         try:
             if folder.is_dir():
-                data = load_from_disk(str(folder))
+                data = datasets.load_from_disk(str(folder))
             else:
-                data = load_dataset(self.name, self.config_name)
+                data = datasets.load_dataset(self.name, self.config_name)
         except Exception as err:  # noqa: BLE001 - the Hub, the cache and the files each have their own
             from huggingface_hub import constants  # offline as datasets sees it
 
@@ -229,8 +227,8 @@ class HubDataModule(FilesDataModule):
             raise DataFormatError(
                 f"data.name={self.name} could not be loaded ({cause}).{hint}"
             ) from err
-        if not isinstance(data, DatasetDict):
-            data = DatasetDict({"train": data})
+        if not isinstance(data, datasets.DatasetDict):
+            data = datasets.DatasetDict({"train": data})
         tables = {}
         for ours, theirs in self.split_names.items():
             if theirs and theirs in data:

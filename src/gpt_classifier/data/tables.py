@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt_classifier.data.sms import DataFormatError, Message
+from gpt_classifier.extras import import_extra
 from gpt_classifier.files import UTF8_BOM, ZIP_MAGIC, first_bad_utf8
 
 # Suffix: (datasets builder, its options).
@@ -27,12 +28,7 @@ SHOWN = 10  # rows named in an error, at most
 
 def read_table(path: Path, key: str):  # -> datasets.Dataset
     """One file as a ``datasets.Dataset``, its format taken from its suffix."""
-    try:
-        from datasets import load_dataset
-    except ImportError as err:
-        raise ImportError(
-            'CSV, JSONL and Parquet files are read with 🤗 datasets: pip install -e ".[data]"'
-        ) from err
+    datasets = import_extra("datasets", "data", f"{key}={path}")
     suffix = path.suffix.lower()
     spreadsheet = "a spreadsheet: save it as CSV UTF-8, or pd.read_excel(path).to_csv(...)"
     if suffix not in READERS:
@@ -57,7 +53,7 @@ def read_table(path: Path, key: str):  # -> datasets.Dataset
     if builder == "csv":  # Excel and Windows editors start CSV files with a BOM
         options = {**options, "encoding": "utf-8-sig", **_verbatim(path, options, key)}
     try:
-        table = load_dataset(builder, data_files=str(path), split="train", **options)
+        table = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as err:  # noqa: BLE001 - each reader raises its own kinds
         cause = err.__cause__ or err
         if "corresponds to no data" in str(cause):  # a header alone, or blank lines

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from gpt_classifier.extras import import_extra
 from gpt_classifier.inference import native_format
 from gpt_classifier.inference.loading import (
     EXPORT_FORMAT,
@@ -26,18 +27,13 @@ from gpt_classifier.model.config import GPTConfig
 from gpt_classifier.model.lora import merged_state_dict
 
 ONNX_FILE = "model.onnx"
-INSTALL = 'pip install -e ".[onnx]"'
 
 
 class OnnxClassifier:
     """The part of ``SequenceClassifier`` that inference uses, run by ONNX Runtime."""
 
     def __init__(self, path: Path, cfg: GPTConfig, num_parameters: int) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as err:
-            raise ImportError(f"{path} is an ONNX export; running it needs onnxruntime "
-                              f"({INSTALL})") from err  # fmt: skip
+        ort = import_extra("onnxruntime", "onnx", f"running the ONNX export {path}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()  # as PyTorch would use
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -64,11 +60,8 @@ class _Forward(torch.nn.Module):
 def export(model: SequenceClassifier, settings: InferenceSettings, folder: Path) -> Path:
     """Write ``model.onnx`` (with its weights beside it in ``model.onnx.data``) and
     ``config.json`` into ``folder``."""
-    try:
-        import onnx  # noqa: F401 - the exporter needs both
-        import onnxscript  # noqa: F401
-    except ImportError as err:
-        raise ImportError(f"format=onnx needs onnx and onnxscript ({INSTALL})") from err
+    for module in ("onnx", "onnxscript"):  # torch's exporter imports both
+        import_extra(module, "onnx", "export.py format=onnx")
     config = native_format.export_config(model, settings)
     # A plain model without LoRA code: adapters merged into the weights they adapt.
     plain = build_classifier(config["architecture"], config["num_classes"], settings.pooling,

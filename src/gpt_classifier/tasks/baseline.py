@@ -15,6 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from gpt_classifier.extras import import_extra
 from gpt_classifier.reporting.reports import write_json
 from gpt_classifier.tasks.train import check_monitored
 from gpt_classifier.training.metrics import rates
@@ -26,14 +27,11 @@ SPLIT_KEYS = {"train": "train", "validation": "val", "test": "test"}
 
 def baseline(cfg: DictConfig) -> float:
     """Fit on the training split, write ``metrics.json`` for all three splits."""
-    try:
-        from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.metrics import confusion_matrix, log_loss
-    except ImportError as err:
-        raise ImportError(
-            f'baseline.py needs scikit-learn ({err}); install it with: pip install -e ".[baseline]"'
-        ) from err
+    import_extra("sklearn", "baseline", "baseline.py")
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import confusion_matrix, log_loss
+
     output_dir = Path(cfg.paths.output_dir)
     datamodule = instantiate(cfg.data, splits_dir=str(output_dir / "splits"), _convert_="all")
     splits = datamodule.load_splits()

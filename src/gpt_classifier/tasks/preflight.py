@@ -1,10 +1,8 @@
-"""The pre-flight: every missing piece a task needs, found at once before any work, each with
-its fix."""
+"""The pre-flight: every missing piece of a task, found at once before any work, with fixes."""
 
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import logging
 import os
 import sys
@@ -18,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gpt_classifier.data.sms import FILE_NAME
 from gpt_classifier.data.tokenizer import BPE_URL
+from gpt_classifier.extras import ExtraError, import_extra
 from gpt_classifier.inference.classifier import unusable
 from gpt_classifier.model.weights import HUB_MODELS, HUB_PREFIX
 from gpt_classifier.tasks.errors import ConfigError, ShownAsMessage
@@ -220,9 +219,11 @@ def _data_files(data: DictConfig) -> list[Missing]:
     if OmegaConf.is_missing(data, "name"):
         missing.append(Missing("data=hf names no dataset", ("data.name=<a 🤗 Hub id (owner/name), "
                                "or a folder written by save_to_disk>",)))  # fmt: skip
-    if ("files" in data or "name" in data) and importlib.util.find_spec("datasets") is None:
-        missing.append(Missing("🤗 datasets, which reads data=files and data=hf, is not installed",
-                               ('pip install -e ".[data]"',)))  # fmt: skip
+    if "files" in data or "name" in data:
+        try:  # imported now, not after the Trainer: the run reads its data with it
+            import_extra("datasets", "data", "data=files" if "files" in data else "data=hf")
+        except ExtraError as err:
+            missing.append(Missing(err.what, (err.fix,)))
     for key, file in given.items():
         if file is None or (path := Path(str(file)).expanduser()).exists():
             continue
@@ -278,8 +279,7 @@ def _sms_data(data: DictConfig) -> list[Missing]:
     return [Missing(
         f"the SMS Spam Collection: not at {target}, and none of its download hosts "
         f"({', '.join(sorted({urlparse(u).hostname or u for u in data.urls}))}) can be reached",
-        (f"data.path=/path/to/{FILE_NAME} (or the UCI zip)",
-         f"put the file at {target}"),
+        (f"data.path=/path/to/{FILE_NAME} (or the UCI zip)", f"put the file at {target}"),
     )]  # fmt: skip
 
 

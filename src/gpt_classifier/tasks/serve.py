@@ -9,6 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from gpt_classifier.extras import import_extra
 from gpt_classifier.inference import TextClassifier
 from gpt_classifier.inference.classifier import resolve_device
 from gpt_classifier.tasks.errors import ConfigError
@@ -58,10 +59,8 @@ def build_server(cfg: DictConfig):
 
 def serve(cfg: DictConfig) -> None:
     """Run the server until SIGTERM or Ctrl-C, then stop all of its processes."""
-    try:
-        from gpt_classifier.inference.server_processes import HeaderTimeoutProtocol, stop_together
-    except ModuleNotFoundError as err:
-        raise ImportError(f'serve.py needs LitServe ({err}): pip install -e ".[serve]"') from err
+    import_extra("litserve", "serve", "serve.py")
+    from gpt_classifier.inference.server_processes import HeaderTimeoutProtocol, stop_together
 
     check_inference(cfg)
     check_port(str(cfg.host), int(cfg.port))
